@@ -1,0 +1,270 @@
+"""The aiohttp application. Views are thin: parse, call the gateway, map errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from api.auth import AuthError, buyer_id, is_admin, require_admin
+from api.metrics import ApiMetrics
+from api.openapi import SPEC
+from api.problems import from_error, problem
+from core.errors import FlashsaleError, RejectedError, ReservationNotFound, SaleNotFound
+from core.gateway import RedisGateway
+from core.models import SALE_ID_PATTERN, NewSale
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+GATEWAY = web.AppKey("gateway", RedisGateway)
+METRICS = web.AppKey("metrics", ApiMetrics)
+INFLIGHT = web.AppKey("inflight", list)
+
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+SALE_ID = re.compile(SALE_ID_PATTERN)
+M = TypeVar("M", bound=BaseModel)
+
+
+class ReservationRequest(BaseModel):
+    """Body of POST /v1/sales/{sale_id}/reservations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    qty: int = Field(default=1, ge=1, le=10_000, strict=True)
+
+
+class BadRequest(Exception):
+    """The request body or a parameter is malformed (400/422)."""
+
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, or a 400/413/415 ``BadRequest``."""
+    if request.content_type != "application/json":
+        raise BadRequest(415, "unsupported_media_type", "send the body as application/json")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, "malformed_json", f"body is not valid JSON: {e}") from e
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate ``data`` into ``model`` or raise a 422 ``BadRequest`` listing the errors."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = [
+            {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+            for err in e.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        raise BadRequest(422, "invalid_body", "the body failed validation", errors=errors) from e
+
+
+def sale_id_of(request: web.Request) -> str:
+    """The ``sale_id`` path parameter; an id that cannot exist is simply not found."""
+    sale_id = request.match_info["sale_id"]
+    if not SALE_ID.match(sale_id):
+        raise SaleNotFound(f"no sale {sale_id[:80]!r}")
+    return sale_id
+
+
+@web.middleware
+async def problems_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every error into problem+json and record request metrics."""
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except RejectedError as e:
+        response = from_error(e)
+    except FlashsaleError as e:
+        log.warning("request_failed", path=request.path, error=str(e))
+        response = from_error(e)
+    except BadRequest as e:
+        response = problem(e.status, e.code, e.detail, e.detail, **e.extra)
+    except AuthError as e:
+        code = "unauthorized" if e.status == 401 else "forbidden"
+        response = problem(e.status, code, code.capitalize(), e.detail)
+        if e.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="flashsale"'
+    except web.HTTPRequestEntityTooLarge as e:
+        response = problem(413, "body_too_large", "Request body too large", e.text or "")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = (e.reason or "error").lower().replace(" ", "_")
+        response = problem(e.status, code, e.reason or "Error", e.text or e.reason or "")
+        for name in ("Allow",):
+            if name in e.headers:
+                response.headers[name] = e.headers[name]
+    except Exception:
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        response = problem(500, "internal_error", "Internal error", "unexpected server error")
+    metrics.requests.labels(route_name, str(response.status)).inc()
+    metrics.latency.labels(route_name).observe(time.perf_counter() - started)
+    return response
+
+
+async def create_sale(request: web.Request) -> web.Response:
+    """POST /v1/sales (admin): open a sale."""
+    require_admin(request, request.app[SETTINGS].admin_token)
+    sale = validate(NewSale, await read_json(request))
+    view = await request.app[GATEWAY].create_sale(sale)
+    return web.json_response(
+        view.model_dump(mode="json"),
+        status=201,
+        headers={"Location": f"/v1/sales/{sale.sale_id}"},
+    )
+
+
+async def get_sale(request: web.Request) -> web.Response:
+    """GET /v1/sales/{sale_id}: public counters and status."""
+    sale_id = sale_id_of(request)
+    view = await request.app[GATEWAY].get_sale(sale_id)
+    if view is None:
+        raise SaleNotFound(f"no sale {sale_id!r}")
+    return web.json_response(view.model_dump(mode="json"))
+
+
+async def reserve(request: web.Request) -> web.Response:
+    """POST /v1/sales/{sale_id}/reservations (buyer): hold stock for the payment window."""
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
+    user_id = buyer_id(request, settings.jwt_secret)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise BadRequest(400, "bad_idempotency_key", "Idempotency-Key: 1-128 of [A-Za-z0-9_.:-]")
+    sale_id = sale_id_of(request)
+    body = validate(ReservationRequest, await read_json(request) if request.body_exists else {})
+    inflight = request.app[INFLIGHT]
+    if inflight[0] >= settings.max_inflight:
+        metrics.reservations.labels("turned_away").inc()
+        response = problem(429, "turned_away", "Too many requests", "busy; retry shortly")
+        response.headers["Retry-After"] = "1"
+        return response
+    inflight[0] += 1
+    metrics.inflight.inc()
+    try:
+        placed = await request.app[GATEWAY].reserve(sale_id, user_id, body.qty, key)
+    except RejectedError as e:
+        metrics.reservations.labels(e.code).inc()
+        raise
+    finally:
+        inflight[0] -= 1
+        metrics.inflight.dec()
+    if placed.replayed:
+        metrics.reservations.labels("replayed").inc()
+        view = await request.app[GATEWAY].get_reservation(placed.reservation_id)
+        if view is None:
+            raise ReservationNotFound("the reservation of this Idempotency-Key is gone")
+        if view.qty != body.qty or view.sale_id != sale_id:
+            raise BadRequest(
+                422, "idempotency_key_reused", "this Idempotency-Key was used for another request"
+            )
+        status, expires_at = view.status, view.expires_at
+    else:
+        metrics.reservations.labels("placed").inc()
+        status, expires_at = "pending", placed.expires_at  # type: ignore[assignment]
+    return web.json_response(
+        {
+            "reservation_id": placed.reservation_id,
+            "status": status,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
+        status=202,
+        headers={"Location": f"/v1/reservations/{placed.reservation_id}"},
+    )
+
+
+async def get_reservation(request: web.Request) -> web.Response:
+    """GET /v1/reservations/{reservation_id}: its buyer (or an admin) reads it."""
+    settings = request.app[SETTINGS]
+    admin = is_admin(request, settings.admin_token)
+    user_id = None if admin else buyer_id(request, settings.jwt_secret)
+    rid = request.match_info["reservation_id"]
+    view = await request.app[GATEWAY].get_reservation(rid)
+    if view is None or (user_id is not None and view.user_id != user_id):
+        raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
+    return web.json_response(view.model_dump(mode="json"))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Redis answers (purchases need nothing else)."""
+    if await request.app[GATEWAY].ping():
+        return web.json_response({"status": "ready", "redis": "ok"})
+    return problem(503, "not_ready", "Not ready", "redis does not answer")
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_view(request: web.Request) -> web.Response:
+    """The OpenAPI document of this API."""
+    return web.json_response(SPEC)
+
+
+def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.Application:
+    """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``."""
+    app = web.Application(
+        middlewares=[problems_middleware], client_max_size=settings.max_body_bytes
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = ApiMetrics()
+    app[INFLIGHT] = [0]
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        own = client is None
+        redis_client = client or redis_client_for(settings)
+        app[GATEWAY] = RedisGateway(
+            redis_client, settings.partitions, settings.idempotency_ttl_seconds
+        )
+        yield
+        if own:
+            await redis_client.aclose()
+
+    app.cleanup_ctx.append(redis_ctx)
+    app.router.add_post("/v1/sales", create_sale)
+    app.router.add_get("/v1/sales/{sale_id}", get_sale)
+    app.router.add_post("/v1/sales/{sale_id}/reservations", reserve)
+    app.router.add_get("/v1/reservations/{reservation_id}", get_reservation)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/openapi.json", openapi_view)
+    return app
+
+
+def redis_client_for(settings: Settings) -> aioredis.Redis:
+    """A Redis client whose pool waits for a free connection instead of raising when full."""
+    assert settings.redis_url, "redis_url must be resolved before building clients"
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_pool_size, timeout=10
+    )
+    return aioredis.Redis(connection_pool=pool)

@@ -1,0 +1,192 @@
+"""The ``flashsale`` command: up, demo, serve, consume, replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from api.app import create_app, redis_client_for
+from consumers.projector import Projector
+from core.errors import FlashsaleError
+from core.gateway import RedisGateway
+from core.launcher import embedded_servers
+from core.logs import configure_logging
+from core.settings import Settings
+from projections.db import open_pool
+from projections.replay import verify
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Services:
+    """Connections shared by the parts running in one process."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+
+    @property
+    def gateway(self) -> RedisGateway:
+        return RedisGateway(
+            self.redis, self.settings.partitions, self.settings.idempotency_ttl_seconds
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Redis client and migrated PostgreSQL pool for ``settings``."""
+    assert settings.database_url
+    client = redis_client_for(settings)
+    pool = await open_pool(settings.database_url, settings.pg_pool_size)
+    try:
+        yield Services(settings, client, pool)
+    finally:
+        await pool.close()
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def resolved(settings: Settings, embedded: bool) -> Iterator[Settings]:
+    """Settings with both URLs set, starting embedded servers for missing ones if allowed."""
+    if settings.redis_url and settings.database_url:
+        yield settings
+        return
+    if not embedded:
+        raise SystemExit(
+            "error: set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
+            "(or use `flashsale up`, which starts embedded servers)"
+        )
+    with embedded_servers(settings.redis_url, settings.database_url) as urls:
+        print(f"redis: {urls.redis_url}\npostgres: {urls.database_url}", file=sys.stderr)
+        yield settings.model_copy(
+            update={"redis_url": urls.redis_url, "database_url": urls.database_url}
+        )
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def projector_for(services: Services, **overrides: int) -> Projector:
+    """A projector configured from the settings."""
+    s = services.settings
+    return Projector(
+        services.redis,
+        services.pool,
+        s.partitions,
+        batch=overrides.get("batch", s.consumer_batch),
+        block_ms=overrides.get("block_ms", s.consumer_block_ms),
+        claim_idle_ms=overrides.get("claim_idle_ms", s.claim_idle_ms),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_api(services: Services, port: int) -> AsyncIterator[int]:
+    """Serve the HTTP API until the block exits; yields the bound port."""
+    app = create_app(services.settings, services.redis)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, services.settings.host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    log.info("api_listening", host=services.settings.host, port=bound)
+    try:
+        yield bound
+    finally:
+        await runner.cleanup()
+
+
+async def _serve(settings: Settings) -> None:
+    async with open_services(settings) as services, running_api(services, settings.port):
+        await stop_on_signals().wait()
+
+
+async def _consume(settings: Settings) -> None:
+    async with open_services(settings) as services:
+        await projector_for(services).run(stop_on_signals())
+
+
+async def _up(settings: Settings) -> None:
+    async with open_services(settings) as services, running_api(services, settings.port) as port:
+        print(f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr)
+        stop = stop_on_signals()
+        await projector_for(services).run(stop)
+
+
+async def _verify(settings: Settings, sale_id: str | None, as_json: bool) -> int:
+    async with open_services(settings) as services:
+        report = await verify(services.gateway, services.pool, sale_id)
+    print(report.to_json() if as_json else report.to_table())
+    return 0 if report.clean else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("up", "API + consumers in one process (embedded servers if no URLs are set)"),
+        ("serve", "the HTTP API only"),
+        ("consume", "the projector daemon only"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--port", type=int, default=None, help="HTTP port (FLASHSALE_PORT)")
+    demo = sub.add_parser("demo", help="run a simulated flash sale on embedded servers")
+    demo.add_argument("--stock", type=int, default=200)
+    demo.add_argument("--buyers", type=int, default=5000)
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    replay = sub.add_parser("replay", help="fold the log and compare with Redis and PostgreSQL")
+    replay_sub = replay.add_subparsers(dest="replay_command", required=True)
+    v = replay_sub.add_parser("verify", help="exit 0 when clean, 1 on drift, 2 if it cannot run")
+    v.add_argument("--sale", default=None, help="only this sale")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flashsale`` console script."""
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    if getattr(args, "port", None) is not None:
+        settings = settings.model_copy(update={"port": args.port})
+    level = args.log_level or (
+        "warning" if args.command in ("demo", "replay") else settings.log_level
+    )
+    configure_logging(level, settings.log_json)
+    try:
+        if args.command == "demo":
+            from api.demo import run_demo
+
+            with resolved(settings, embedded=True) as s:
+                return asyncio.run(run_demo(s, args.stock, args.buyers, args.json))
+        if args.command == "replay":
+            with resolved(settings, embedded=False) as s:
+                return asyncio.run(_verify(s, args.sale, args.json))
+        with resolved(settings, embedded=args.command == "up") as s:
+            runner = {"up": _up, "serve": _serve, "consume": _consume}[args.command]
+            asyncio.run(runner(s))
+        return 0
+    except FlashsaleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

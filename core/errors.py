@@ -1,0 +1,61 @@
+"""The exception hierarchy; the HTTP layer maps these to problem responses."""
+
+from __future__ import annotations
+
+
+class FlashsaleError(Exception):
+    """Root of every error raised by flashsale."""
+
+    code = "error"
+
+
+class RejectedError(FlashsaleError):
+    """A request was refused by a business rule; nothing changed."""
+
+
+class SaleNotFound(RejectedError):
+    """No sale has this id."""
+
+    code = "sale_not_found"
+
+
+class SaleExists(RejectedError):
+    """A sale with this id already exists."""
+
+    code = "sale_exists"
+
+
+class SaleNotActive(RejectedError):
+    """The sale has not started yet, has ended or was closed."""
+
+    code = "sale_not_active"
+
+
+class SoldOut(RejectedError):
+    """Not enough stock remains for this quantity."""
+
+    code = "sold_out"
+
+
+class LimitReached(RejectedError):
+    """The buyer would exceed the sale's per-user limit."""
+
+    code = "limit_reached"
+
+
+class ReservationNotFound(RejectedError):
+    """No reservation has this id (or it belongs to someone else)."""
+
+    code = "reservation_not_found"
+
+
+class InfrastructureError(FlashsaleError):
+    """Redis or PostgreSQL failed or answered something unexpected."""
+
+    code = "unavailable"
+
+
+REJECTIONS: dict[str, type[RejectedError]] = {
+    cls.code: cls
+    for cls in (SaleNotFound, SaleExists, SaleNotActive, SoldOut, LimitReached, ReservationNotFound)
+}

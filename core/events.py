@@ -1,0 +1,145 @@
+"""The event log's vocabulary: frozen, versioned models with a ``type`` discriminator.
+
+Events are written by the Lua scripts as JSON in the ``event`` field of a stream entry;
+times travel as integer milliseconds since the epoch (Redis ``TIME``) and are read back as
+aware datetimes. Stored events are never rewritten: an older ``v`` is upcast on read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, TypeAdapter
+
+
+def _from_ms(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    return value
+
+
+def to_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch, the unit the Lua scripts compare in."""
+    return round(moment.timestamp() * 1000)
+
+
+EpochMs = Annotated[datetime, BeforeValidator(_from_ms), PlainSerializer(to_ms, return_type=int)]
+
+
+class Event(BaseModel):
+    """Fields every event carries."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = 1
+    event_id: str = Field(min_length=1)
+    sale_id: str = Field(min_length=1)
+    occurred_at: EpochMs
+
+
+class SaleCreated(Event):
+    """A sale was opened with its stock and rules."""
+
+    type: Literal["SaleCreated"] = "SaleCreated"
+    stock: int = Field(ge=0)
+    per_user_limit: int = Field(ge=1)
+    starts_at: EpochMs
+    ends_at: EpochMs | None = None
+    hold_seconds: int = Field(ge=0)
+
+
+class StockAdjusted(Event):
+    """An admin added stock (positive delta) or withdrew unsold stock (negative)."""
+
+    type: Literal["StockAdjusted"] = "StockAdjusted"
+    delta: int
+
+
+class SaleClosed(Event):
+    """The sale was closed early; no further reservations are accepted."""
+
+    type: Literal["SaleClosed"] = "SaleClosed"
+
+
+class ReservationEvent(Event):
+    """Fields every reservation event carries."""
+
+    reservation_id: str = Field(min_length=1)
+    user_id: str = Field(min_length=1)
+    qty: int = Field(ge=1)
+
+
+class ReservationPlaced(ReservationEvent):
+    """Stock was held for a buyer until ``expires_at``."""
+
+    type: Literal["ReservationPlaced"] = "ReservationPlaced"
+    expires_at: EpochMs
+
+
+class ReservationConfirmed(ReservationEvent):
+    """The buyer paid in time; the held stock is sold."""
+
+    type: Literal["ReservationConfirmed"] = "ReservationConfirmed"
+
+
+class ReservationCancelled(ReservationEvent):
+    """The buyer cancelled; the stock and quota went back."""
+
+    type: Literal["ReservationCancelled"] = "ReservationCancelled"
+
+
+class ReservationExpired(ReservationEvent):
+    """The payment window passed; the stock and quota went back."""
+
+    type: Literal["ReservationExpired"] = "ReservationExpired"
+
+
+AnyEvent = Annotated[
+    SaleCreated
+    | StockAdjusted
+    | SaleClosed
+    | ReservationPlaced
+    | ReservationConfirmed
+    | ReservationCancelled
+    | ReservationExpired,
+    Field(discriminator="type"),
+]
+
+TERMINAL_EVENTS = (ReservationConfirmed, ReservationCancelled, ReservationExpired)
+
+_adapter: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+
+CURRENT_VERSION = 1
+
+# (type, version) -> function turning that version's dict into the next version's dict.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def upcast(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a stored event's dict up to the current schema version."""
+    version = int(data.get("v", 1))
+    while version < CURRENT_VERSION:
+        data = UPCASTERS[(str(data.get("type")), version)](data)
+        version += 1
+        data["v"] = version
+    return data
+
+
+def parse_event(raw: str | bytes) -> AnyEvent:
+    """Parse one stored event (JSON), upcasting old versions.
+
+    Raises ``pydantic.ValidationError`` (a ``ValueError``) on anything malformed.
+    """
+    import json
+
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("event is not a JSON object")
+    return _adapter.validate_python(upcast(data))
+
+
+def dump_event(event: AnyEvent) -> str:
+    """Serialise an event to the JSON stored in the log."""
+    return event.model_dump_json()

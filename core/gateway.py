@@ -1,0 +1,257 @@
+"""The Redis gateway: the only code that runs the Lua scripts and reads sale state."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from core.errors import REJECTIONS, InfrastructureError, SaleExists
+from core.events import to_ms
+from core.keys import PartitionKeys, partition_of, partition_of_reservation
+from core.models import NewSale, ReservationView, SaleStatus, SaleView
+
+log = structlog.get_logger(__name__)
+
+
+def load_lua(name: str) -> str:
+    """Source of ``core/lua/<name>.lua``."""
+    return resources.files("core").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _from_ms(value: Any) -> datetime:
+    return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Outcome of a successful reserve call."""
+
+    reservation_id: str
+    replayed: bool
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SaleSnapshot:
+    """A sale's whole Redis state, read atomically with the stream position it reflects."""
+
+    counters: dict[str, int]
+    holders: dict[str, int]
+    reservations: dict[str, tuple[str, int, str]] = field(default_factory=dict)
+    last_id: str = "0-0"
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.counters)
+
+
+class RedisGateway:
+    """Runs flashsale's Lua scripts (EVALSHA, loaded once per client) and reads state."""
+
+    def __init__(self, client: aioredis.Redis, partitions: int, idempotency_ttl: int) -> None:
+        self.client = client
+        self.partitions = partitions
+        self.idempotency_ttl = idempotency_ttl
+        self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
+        self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
+        self._snapshot: AsyncScript = client.register_script(load_lua("snapshot_sale"))
+
+    def keys_for_sale(self, sale_id: str) -> PartitionKeys:
+        """Key builder of the partition that owns ``sale_id``."""
+        return PartitionKeys(partition_of(sale_id, self.partitions))
+
+    def stream_names(self) -> list[str]:
+        """Every partition's event stream, in partition order."""
+        return [PartitionKeys(p).events for p in range(self.partitions)]
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> list[str]:
+        try:
+            reply = await script(keys=keys, args=args)
+        except RedisError as e:
+            raise InfrastructureError(f"redis script failed: {e}") from e
+        result = [_text(item) for item in reply]
+        if result[0] == "err":
+            raise REJECTIONS[result[1]]()
+        return result
+
+    async def create_sale(self, sale: NewSale) -> SaleView:
+        """Open a sale; raises ``SaleExists`` if the id is taken."""
+        keys = self.keys_for_sale(sale.sale_id)
+        await self._run(
+            self._create_sale,
+            [keys.sale(sale.sale_id), keys.events],
+            [
+                uuid.uuid4().hex,
+                sale.sale_id,
+                sale.stock,
+                sale.per_user_limit,
+                to_ms(sale.starts_at) if sale.starts_at else "",
+                to_ms(sale.ends_at) if sale.ends_at else "",
+                sale.hold_seconds,
+            ],
+        )
+        log.info("sale_created", sale_id=sale.sale_id, stock=sale.stock)
+        view = await self.get_sale(sale.sale_id)
+        if view is None:  # pragma: no cover - the script just wrote it
+            raise SaleExists()
+        return view
+
+    async def reserve(
+        self, sale_id: str, user_id: str, qty: int, idempotency_key: str | None
+    ) -> Placed:
+        """Run the reserve script: one round trip that validates, holds and logs.
+
+        Raises a ``RejectedError`` subclass with the script's reason when refused.
+        """
+        keys = self.keys_for_sale(sale_id)
+        reservation_id = f"{keys.partition}-{uuid.uuid4().hex}"
+        result = await self._run(
+            self._reserve,
+            [
+                keys.sale(sale_id),
+                keys.holders(sale_id),
+                keys.idempotency(sale_id, user_id, idempotency_key or ""),
+                keys.reservation(reservation_id),
+                keys.reservations(sale_id),
+                keys.deadlines,
+                keys.events,
+            ],
+            [
+                uuid.uuid4().hex,
+                sale_id,
+                user_id,
+                qty,
+                reservation_id,
+                self.idempotency_ttl,
+                "1" if idempotency_key else "",
+            ],
+        )
+        replayed = result[3] == "1"
+        expires_at = None if replayed else _from_ms(result[2])
+        return Placed(reservation_id=result[1], replayed=replayed, expires_at=expires_at)
+
+    async def get_sale(self, sale_id: str) -> SaleView | None:
+        """Current counters of a sale, or None if it does not exist."""
+        keys = self.keys_for_sale(sale_id)
+        try:
+            raw = await self.client.hgetall(keys.sale(sale_id))
+        except RedisError as e:
+            raise InfrastructureError(f"redis read failed: {e}") from e
+        if not raw:
+            return None
+        fields = {_text(k): int(v) for k, v in raw.items()}
+        return SaleView(
+            sale_id=sale_id,
+            status=sale_status(fields, to_ms(datetime.now(UTC))),
+            stock=fields["stock"],
+            remaining=fields["remaining"],
+            held=fields["held"],
+            confirmed=fields["confirmed"],
+            released=fields["released"],
+            per_user_limit=fields["per_user_limit"],
+            hold_seconds=fields["hold_seconds"],
+            starts_at=_from_ms(fields["starts_at"]),
+            ends_at=_from_ms(fields["ends_at"]) if fields["ends_at"] else None,
+        )
+
+    async def get_reservation(self, reservation_id: str) -> ReservationView | None:
+        """A reservation by id, or None if the id is unknown or malformed."""
+        partition = partition_of_reservation(reservation_id)
+        if partition is None or partition >= self.partitions:
+            return None
+        try:
+            raw = await self.client.hgetall(PartitionKeys(partition).reservation(reservation_id))
+        except RedisError as e:
+            raise InfrastructureError(f"redis read failed: {e}") from e
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return ReservationView(
+            reservation_id=reservation_id,
+            sale_id=fields["sale_id"],
+            user_id=fields["user_id"],
+            qty=int(fields["qty"]),
+            status=fields["status"],
+            expires_at=_from_ms(fields["expires_at"]),
+        )
+
+    async def snapshot_sale(self, sale_id: str) -> SaleSnapshot:
+        """Counters, holders and reservations of a sale plus the stream's last id, atomically.
+
+        ``reservations`` maps id -> (status, qty, user_id).
+        """
+        keys = self.keys_for_sale(sale_id)
+        try:
+            sale, holders, reservations, last_id = await self._snapshot(
+                keys=[
+                    keys.sale(sale_id),
+                    keys.holders(sale_id),
+                    keys.reservations(sale_id),
+                    keys.events,
+                ],
+                args=[keys.reservation_prefix],
+            )
+        except RedisError as e:
+            raise InfrastructureError(f"redis snapshot failed: {e}") from e
+        flat = [_text(x) for x in sale]
+        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        hold = [_text(x) for x in holders]
+        res = [_text(x) for x in reservations]
+        return SaleSnapshot(
+            counters=counters,
+            holders={hold[i]: int(hold[i + 1]) for i in range(0, len(hold), 2)},
+            reservations={
+                res[i]: (res[i + 1], int(res[i + 2]), res[i + 3]) for i in range(0, len(res), 4)
+            },
+            last_id=_text(last_id),
+        )
+
+    async def read_stream(
+        self, partition: int, after: str = "0-0", until: str = "+", chunk: int = 10_000
+    ) -> AsyncIterator[tuple[str, dict[str, str]]]:
+        """Yield ``(stream_id, fields)`` of a partition's stream after ``after``, in order."""
+        stream = PartitionKeys(partition).events
+        start = f"({after}"
+        while True:
+            try:
+                batch = await self.client.xrange(stream, min=start, max=until, count=chunk)
+            except RedisError as e:
+                raise InfrastructureError(f"redis read failed: {e}") from e
+            batch = batch or []
+            for entry_id, fields in batch:
+                if entry_id is not None and fields is not None:
+                    yield _text(entry_id), {_text(k): _text(v) for k, v in fields.items()}
+            if len(batch) < chunk:
+                return
+            start = f"({_text(batch[-1][0] or '')}"
+
+    async def ping(self) -> bool:
+        """True when Redis answers."""
+        try:
+            return bool(await self.client.ping())
+        except RedisError:
+            return False
+
+
+def sale_status(fields: dict[str, int], now_ms: int) -> SaleStatus:
+    """Pure rule for a sale's public status from its counters and window."""
+    if fields["closed"] or (fields["ends_at"] and now_ms >= fields["ends_at"]):
+        return "ended"
+    if now_ms < fields["starts_at"]:
+        return "scheduled"
+    if fields["remaining"] <= 0:
+        return "sold_out"
+    return "active"

@@ -1,0 +1,77 @@
+"""Every Redis key and stream name, built in one place.
+
+All keys of a sale carry the hash tag ``{pN}`` of the sale's partition, and so does the
+partition's event stream, so each Lua script touches a single Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+PREFIX = "fs"
+CONSUMER_GROUP = "projector"
+
+
+def partition_of(sale_id: str, partitions: int) -> int:
+    """Return the partition a sale lives in (stable across processes and restarts)."""
+    return zlib.crc32(sale_id.encode()) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKeys:
+    """Key names of one partition; every name carries the partition's hash tag."""
+
+    partition: int
+
+    @property
+    def tag(self) -> str:
+        return f"{{p{self.partition}}}"
+
+    @property
+    def events(self) -> str:
+        """The partition's event stream."""
+        return f"{PREFIX}:{self.tag}:events"
+
+    @property
+    def deadlines(self) -> str:
+        """Sorted set of pending reservation ids scored by their expiry time (ms)."""
+        return f"{PREFIX}:{self.tag}:deadlines"
+
+    def sale(self, sale_id: str) -> str:
+        """Hash holding a sale's configuration and counters."""
+        return f"{PREFIX}:{self.tag}:sale:{sale_id}"
+
+    def holders(self, sale_id: str) -> str:
+        """Hash of user id -> quantity held or bought in a sale."""
+        return f"{PREFIX}:{self.tag}:sale:{sale_id}:users"
+
+    def reservations(self, sale_id: str) -> str:
+        """Set of the reservation ids of a sale."""
+        return f"{PREFIX}:{self.tag}:sale:{sale_id}:reservations"
+
+    @property
+    def reservation_prefix(self) -> str:
+        """Prefix of every reservation hash of the partition (for Lua that iterates them)."""
+        return f"{PREFIX}:{self.tag}:res:"
+
+    def reservation(self, reservation_id: str) -> str:
+        """Hash holding one reservation."""
+        return f"{self.reservation_prefix}{reservation_id}"
+
+    def idempotency(self, sale_id: str, user_id: str, key: str) -> str:
+        """String mapping a buyer's Idempotency-Key to the reservation it created."""
+        return f"{PREFIX}:{self.tag}:idem:{sale_id}:{user_id}:{key}"
+
+
+def partition_of_reservation(reservation_id: str) -> int | None:
+    """Read the partition encoded in a reservation id (``<partition>-<hex>``), or None."""
+    head, sep, tail = reservation_id.partition("-")
+    if not sep or not head.isdigit() or not tail or len(head) > 4:
+        return None
+    return int(head)
+
+
+def dead_letter_stream() -> str:
+    """Stream where events that cannot be projected are parked."""
+    return f"{PREFIX}:dead-letter"

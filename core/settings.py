@@ -1,0 +1,34 @@
+"""The one settings object, read from ``FLASHSALE_*`` environment variables at the entry point."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Immutable service configuration; build it once with ``Settings()`` and pass it down."""
+
+    model_config = SettingsConfigDict(env_prefix="FLASHSALE_", frozen=True, extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; unset means start an embedded server."
+    )
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL URL; unset means start an embedded server."
+    )
+    admin_token: str = Field(default="change-me-admin", min_length=8)
+    jwt_secret: str = Field(default="change-me-jwt-secret-at-least-32-bytes", min_length=16)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    partitions: int = Field(default=16, ge=1, le=1024)
+    max_body_bytes: int = Field(default=16 * 1024, ge=256)
+    redis_pool_size: int = Field(default=200, ge=1)
+    pg_pool_size: int = Field(default=4, ge=1)
+    max_inflight: int = Field(default=2000, ge=1, description="Reservations in flight before 429.")
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    consumer_batch: int = Field(default=500, ge=1, le=10_000)
+    consumer_block_ms: int = Field(default=1000, ge=1)
+    claim_idle_ms: int = Field(default=30_000, ge=0)
+    log_level: str = "info"
+    log_json: bool = False
