@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             from api.demo import run_demo
 
             with resolved(settings, embedded=True) as s:
-                return asyncio.run(run_demo(s, args.stock, args.buyers, args.json))
+                code: int = asyncio.run(run_demo(s, args.stock, args.buyers, args.json))
+                return code
         if args.command == "replay":
             with resolved(settings, embedded=False) as s:
                 return asyncio.run(_verify(s, args.sale, args.json))
