@@ -14,12 +14,14 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from api.app import create_app, redis_client_for
 from consumers.projector import Projector
 from core.errors import FlashsaleError
 from core.gateway import RedisGateway
-from core.launcher import embedded_servers
+from core.launcher import LauncherError, embedded_servers
 from core.logs import configure_logging
 from core.settings import Settings
 from projections.db import open_pool
@@ -163,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flashsale`` console script."""
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"error: bad FLASHSALE_* configuration:\n{e}", file=sys.stderr)
+        return 2
     if getattr(args, "port", None) is not None:
         settings = settings.model_copy(update={"port": args.port})
     level = args.log_level or (
@@ -184,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             runner = {"up": _up, "serve": _serve, "consume": _consume}[args.command]
             asyncio.run(runner(s))
         return 0
-    except FlashsaleError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FlashsaleError, LauncherError, RedisError, OSError, asyncpg.PostgresError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import aiohttp
 
@@ -80,18 +80,25 @@ class DemoReport:
         return "\n".join(["flashsale demo report", *lines, f"  result: {verdict}"])
 
 
-async def _attempt(
-    session: aiohttp.ClientSession, url: str, token: str, key: str | None
-) -> tuple[int, str, float]:
-    headers = {"Authorization": f"Bearer {token}"}
-    if key:
-        headers["Idempotency-Key"] = key
+async def fire_from_another_process(
+    url: str, attempts: list[list[str]], connections: int = 256
+) -> tuple[list[tuple[int, str, float]], float]:
+    """Run :mod:`api.loadgen` in a child process; return its results and the wall time."""
+    plan = json.dumps({"url": url, "attempts": attempts, "connections": connections}).encode()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "api.loadgen",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     started = time.perf_counter()
-    async with session.post(url, json={"qty": 1}, headers=headers) as response:
-        body: dict[str, Any] = await response.json(content_type=None)
+    out, _ = await child.communicate(plan)
     elapsed = time.perf_counter() - started
-    code = "placed" if response.status == 202 else str(body.get("code", response.status))
-    return response.status, code, elapsed
+    if child.returncode != 0:
+        raise RuntimeError(f"load generator failed with exit code {child.returncode}")
+    results = [(int(s), str(c), float(t)) for s, c, t in json.loads(out)]
+    return results, elapsed
 
 
 async def simulate(services: Services, base: str, stock: int, attempts: int) -> DemoReport:
@@ -106,8 +113,7 @@ async def simulate(services: Services, base: str, stock: int, attempts: int) -> 
     tokens = {u: issue_token(settings.jwt_secret, u) for u in users}
     report = DemoReport(sale_id=sale_id, stock=stock, attempts=attempts, buyers=buyers)
 
-    connector = aiohttp.TCPConnector(limit=256)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession() as session:
         admin = {"Authorization": f"Bearer {settings.admin_token}"}
         async with session.post(
             f"{base}/v1/sales",
@@ -116,14 +122,11 @@ async def simulate(services: Services, base: str, stock: int, attempts: int) -> 
         ) as response:
             if response.status != 201:
                 raise RuntimeError(f"could not create the sale: {await response.text()}")
-        url = f"{base}/v1/sales/{sale_id}/reservations"
-        started = time.perf_counter()
-        results = await asyncio.gather(
-            *(_attempt(session, url, tokens[u], uuid.uuid4().hex) for u in attempt_users)
-        )
-        finished = time.perf_counter()
+    url = f"{base}/v1/sales/{sale_id}/reservations"
+    plan = [[tokens[u], uuid.uuid4().hex] for u in attempt_users]
+    results, report.attack_seconds = await fire_from_another_process(url, plan)
+    finished = time.perf_counter()
 
-    report.attack_seconds = finished - started
     report.requests_per_second = attempts / report.attack_seconds
     outcomes = Counter(code for _, code, _ in results)
     report.sold = outcomes.pop("placed", 0)
