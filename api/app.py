@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -20,7 +21,7 @@ from api.openapi import SPEC
 from api.problems import from_error, problem
 from core.errors import FlashsaleError, RejectedError, ReservationNotFound, SaleNotFound
 from core.gateway import RedisGateway
-from core.models import SALE_ID_PATTERN, NewSale
+from core.models import SALE_ID_PATTERN, NewSale, ReservationStatus
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -32,6 +33,9 @@ INFLIGHT = web.AppKey("inflight", list)
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SALE_ID = re.compile(SALE_ID_PATTERN)
+RESERVATION_ID = re.compile(r"^[0-9]{1,4}-[A-Za-z0-9]{1,128}$")
+# Times travel as epoch milliseconds and are read back with datetime.fromtimestamp, so a sale
+# must start and end inside the years that round trip.
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -41,6 +45,16 @@ class ReservationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     qty: int = Field(default=1, ge=1, le=10_000, strict=True)
+
+
+class Placement(BaseModel):
+    """Body of the 202 answer to a reservation (times serialized like every other view)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reservation_id: str
+    status: ReservationStatus
+    expires_at: datetime
 
 
 class BadRequest(Exception):
@@ -60,6 +74,8 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, "malformed_json", f"body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise BadRequest(400, "malformed_json", "body is nested too deeply") from e
 
 
 def validate(model: type[M], data: Any) -> M:
@@ -77,9 +93,17 @@ def validate(model: type[M], data: Any) -> M:
 def sale_id_of(request: web.Request) -> str:
     """The ``sale_id`` path parameter; an id that cannot exist is simply not found."""
     sale_id = request.match_info["sale_id"]
-    if not SALE_ID.match(sale_id):
+    if not SALE_ID.fullmatch(sale_id):
         raise SaleNotFound(f"no sale {sale_id[:80]!r}")
     return sale_id
+
+
+def reservation_id_of(request: web.Request) -> str:
+    """The ``reservation_id`` path parameter; an id that cannot exist is simply not found."""
+    rid = request.match_info["reservation_id"]
+    if not RESERVATION_ID.fullmatch(rid):
+        raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
+    return rid
 
 
 @web.middleware
@@ -100,7 +124,8 @@ async def problems_middleware(
         log.warning("request_failed", path=request.path, error=str(e))
         response = from_error(e)
     except BadRequest as e:
-        response = problem(e.status, e.code, e.detail, e.detail, **e.extra)
+        title = e.code.replace("_", " ").capitalize()
+        response = problem(e.status, e.code, title, e.detail, **e.extra)
     except AuthError as e:
         code = "unauthorized" if e.status == 401 else "forbidden"
         response = problem(e.status, code, code.capitalize(), e.detail)
@@ -151,7 +176,7 @@ async def reserve(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     user_id = buyer_id(request, settings.jwt_secret)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not IDEMPOTENCY_KEY.match(key):
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise BadRequest(400, "bad_idempotency_key", "Idempotency-Key: 1-128 of [A-Za-z0-9_.:-]")
     sale_id = sale_id_of(request)
     body = validate(ReservationRequest, await read_json(request) if request.body_exists else {})
@@ -180,16 +205,17 @@ async def reserve(request: web.Request) -> web.Response:
             raise BadRequest(
                 422, "idempotency_key_reused", "this Idempotency-Key was used for another request"
             )
-        status, expires_at = view.status, view.expires_at
+        answer = Placement(
+            reservation_id=placed.reservation_id, status=view.status, expires_at=view.expires_at
+        )
     else:
         metrics.reservations.labels("placed").inc()
-        status, expires_at = "pending", placed.expires_at  # type: ignore[assignment]
+        assert placed.expires_at is not None, "a new placement always has a deadline"
+        answer = Placement(
+            reservation_id=placed.reservation_id, status="pending", expires_at=placed.expires_at
+        )
     return web.json_response(
-        {
-            "reservation_id": placed.reservation_id,
-            "status": status,
-            "expires_at": expires_at.isoformat() if expires_at else None,
-        },
+        answer.model_dump(mode="json"),
         status=202,
         headers={"Location": f"/v1/reservations/{placed.reservation_id}"},
     )
@@ -200,7 +226,7 @@ async def get_reservation(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     admin = is_admin(request, settings.admin_token)
     user_id = None if admin else buyer_id(request, settings.jwt_secret)
-    rid = request.match_info["reservation_id"]
+    rid = reservation_id_of(request)
     view = await request.app[GATEWAY].get_reservation(rid)
     if view is None or (user_id is not None and view.user_id != user_id):
         raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")

@@ -20,22 +20,32 @@ class AuthError(Exception):
         self.detail = detail
 
 
-def bearer(request: web.Request) -> str:
-    """The bearer token of the request, or raise a 401 ``AuthError``."""
+def _token(request: web.Request) -> str | None:
+    """The bearer token of the request, or None when there is none.
+
+    Tokens are ASCII (RFC 6750); a header with other bytes arrives here as surrogate
+    escapes, which cannot be encoded, so it is treated as no token at all.
+    """
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthError(401, "missing bearer token in the Authorization header")
-    return token.strip()
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not token.isascii():
+        return None
+    return token
+
+
+def bearer(request: web.Request) -> str:
+    """The bearer token of the request, or raise a 401 ``AuthError``."""
+    token = _token(request)
+    if token is None:
+        raise AuthError(401, "missing or malformed bearer token in the Authorization header")
+    return token
 
 
 def is_admin(request: web.Request, admin_token: str) -> bool:
     """True when the request carries the admin token."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), admin_token.encode()
-    )
+    token = _token(request)
+    return token is not None and hmac.compare_digest(token.encode(), admin_token.encode())
 
 
 def require_admin(request: web.Request, admin_token: str) -> None:
@@ -55,7 +65,7 @@ def buyer_id(request: web.Request, secret: str) -> str:
     except jwt.PyJWTError as e:
         raise AuthError(401, f"invalid token: {e}") from e
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not USER_ID.match(sub):
+    if not isinstance(sub, str) or not USER_ID.fullmatch(sub):
         raise AuthError(401, "token subject must be 1-128 characters of [A-Za-z0-9_.@+-]")
     return sub
 

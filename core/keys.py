@@ -67,7 +67,7 @@ class PartitionKeys:
 def partition_of_reservation(reservation_id: str) -> int | None:
     """Read the partition encoded in a reservation id (``<partition>-<hex>``), or None."""
     head, sep, tail = reservation_id.partition("-")
-    if not sep or not head.isdigit() or not tail or len(head) > 4:
+    if not sep or not head.isascii() or not head.isdigit() or not tail or len(head) > 4:
         return None
     return int(head)
 

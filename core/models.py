@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SALE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_STOCK = 1_000_000_000
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, tzinfo=UTC)
 
 SaleStatus = Literal["scheduled", "active", "sold_out", "ended"]
 ReservationStatus = Literal["pending", "confirmed", "cancelled", "expired"]
@@ -25,6 +27,14 @@ class NewSale(BaseModel):
     starts_at: AwareDatetime | None = None
     ends_at: AwareDatetime | None = None
     hold_seconds: int = Field(default=600, ge=0, le=7 * 24 * 3600, strict=True)
+
+    @field_validator("starts_at", "ends_at")
+    @classmethod
+    def _storable(cls, value: datetime | None) -> datetime | None:
+        # Times are stored as epoch milliseconds and must read back as datetimes.
+        if value is not None and not EARLIEST <= value <= LATEST:
+            raise ValueError(f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} UTC")
+        return value
 
     @model_validator(mode="after")
     def _window_is_ordered(self) -> NewSale:
