@@ -4,7 +4,8 @@ them into PostgreSQL.
 Delivery is at-least-once: an entry is acknowledged (XACK) only after the PostgreSQL
 transaction that archived and applied it has committed. Entries left pending by a consumer
 that died are reclaimed with XAUTOCLAIM once idle for ``claim_idle_ms``. An entry that
-cannot be parsed is parked on the dead-letter stream with the error, then acknowledged.
+cannot be parsed, or whose data PostgreSQL refuses, is parked on the dead-letter stream with
+the error, then acknowledged; the rest of its batch is projected.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
-from pydantic import ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from core.events import parse_event
@@ -31,6 +31,11 @@ from projections.projector import LogEntry, project
 log = structlog.get_logger(__name__)
 
 RawEntry = tuple[bytes | str, dict[bytes | str, bytes | str]]
+
+# PostgreSQL refusing an entry's data (SQLSTATE classes 22 and 23, or a value asyncpg cannot
+# encode) fails the same way on every retry; retrying the batch would stall every partition
+# behind one entry forever, so such entries are parked like unparseable ones.
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 def _text(value: bytes | str) -> str:
@@ -136,20 +141,28 @@ class Projector:
         return deliveries
 
     async def handle(self, deliveries: Sequence[Delivery]) -> int:
-        """Project deliveries, park unparseable ones, then XACK all; return events new to PG."""
+        """Project deliveries, park the ones that can never be projected, then XACK all.
+
+        Returns how many events were new to PostgreSQL.
+        """
         if not deliveries:
             return 0
         entries: list[LogEntry] = []
+        by_position: dict[tuple[int, str], Delivery] = {}
         poison: list[tuple[Delivery, str]] = []
         for d in deliveries:
             try:
                 event = parse_event(d.fields.get("event", ""))
-            except (ValueError, ValidationError) as e:
-                poison.append((d, str(e)[:500]))
+            except Exception as e:
+                # Parsing is pure, so whatever it raises (ValueError, or the upcaster's
+                # KeyError, a TypeError on a bad version, OSError on a time out of range)
+                # it raises on every delivery: the entry is poison, not a transient fault.
+                poison.append((d, f"{type(e).__name__}: {e}"[:500]))
                 continue
             entries.append(LogEntry(d.partition, d.stream_id, event))
-        async with self.pool.acquire() as conn:
-            new = await project(conn, self.group, entries)
+            by_position[(d.partition, d.stream_id)] = d
+        new, refused = await self._project(entries)
+        poison += [(by_position[(e.partition, e.stream_id)], error) for e, error in refused]
         for d, error in poison:
             await self.client.xadd(
                 dead_letter_stream(),
@@ -166,6 +179,23 @@ class Projector:
         self.projected += new
         self.dead_lettered += len(poison)
         return new
+
+    async def _project(self, entries: Sequence[LogEntry]) -> tuple[int, list[tuple[LogEntry, str]]]:
+        """Project ``entries`` in one transaction; if PostgreSQL refuses the data itself,
+        project them one by one instead and return the refused ones with the error."""
+        async with self.pool.acquire() as conn:
+            try:
+                return await project(conn, self.group, entries), []
+            except _REFUSED as e:
+                log.warning("batch_refused", size=len(entries), error=str(e))
+            new = 0
+            refused: list[tuple[LogEntry, str]] = []
+            for entry in entries:
+                try:
+                    new += await project(conn, self.group, [entry])
+                except _REFUSED as e:
+                    refused.append((entry, f"{type(e).__name__}: {e}"[:500]))
+            return new, refused
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """XACK deliveries, one pipeline for all partitions."""
@@ -191,8 +221,11 @@ class Projector:
         while not stop.is_set():
             try:
                 if not in_hand and time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + claim_every
                     in_hand = await self.claim_stale()
+                    # A full claim means more stale entries may be waiting (a dead consumer
+                    # can hold a batch per partition): claim again at once, not in 5 s.
+                    full = len(in_hand) >= self.batch
+                    next_claim = 0.0 if full else time.monotonic() + claim_every
                 if not in_hand:
                     in_hand = await self.read_new()
                 await self.handle(in_hand)
