@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from api.app import create_app, redis_client_for
 from consumers.projector import Projector
-from core.errors import FlashsaleError
+from core.errors import ConfigurationError, FlashsaleError
 from core.gateway import RedisGateway
 from core.launcher import LauncherError, embedded_servers
 from core.logs import configure_logging
@@ -65,8 +65,8 @@ def resolved(settings: Settings, embedded: bool) -> Iterator[Settings]:
         yield settings
         return
     if not embedded:
-        raise SystemExit(
-            "error: set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
+        raise ConfigurationError(
+            "set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
             "(or use `flashsale up`, which starts embedded servers)"
         )
     with embedded_servers(settings.redis_url, settings.database_url) as urls:

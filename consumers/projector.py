@@ -110,7 +110,7 @@ class Projector:
             self.consumer,
             dict.fromkeys(self.streams, ">"),
             count=self.batch,
-            block=self.block_ms if block_ms is None else block_ms,
+            block=(self.block_ms if block_ms is None else block_ms) or None,  # 0: do not block
         )
         deliveries: list[Delivery] = []
         for stream, entries in reply or []:
@@ -153,10 +153,9 @@ class Projector:
         for d in deliveries:
             try:
                 event = parse_event(d.fields.get("event", ""))
-            except Exception as e:
-                # Parsing is pure, so whatever it raises (ValueError, or the upcaster's
-                # KeyError, a TypeError on a bad version, OSError on a time out of range)
-                # it raises on every delivery: the entry is poison, not a transient fault.
+            except ValueError as e:
+                # Parsing is pure, so it fails the same way on every delivery: the entry
+                # is poison, not a transient fault.
                 poison.append((d, f"{type(e).__name__}: {e}"[:500]))
                 continue
             entries.append(LogEntry(d.partition, d.stream_id, event))

@@ -9,6 +9,12 @@ class FlashsaleError(Exception):
     code = "error"
 
 
+class ConfigurationError(FlashsaleError):
+    """The service is not configured well enough to run (a missing or bad setting)."""
+
+    code = "configuration"
+
+
 class RejectedError(FlashsaleError):
     """A request was refused by a business rule; nothing changed."""
 

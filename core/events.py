@@ -134,10 +134,16 @@ def parse_event(raw: str | bytes) -> AnyEvent:
     """
     import json
 
-    data = json.loads(raw)
-    if not isinstance(data, dict):
-        raise ValueError("event is not a JSON object")
-    return _adapter.validate_python(upcast(data))
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("event is not a JSON object")
+        return _adapter.validate_python(upcast(data))
+    except ValueError:
+        raise
+    except (KeyError, TypeError, OSError, OverflowError, RecursionError) as e:
+        # An unknown version, a null where a number belongs, a time out of range...
+        raise ValueError(f"unreadable event: {type(e).__name__}: {e}") from e
 
 
 def dump_event(event: AnyEvent) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from core.errors import REJECTIONS, InfrastructureError, SaleExists
 from core.events import to_ms
@@ -56,6 +56,14 @@ class SaleSnapshot:
     @property
     def exists(self) -> bool:
         return bool(self.counters)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupProgress:
+    """How far a consumer group got on one partition stream."""
+
+    last_delivered: str
+    pending: frozenset[str]
 
 
 class RedisGateway:
@@ -237,6 +245,29 @@ class RedisGateway:
             if len(batch) < chunk:
                 return
             start = f"({_text(batch[-1][0] or '')}"
+
+    async def group_progress(self, group: str) -> dict[int, GroupProgress]:
+        """Last delivered id and pending ids of ``group`` on each partition that has it."""
+        progress: dict[int, GroupProgress] = {}
+        for partition in range(self.partitions):
+            stream = PartitionKeys(partition).events
+            try:
+                groups = await self.client.xinfo_groups(stream)
+                info = next((g for g in groups if _text(g["name"]) == group), None)
+                if info is None:
+                    continue
+                pending = await self.client.xpending_range(
+                    stream, group, min="-", max="+", count=max(int(info["pending"]), 1)
+                )
+            except ResponseError:
+                continue  # no such stream yet
+            except RedisError as e:
+                raise InfrastructureError(f"redis read failed: {e}") from e
+            progress[partition] = GroupProgress(
+                last_delivered=_text(info["last-delivered-id"]),
+                pending=frozenset(_text(p["message_id"]) for p in pending),
+            )
+        return progress
 
     async def ping(self) -> bool:
         """True when Redis answers."""

@@ -253,7 +253,8 @@ async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEnt
     """Archive, apply and checkpoint ``entries`` in one transaction; return how many were new."""
     if not entries:
         return 0
-    unique = list({e.event.event_id: e for e in entries}.values())
+    # Sorted, so that two projectors writing overlapping batches lock rows in one order.
+    unique = sorted({e.event.event_id: e for e in entries}.values(), key=lambda e: e.event.event_id)
     async with conn.transaction():
         new_ids = await archive(conn, unique)
         await apply_events(conn, [e.event for e in unique if e.event.event_id in new_ids])
