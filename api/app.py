@@ -21,7 +21,7 @@ from api.openapi import SPEC
 from api.problems import from_error, problem
 from core.errors import FlashsaleError, RejectedError, ReservationNotFound, SaleNotFound
 from core.gateway import RedisGateway
-from core.models import SALE_ID_PATTERN, NewSale, ReservationStatus
+from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -106,6 +106,14 @@ def reservation_id_of(request: web.Request) -> str:
     return rid
 
 
+def idempotency_key_of(request: web.Request) -> str | None:
+    """The optional ``Idempotency-Key`` header, or a 400 ``BadRequest`` if malformed."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise BadRequest(400, "bad_idempotency_key", "Idempotency-Key: 1-128 of [A-Za-z0-9_.:-]")
+    return key
+
+
 @web.middleware
 async def problems_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -175,9 +183,7 @@ async def reserve(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
     user_id = buyer_id(request, settings.jwt_secret)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
-        raise BadRequest(400, "bad_idempotency_key", "Idempotency-Key: 1-128 of [A-Za-z0-9_.:-]")
+    key = idempotency_key_of(request)
     sale_id = sale_id_of(request)
     body = validate(ReservationRequest, await read_json(request) if request.body_exists else {})
     inflight = request.app[INFLIGHT]
@@ -233,6 +239,68 @@ async def get_reservation(request: web.Request) -> web.Response:
     return web.json_response(view.model_dump(mode="json"))
 
 
+async def _reservation_answer(request: web.Request, rid: str, changed: bool) -> web.Response:
+    view = await request.app[GATEWAY].get_reservation(rid)
+    if view is None:  # pragma: no cover - reservations are never deleted
+        raise ReservationNotFound(f"no reservation {rid[:80]!r}")
+    return web.json_response(view.model_dump(mode="json") | {"changed": changed})
+
+
+async def confirm_reservation(request: web.Request) -> web.Response:
+    """POST /v1/reservations/{reservation_id}/confirm: its buyer (or an admin) pays."""
+    settings = request.app[SETTINGS]
+    admin = is_admin(request, settings.admin_token)
+    user_id = None if admin else buyer_id(request, settings.jwt_secret)
+    rid = reservation_id_of(request)
+    changed = await request.app[GATEWAY].confirm(rid, user_id)
+    request.app[METRICS].transitions.labels("confirmed" if changed else "unchanged").inc()
+    return await _reservation_answer(request, rid, changed)
+
+
+async def cancel_reservation(request: web.Request) -> web.Response:
+    """POST /v1/reservations/{reservation_id}/cancel: its buyer gives the stock back."""
+    user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)
+    rid = reservation_id_of(request)
+    changed = await request.app[GATEWAY].cancel(rid, user_id)
+    request.app[METRICS].transitions.labels("cancelled" if changed else "unchanged").inc()
+    return await _reservation_answer(request, rid, changed)
+
+
+class StockRequest(BaseModel):
+    """Body of POST /v1/sales/{sale_id}/stock."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    delta: int = Field(ge=-MAX_STOCK, le=MAX_STOCK, strict=True)
+
+
+async def _sale_answer(request: web.Request, sale_id: str, changed: bool) -> web.Response:
+    view = await request.app[GATEWAY].get_sale(sale_id)
+    if view is None:  # pragma: no cover - sales are never deleted
+        raise SaleNotFound(f"no sale {sale_id!r}")
+    return web.json_response(view.model_dump(mode="json") | {"changed": changed})
+
+
+async def adjust_stock(request: web.Request) -> web.Response:
+    """POST /v1/sales/{sale_id}/stock (admin): restock, or withdraw unsold stock."""
+    require_admin(request, request.app[SETTINGS].admin_token)
+    sale_id = sale_id_of(request)
+    key = idempotency_key_of(request)
+    body = validate(StockRequest, await read_json(request))
+    if body.delta == 0:
+        raise BadRequest(422, "invalid_body", "delta must not be 0")
+    changed = await request.app[GATEWAY].adjust_stock(sale_id, body.delta, key)
+    return await _sale_answer(request, sale_id, changed)
+
+
+async def close_sale(request: web.Request) -> web.Response:
+    """POST /v1/sales/{sale_id}/close (admin): stop taking reservations now."""
+    require_admin(request, request.app[SETTINGS].admin_token)
+    sale_id = sale_id_of(request)
+    changed = await request.app[GATEWAY].close_sale(sale_id)
+    return await _sale_answer(request, sale_id, changed)
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
@@ -280,6 +348,10 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     app.router.add_get("/v1/sales/{sale_id}", get_sale)
     app.router.add_post("/v1/sales/{sale_id}/reservations", reserve)
     app.router.add_get("/v1/reservations/{reservation_id}", get_reservation)
+    app.router.add_post("/v1/reservations/{reservation_id}/confirm", confirm_reservation)
+    app.router.add_post("/v1/reservations/{reservation_id}/cancel", cancel_reservation)
+    app.router.add_post("/v1/sales/{sale_id}/stock", adjust_stock)
+    app.router.add_post("/v1/sales/{sale_id}/close", close_sale)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from api.app import create_app, redis_client_for
+from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
 from core.errors import ConfigurationError, FlashsaleError
 from core.gateway import RedisGateway
@@ -119,16 +120,29 @@ async def _serve(settings: Settings) -> None:
         await stop_on_signals().wait()
 
 
+def expiry_worker_for(services: Services) -> ExpiryWorker:
+    """An expiry worker configured from the settings."""
+    s = services.settings
+    return ExpiryWorker(services.gateway, s.expiry_interval_ms / 1000, s.expiry_batch)
+
+
+async def run_consumers(services: Services, stop: asyncio.Event, **overrides: int) -> None:
+    """The projector and the expiry worker, side by side, until ``stop`` is set."""
+    await asyncio.gather(
+        projector_for(services, **overrides).run(stop),
+        expiry_worker_for(services).run(stop),
+    )
+
+
 async def _consume(settings: Settings) -> None:
     async with open_services(settings) as services:
-        await projector_for(services).run(stop_on_signals())
+        await run_consumers(services, stop_on_signals())
 
 
 async def _up(settings: Settings) -> None:
     async with open_services(settings) as services, running_api(services, settings.port) as port:
         print(f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr)
-        stop = stop_on_signals()
-        await projector_for(services).run(stop)
+        await run_consumers(services, stop_on_signals())
 
 
 async def _verify(settings: Settings, sale_id: str | None, as_json: bool) -> int:
@@ -146,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("up", "API + consumers in one process (embedded servers if no URLs are set)"),
         ("serve", "the HTTP API only"),
-        ("consume", "the projector daemon only"),
+        ("consume", "the consumer daemons only: projector and expiry worker"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--port", type=int, default=None, help="HTTP port (FLASHSALE_PORT)")

@@ -33,6 +33,12 @@ class ApiMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.transitions = Counter(
+            "flashsale_reservation_transitions",
+            "Confirm and cancel calls by result (confirmed, cancelled, unchanged).",
+            ["result"],
+            registry=self.registry,
+        )
         self.inflight = Gauge(
             "flashsale_reservations_in_flight",
             "Reservation requests being processed now.",

@@ -17,6 +17,9 @@ _STATUS_OF: dict[type[errors.FlashsaleError], int] = {
     errors.SaleNotActive: 409,
     errors.SoldOut: 409,
     errors.LimitReached: 409,
+    errors.ReservationExpired: 409,
+    errors.ReservationClosed: 409,
+    errors.NotEnoughUnsoldStock: 409,
     errors.InfrastructureError: 503,
 }
 
@@ -28,6 +31,9 @@ _TITLE_OF: dict[str, str] = {
     "sold_out": "Sold out",
     "limit_reached": "Per-user limit reached",
     "unavailable": "Service temporarily unavailable",
+    "reservation_expired": "Reservation expired",
+    "reservation_closed": "Reservation already closed",
+    "not_enough_unsold_stock": "Not enough unsold stock",
 }
 
 

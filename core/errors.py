@@ -55,6 +55,24 @@ class ReservationNotFound(RejectedError):
     code = "reservation_not_found"
 
 
+class ReservationExpired(RejectedError):
+    """The reservation's payment window has passed; its stock went back on sale."""
+
+    code = "reservation_expired"
+
+
+class ReservationClosed(RejectedError):
+    """The reservation is already confirmed or cancelled and cannot change any more."""
+
+    code = "reservation_closed"
+
+
+class NotEnoughUnsoldStock(RejectedError):
+    """A withdrawal asked for more stock than remains unsold."""
+
+    code = "not_enough_unsold_stock"
+
+
 class InfrastructureError(FlashsaleError):
     """Redis or PostgreSQL failed or answered something unexpected."""
 
@@ -63,5 +81,15 @@ class InfrastructureError(FlashsaleError):
 
 REJECTIONS: dict[str, type[RejectedError]] = {
     cls.code: cls
-    for cls in (SaleNotFound, SaleExists, SaleNotActive, SoldOut, LimitReached, ReservationNotFound)
+    for cls in (
+        SaleNotFound,
+        SaleExists,
+        SaleNotActive,
+        SoldOut,
+        LimitReached,
+        ReservationNotFound,
+        ReservationExpired,
+        ReservationClosed,
+        NotEnoughUnsoldStock,
+    )
 }

@@ -14,9 +14,9 @@ import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
-from core.errors import REJECTIONS, InfrastructureError, SaleExists
+from core.errors import REJECTIONS, InfrastructureError, ReservationNotFound, SaleExists
 from core.events import to_ms
-from core.keys import PartitionKeys, partition_of, partition_of_reservation
+from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of, partition_of_reservation
 from core.models import NewSale, ReservationView, SaleStatus, SaleView
 
 log = structlog.get_logger(__name__)
@@ -76,6 +76,11 @@ class RedisGateway:
         self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
         self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
         self._snapshot: AsyncScript = client.register_script(load_lua("snapshot_sale"))
+        self._confirm: AsyncScript = client.register_script(load_lua("confirm"))
+        self._cancel: AsyncScript = client.register_script(load_lua("cancel"))
+        self._expire: AsyncScript = client.register_script(load_lua("expire"))
+        self._adjust_stock: AsyncScript = client.register_script(load_lua("adjust_stock"))
+        self._close_sale: AsyncScript = client.register_script(load_lua("close_sale"))
 
     def keys_for_sale(self, sale_id: str) -> PartitionKeys:
         """Key builder of the partition that owns ``sale_id``."""
@@ -150,6 +155,108 @@ class RedisGateway:
         replayed = result[3] == "1"
         expires_at = None if replayed else _from_ms(result[2])
         return Placed(reservation_id=result[1], replayed=replayed, expires_at=expires_at)
+
+    async def confirm(self, reservation_id: str, user_id: str | None) -> bool:
+        """Confirm a pending reservation of ``user_id`` (None: an admin, any buyer's).
+
+        Returns False when it was already confirmed (nothing changed). Raises
+        ``ReservationNotFound``, ``ReservationExpired`` or ``ReservationClosed``.
+        """
+        view = await self._reservation_of(reservation_id, user_id)
+        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        result = await self._run(
+            self._confirm,
+            [
+                keys.reservation(reservation_id),
+                keys.sale(view.sale_id),
+                keys.deadlines,
+                keys.events,
+            ],
+            [uuid.uuid4().hex, reservation_id, user_id or ""],
+        )
+        return result[1] == "1"
+
+    async def cancel(self, reservation_id: str, user_id: str) -> bool:
+        """Cancel a pending reservation of ``user_id``; its stock and quota go back.
+
+        Returns False when it was already cancelled (nothing changed). Raises
+        ``ReservationNotFound``, ``ReservationExpired`` or ``ReservationClosed``.
+        """
+        view = await self._reservation_of(reservation_id, user_id)
+        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        result = await self._run(
+            self._cancel,
+            [
+                keys.reservation(reservation_id),
+                keys.sale(view.sale_id),
+                keys.holders(view.sale_id),
+                keys.deadlines,
+                keys.events,
+            ],
+            [uuid.uuid4().hex, reservation_id, user_id],
+        )
+        return result[1] == "1"
+
+    async def _reservation_of(self, reservation_id: str, user_id: str | None) -> ReservationView:
+        view = await self.get_reservation(reservation_id)
+        if view is None or (user_id is not None and view.user_id != user_id):
+            raise ReservationNotFound(f"no reservation {reservation_id[:80]!r} of yours")
+        return view
+
+    async def expire_due(self, partition: int, limit: int = 200) -> tuple[int, int]:
+        """Expire up to ``limit`` overdue reservations of a partition.
+
+        Returns ``(expired, still_due)``; call again at once while ``still_due`` > 0.
+        """
+        keys = PartitionKeys(partition)
+        try:
+            expired, left = await self._expire(
+                keys=[keys.deadlines, keys.events],
+                args=[
+                    uuid.uuid4().hex,
+                    limit,
+                    keys.reservation_prefix,
+                    keys.sale_prefix,
+                    HOLDERS_SUFFIX,
+                ],
+            )
+        except RedisError as e:
+            raise InfrastructureError(f"redis expiry failed: {e}") from e
+        return int(expired), int(left)
+
+    async def adjust_stock(self, sale_id: str, delta: int, idempotency_key: str | None) -> bool:
+        """Add (delta > 0) or withdraw unsold (delta < 0) stock.
+
+        Returns False when this Idempotency-Key was applied before (nothing changed).
+        Raises ``SaleNotFound`` or ``NotEnoughUnsoldStock``.
+        """
+        keys = self.keys_for_sale(sale_id)
+        result = await self._run(
+            self._adjust_stock,
+            [
+                keys.sale(sale_id),
+                keys.stock_idempotency(sale_id, idempotency_key or ""),
+                keys.events,
+            ],
+            [
+                uuid.uuid4().hex,
+                sale_id,
+                delta,
+                self.idempotency_ttl,
+                "1" if idempotency_key else "",
+            ],
+        )
+        log.info("stock_adjusted", sale_id=sale_id, delta=delta, applied=result[1] == "1")
+        return result[1] == "1"
+
+    async def close_sale(self, sale_id: str) -> bool:
+        """Close a sale early; False when it was already closed. Raises ``SaleNotFound``."""
+        keys = self.keys_for_sale(sale_id)
+        result = await self._run(
+            self._close_sale, [keys.sale(sale_id), keys.events], [uuid.uuid4().hex, sale_id]
+        )
+        log.info("sale_closed", sale_id=sale_id, changed=result[1] == "1")
+        return result[1] == "1"
 
     async def get_sale(self, sale_id: str) -> SaleView | None:
         """Current counters of a sale, or None if it does not exist."""

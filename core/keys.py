@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass
 
 PREFIX = "fs"
+HOLDERS_SUFFIX = ":users"
 CONSUMER_GROUP = "projector"
 
 
@@ -38,13 +39,18 @@ class PartitionKeys:
         """Sorted set of pending reservation ids scored by their expiry time (ms)."""
         return f"{PREFIX}:{self.tag}:deadlines"
 
+    @property
+    def sale_prefix(self) -> str:
+        """Prefix of every sale hash of the partition (for Lua that iterates sales)."""
+        return f"{PREFIX}:{self.tag}:sale:"
+
     def sale(self, sale_id: str) -> str:
         """Hash holding a sale's configuration and counters."""
-        return f"{PREFIX}:{self.tag}:sale:{sale_id}"
+        return f"{self.sale_prefix}{sale_id}"
 
     def holders(self, sale_id: str) -> str:
         """Hash of user id -> quantity held or bought in a sale."""
-        return f"{PREFIX}:{self.tag}:sale:{sale_id}:users"
+        return f"{self.sale(sale_id)}{HOLDERS_SUFFIX}"
 
     def reservations(self, sale_id: str) -> str:
         """Set of the reservation ids of a sale."""
@@ -62,6 +68,10 @@ class PartitionKeys:
     def idempotency(self, sale_id: str, user_id: str, key: str) -> str:
         """String mapping a buyer's Idempotency-Key to the reservation it created."""
         return f"{PREFIX}:{self.tag}:idem:{sale_id}:{user_id}:{key}"
+
+    def stock_idempotency(self, sale_id: str, key: str) -> str:
+        """String marking an admin's stock adjustment Idempotency-Key as applied."""
+        return f"{PREFIX}:{self.tag}:idem-stock:{sale_id}:{key}"
 
 
 def partition_of_reservation(reservation_id: str) -> int | None:

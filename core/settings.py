@@ -30,5 +30,7 @@ class Settings(BaseSettings):
     consumer_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_block_ms: int = Field(default=1000, ge=1)
     claim_idle_ms: int = Field(default=30_000, ge=0)
+    expiry_interval_ms: int = Field(default=250, ge=10, description="Expiry sweep period.")
+    expiry_batch: int = Field(default=200, ge=1, le=10_000)
     log_level: str = "info"
     log_json: bool = False

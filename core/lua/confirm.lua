@@ -1,0 +1,40 @@
+-- Confirm (pay for) a pending reservation inside its payment window, atomically.
+--
+-- KEYS[1]  reservation hash     fs:{pN}:res:<reservation_id>
+-- KEYS[2]  sale hash            fs:{pN}:sale:<sale_id>
+-- KEYS[3]  deadlines zset       fs:{pN}:deadlines
+-- KEYS[4]  partition stream     fs:{pN}:events
+-- ARGV[1]  event_id
+-- ARGV[2]  reservation_id
+-- ARGV[3]  user_id the reservation must belong to, or "" (an admin confirms any)
+--
+-- Returns  {"ok", "1"}  pending -> confirmed; ReservationConfirmed appended
+--          {"ok", "0"}  already confirmed: nothing changed
+--          {"err", reason}  nothing changed; reason in reservation_not_found,
+--                           reservation_expired (expired, or pending past its deadline:
+--                           the expiry worker returns the stock), reservation_closed
+
+local r = redis.call('HMGET', KEYS[1], 'status', 'sale_id', 'user_id', 'qty', 'expires_at')
+if not r[1] or (ARGV[3] ~= '' and r[3] ~= ARGV[3]) then
+    return {'err', 'reservation_not_found'}
+end
+if r[1] == 'confirmed' then return {'ok', '0'} end
+if r[1] == 'expired' then return {'err', 'reservation_expired'} end
+if r[1] ~= 'pending' then return {'err', 'reservation_closed'} end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now >= tonumber(r[5]) then
+    return {'err', 'reservation_expired'}
+end
+
+local qty = tonumber(r[4])
+redis.call('HSET', KEYS[1], 'status', 'confirmed', 'confirmed_at', now)
+redis.call('HINCRBY', KEYS[2], 'held', -qty)
+redis.call('HINCRBY', KEYS[2], 'confirmed', qty)
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('XADD', KEYS[4], '*', 'event', cjson.encode({
+    type = 'ReservationConfirmed', v = 1, event_id = ARGV[1], sale_id = r[2],
+    occurred_at = now, reservation_id = ARGV[2], user_id = r[3], qty = qty,
+}))
+return {'ok', '1'}
