@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a simulated flash sale on embedded servers")
     demo.add_argument("--stock", type=int, default=200)
     demo.add_argument("--buyers", type=int, default=5000)
+    demo.add_argument("--hold-seconds", type=int, default=10, help="payment window")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     replay = sub.add_parser("replay", help="fold the log and compare with Redis and PostgreSQL")
     replay_sub = replay.add_subparsers(dest="replay_command", required=True)
@@ -195,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             from api.demo import run_demo
 
             with resolved(settings, embedded=True) as s:
-                code: int = asyncio.run(run_demo(s, args.stock, args.buyers, args.json))
+                code: int = asyncio.run(
+                    run_demo(s, args.stock, args.buyers, args.hold_seconds, args.json)
+                )
                 return code
         if args.command == "replay":
             with resolved(settings, embedded=False) as s:

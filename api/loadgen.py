@@ -1,8 +1,8 @@
 """A load generator run in its own process, so buyers and the API do not share one core.
 
 Reads ``{"url": ..., "attempts": [[token, idempotency_key], ...], "connections": n}`` as
-JSON on stdin, fires every attempt at once, and writes ``[[status, code, seconds], ...]``
-(in the order given) as JSON on stdout.
+JSON on stdin, fires every attempt at once, and writes
+``[[status, code, seconds, reservation_id], ...]`` (in the order given) as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import aiohttp
 
 async def attempt(
     session: aiohttp.ClientSession, url: str, token: str, key: str | None
-) -> tuple[int, str, float]:
-    """POST one reservation; return (status, outcome code, seconds)."""
+) -> tuple[int, str, float, str]:
+    """POST one reservation; return (status, outcome code, seconds, reservation id or "")."""
     headers = {"Authorization": f"Bearer {token}"}
     if key:
         headers["Idempotency-Key"] = key
@@ -29,14 +29,14 @@ async def attempt(
             body: dict[str, Any] = await response.json(content_type=None)
             status = response.status
     except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-        return 0, f"client_error:{type(e).__name__}", time.perf_counter() - started
+        return 0, f"client_error:{type(e).__name__}", time.perf_counter() - started, ""
     code = "placed" if status == 202 else str(body.get("code", status))
-    return status, code, time.perf_counter() - started
+    return status, code, time.perf_counter() - started, str(body.get("reservation_id", ""))
 
 
 async def fire(
     url: str, attempts: list[list[str]], connections: int
-) -> list[tuple[int, str, float]]:
+) -> list[tuple[int, str, float, str]]:
     """Fire every attempt concurrently over at most ``connections`` connections."""
     connector = aiohttp.TCPConnector(limit=connections)
     timeout = aiohttp.ClientTimeout(total=120)

@@ -32,6 +32,8 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
         "30",
         "--buyers",
         "600",
+        "--hold-seconds",
+        "3",
         "--json",
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -41,11 +43,21 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
     assert child.returncode == 0, err.decode()[-2000:]
     report = json.loads(out)
     assert report["ok"] is True
-    assert report["sold"] == 30
-    assert sum(report["turned_away"].values()) == 600 - 30
+    first, second = report["first"], report["second"]
+    assert first["sold"] == 30
+    assert sum(first["turned_away"].values()) == 600 - 30
+    # Every winner paid, cancelled or left; what was not paid came back and was resold.
+    assert report["paid"] + report["cancelled"] + report["too_late"] + report["abandoned"] == 30
+    assert report["expired"] == report["abandoned"] + report["too_late"]
+    assert report["returned_to_shelf"] == 30 - report["paid"]
+    assert second["sold"] == report["resold"] == report["returned_to_shelf"]
+    assert report["confirmed"] == 30 and report["redis_remaining"] == 0
     assert report["oversold"] == 0 and report["duplicate_buyers"] == 0
-    assert report["postgres_orders"] == 30 and report["redis_remaining"] == 0
+    assert report["postgres_orders"] == 30 + report["resold"]
     assert report["verify_clean"] is True
     async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT user_id FROM orders WHERE sale_id = $1", report["sale_id"])
+        rows = await conn.fetch(
+            "SELECT user_id FROM orders WHERE sale_id = $1 AND status = 'confirmed'",
+            report["sale_id"],
+        )
     assert len({r["user_id"] for r in rows}) == 30
