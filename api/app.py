@@ -19,7 +19,14 @@ from api.auth import AuthError, buyer_id, is_admin, require_admin
 from api.metrics import ApiMetrics
 from api.openapi import SPEC
 from api.problems import from_error, problem
-from core.errors import FlashsaleError, RejectedError, ReservationNotFound, SaleNotFound
+from core.errors import (
+    FlashsaleError,
+    IdempotencyKeyReused,
+    InfrastructureError,
+    RejectedError,
+    ReservationNotFound,
+    SaleNotFound,
+)
 from core.gateway import RedisGateway
 from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus
 from core.settings import Settings
@@ -208,9 +215,7 @@ async def reserve(request: web.Request) -> web.Response:
         if view is None:
             raise ReservationNotFound("the reservation of this Idempotency-Key is gone")
         if view.qty != body.qty or view.sale_id != sale_id:
-            raise BadRequest(
-                422, "idempotency_key_reused", "this Idempotency-Key was used for another request"
-            )
+            raise IdempotencyKeyReused("this Idempotency-Key was used for another request")
         answer = Placement(
             reservation_id=placed.reservation_id, status=view.status, expires_at=view.expires_at
         )
@@ -336,9 +341,13 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None
         redis_client = client or redis_client_for(settings)
-        app[GATEWAY] = RedisGateway(
-            redis_client, settings.partitions, settings.idempotency_ttl_seconds
-        )
+        gateway = RedisGateway(redis_client, settings.partitions, settings.idempotency_ttl_seconds)
+        try:
+            await gateway.load_scripts()
+        except InfrastructureError as e:
+            # Not fatal: /readyz reports Redis, and scripts load on first use anyway.
+            log.warning("scripts_not_loaded", error=str(e))
+        app[GATEWAY] = gateway
         yield
         if own:
             await redis_client.aclose()

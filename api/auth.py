@@ -60,7 +60,7 @@ def buyer_id(request: web.Request, secret: str) -> str:
     token = bearer(request)
     try:
         claims = jwt.decode(
-            token, secret, algorithms=["HS256"], options={"require": ["sub"]}, leeway=5
+            token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}, leeway=5
         )
     except jwt.PyJWTError as e:
         raise AuthError(401, f"invalid token: {e}") from e

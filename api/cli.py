@@ -38,12 +38,7 @@ class Services:
     settings: Settings
     redis: aioredis.Redis
     pool: asyncpg.Pool
-
-    @property
-    def gateway(self) -> RedisGateway:
-        return RedisGateway(
-            self.redis, self.settings.partitions, self.settings.idempotency_ttl_seconds
-        )
+    gateway: RedisGateway
 
 
 @contextlib.asynccontextmanager
@@ -52,8 +47,10 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     assert settings.database_url
     client = redis_client_for(settings)
     pool = await open_pool(settings.database_url, settings.pg_pool_size)
+    gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
     try:
-        yield Services(settings, client, pool)
+        await gateway.load_scripts()
+        yield Services(settings, client, pool, gateway)
     finally:
         await pool.close()
         await client.aclose()

@@ -20,6 +20,7 @@ _STATUS_OF: dict[type[errors.FlashsaleError], int] = {
     errors.ReservationExpired: 409,
     errors.ReservationClosed: 409,
     errors.NotEnoughUnsoldStock: 409,
+    errors.IdempotencyKeyReused: 422,
     errors.InfrastructureError: 503,
 }
 

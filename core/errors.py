@@ -73,6 +73,12 @@ class NotEnoughUnsoldStock(RejectedError):
     code = "not_enough_unsold_stock"
 
 
+class IdempotencyKeyReused(RejectedError):
+    """This Idempotency-Key was already used for a different request."""
+
+    code = "idempotency_key_reused"
+
+
 class InfrastructureError(FlashsaleError):
     """Redis or PostgreSQL failed or answered something unexpected."""
 
@@ -91,5 +97,6 @@ REJECTIONS: dict[str, type[RejectedError]] = {
         ReservationExpired,
         ReservationClosed,
         NotEnoughUnsoldStock,
+        IdempotencyKeyReused,
     )
 }

@@ -82,6 +82,24 @@ class RedisGateway:
         self._adjust_stock: AsyncScript = client.register_script(load_lua("adjust_stock"))
         self._close_sale: AsyncScript = client.register_script(load_lua("close_sale"))
 
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD every script now, so no request pays for a first-call NOSCRIPT retry."""
+        scripts = (
+            self._create_sale,
+            self._reserve,
+            self._snapshot,
+            self._confirm,
+            self._cancel,
+            self._expire,
+            self._adjust_stock,
+            self._close_sale,
+        )
+        try:
+            for script in scripts:
+                await self.client.script_load(script.script)
+        except RedisError as e:
+            raise InfrastructureError(f"cannot load the Lua scripts: {e}") from e
+
     def keys_for_sale(self, sale_id: str) -> PartitionKeys:
         """Key builder of the partition that owns ``sale_id``."""
         return PartitionKeys(partition_of(sale_id, self.partitions))

@@ -11,11 +11,14 @@
 -- ARGV[5]  "1" when the request carried an Idempotency-Key, else ""
 --
 -- Returns  {"ok", "1"}  adjusted; StockAdjusted appended
---          {"ok", "0"}  this Idempotency-Key was applied before: nothing changed
---          {"err", reason}  nothing changed; reason in sale_not_found, not_enough_unsold_stock
+--          {"ok", "0"}  this Idempotency-Key was applied before with this delta: nothing changed
+--          {"err", reason}  nothing changed; reason in sale_not_found, not_enough_unsold_stock,
+--                           idempotency_key_reused (the key was applied with another delta)
 
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
-    return {'ok', '0'}
+if ARGV[5] == '1' then
+    local applied = redis.call('GET', KEYS[2])
+    if applied == ARGV[3] then return {'ok', '0'} end
+    if applied then return {'err', 'idempotency_key_reused'} end
 end
 local remaining = redis.call('HGET', KEYS[1], 'remaining')
 if not remaining then return {'err', 'sale_not_found'} end
@@ -29,7 +32,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HINCRBY', KEYS[1], 'stock', delta)
 redis.call('HINCRBY', KEYS[1], 'remaining', delta)
 if ARGV[5] == '1' then
-    redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[4]))
+    redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[4]))
 end
 redis.call('XADD', KEYS[3], '*', 'event', cjson.encode({
     type = 'StockAdjusted', v = 1, event_id = ARGV[1], sale_id = ARGV[2],
