@@ -98,7 +98,7 @@ class RedisGateway:
             for script in scripts:
                 await self.client.script_load(script.script)
         except RedisError as e:
-            raise InfrastructureError(f"cannot load the Lua scripts: {e}") from e
+            raise InfrastructureError(f"cannot load the Lua scripts into redis: {e}") from e
 
     def keys_for_sale(self, sale_id: str) -> PartitionKeys:
         """Key builder of the partition that owns ``sale_id``."""
