@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -29,6 +30,17 @@ from projections.db import open_pool
 from projections.replay import verify
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop where it is installed (Linux, macOS), else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 @dataclass
@@ -193,16 +205,16 @@ def main(argv: list[str] | None = None) -> int:
             from api.demo import run_demo
 
             with resolved(settings, embedded=True) as s:
-                code: int = asyncio.run(
+                code: int = run_async(
                     run_demo(s, args.stock, args.buyers, args.hold_seconds, args.json)
                 )
                 return code
         if args.command == "replay":
             with resolved(settings, embedded=False) as s:
-                return asyncio.run(_verify(s, args.sale, args.json))
+                return run_async(_verify(s, args.sale, args.json))
         with resolved(settings, embedded=args.command == "up") as s:
             runner = {"up": _up, "serve": _serve, "consume": _consume}[args.command]
-            asyncio.run(runner(s))
+            run_async(runner(s))
         return 0
     except (FlashsaleError, LauncherError, RedisError, OSError, asyncpg.PostgresError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

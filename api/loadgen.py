@@ -1,8 +1,9 @@
 """A load generator run in its own process, so buyers and the API do not share one core.
 
 Reads ``{"url": ..., "attempts": [[token, idempotency_key], ...], "connections": n}`` as
-JSON on stdin, fires every attempt at once, and writes
-``[[status, code, seconds, reservation_id], ...]`` (in the order given) as JSON on stdout.
+JSON on stdin, fires every attempt at once, and writes ``{"seconds": wall time of the
+firing alone, "results": [[status, code, seconds, reservation_id], ...]}`` (results in the
+order given) as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ async def fire(
 def main() -> None:
     """Entry point: ``python -m api.loadgen < plan.json > results.json``."""
     plan = json.load(sys.stdin)
+    started = time.perf_counter()
     results = asyncio.run(fire(plan["url"], plan["attempts"], int(plan.get("connections", 256))))
-    json.dump(results, sys.stdout)
+    json.dump({"seconds": time.perf_counter() - started, "results": results}, sys.stdout)
 
 
 if __name__ == "__main__":

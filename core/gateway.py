@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
-from core.errors import REJECTIONS, InfrastructureError, ReservationNotFound, SaleExists
+from core.errors import REJECTIONS, InfrastructureError, ReservationNotFound, SaleExists, SoldOut
 from core.events import to_ms
 from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of, partition_of_reservation
 from core.models import NewSale, ReservationView, SaleStatus, SaleView
@@ -66,13 +67,91 @@ class GroupProgress:
     pending: frozenset[str]
 
 
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """Entries of a partition stream after a position, read in one step with the id of the
+    stream's first entry (None when the stream is empty or missing)."""
+
+    first_id: str | None
+    entries: list[tuple[str, dict[str, str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRecord:
+    """One reservation as the repair script writes it; an empty ``status`` deletes it."""
+
+    reservation_id: str
+    status: str
+    qty: int = 0
+    user_id: str = ""
+    created_at_ms: int = 0
+    expires_at_ms: int = 0
+    ended_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SaleRepair:
+    """What to write into one sale's Redis keys, folded from the log up to ``last_id``.
+
+    ``holders`` maps user -> qty (0 removes the user); ``deadlines`` maps each pending
+    reservation to its expiry in ms.
+    """
+
+    sale_id: str
+    last_id: str
+    fields: dict[str, int]
+    holders: dict[str, int] = field(default_factory=dict)
+    reservations: list[ReservationRecord] = field(default_factory=list)
+    deadlines: dict[str, int] = field(default_factory=dict)
+
+
+class SoldOutHints:
+    """Per-process memory of sales that Redis recently called sold out.
+
+    In a flash sale almost every request arrives after the stock is gone; answering those
+    from memory for ``ttl`` seconds spares Redis a round trip each. The price is bounded:
+    stock returned by a cancel or an expiry is offered at most ``ttl`` seconds late.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._until: dict[str, tuple[float, int]] = {}
+
+    def remember(self, sale_id: str, qty: int) -> None:
+        """Redis refused ``qty`` units of ``sale_id`` as sold out just now."""
+        if self.ttl > 0:
+            self._until[sale_id] = (time.monotonic() + self.ttl, qty)
+
+    def forget(self, sale_id: str) -> None:
+        """Stock came back through this process (a cancel or a restock)."""
+        self._until.pop(sale_id, None)
+
+    def says_sold_out(self, sale_id: str, qty: int) -> bool:
+        """True while a refusal of at most ``qty`` units is fresh."""
+        hint = self._until.get(sale_id)
+        if hint is None:
+            return False
+        until, refused_qty = hint
+        if time.monotonic() >= until:
+            del self._until[sale_id]
+            return False
+        return qty >= refused_qty
+
+
 class RedisGateway:
     """Runs flashsale's Lua scripts (EVALSHA, loaded once per client) and reads state."""
 
-    def __init__(self, client: aioredis.Redis, partitions: int, idempotency_ttl: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        partitions: int,
+        idempotency_ttl: int,
+        sold_out_hint_seconds: float = 0.0,
+    ) -> None:
         self.client = client
         self.partitions = partitions
         self.idempotency_ttl = idempotency_ttl
+        self.sold_out_hints = SoldOutHints(sold_out_hint_seconds)
         self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
         self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
         self._snapshot: AsyncScript = client.register_script(load_lua("snapshot_sale"))
@@ -81,6 +160,7 @@ class RedisGateway:
         self._expire: AsyncScript = client.register_script(load_lua("expire"))
         self._adjust_stock: AsyncScript = client.register_script(load_lua("adjust_stock"))
         self._close_sale: AsyncScript = client.register_script(load_lua("close_sale"))
+        self._repair_sale: AsyncScript = client.register_script(load_lua("repair_sale"))
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script now, so no request pays for a first-call NOSCRIPT retry."""
@@ -93,6 +173,7 @@ class RedisGateway:
             self._expire,
             self._adjust_stock,
             self._close_sale,
+            self._repair_sale,
         )
         try:
             for script in scripts:
@@ -145,11 +226,36 @@ class RedisGateway:
     ) -> Placed:
         """Run the reserve script: one round trip that validates, holds and logs.
 
-        Raises a ``RejectedError`` subclass with the script's reason when refused.
+        Raises a ``RejectedError`` subclass with the script's reason when refused. A sale
+        that Redis just called sold out is answered ``SoldOut`` from memory for a short
+        while (see ``SoldOutHints``), except for requests with an Idempotency-Key, whose
+        retry must find the reservation it may already have.
         """
+        if idempotency_key is None and self.sold_out_hints.says_sold_out(sale_id, qty):
+            raise SoldOut()
         keys = self.keys_for_sale(sale_id)
         reservation_id = f"{keys.partition}-{uuid.uuid4().hex}"
-        result = await self._run(
+        try:
+            result = await self._reserve_script(
+                keys, sale_id, user_id, qty, reservation_id, idempotency_key
+            )
+        except SoldOut:
+            self.sold_out_hints.remember(sale_id, qty)
+            raise
+        replayed = result[3] == "1"
+        expires_at = None if replayed else _from_ms(result[2])
+        return Placed(reservation_id=result[1], replayed=replayed, expires_at=expires_at)
+
+    async def _reserve_script(
+        self,
+        keys: PartitionKeys,
+        sale_id: str,
+        user_id: str,
+        qty: int,
+        reservation_id: str,
+        idempotency_key: str | None,
+    ) -> list[str]:
+        return await self._run(
             self._reserve,
             [
                 keys.sale(sale_id),
@@ -170,9 +276,6 @@ class RedisGateway:
                 "1" if idempotency_key else "",
             ],
         )
-        replayed = result[3] == "1"
-        expires_at = None if replayed else _from_ms(result[2])
-        return Placed(reservation_id=result[1], replayed=replayed, expires_at=expires_at)
 
     async def confirm(self, reservation_id: str, user_id: str | None) -> bool:
         """Confirm a pending reservation of ``user_id`` (None: an admin, any buyer's).
@@ -213,6 +316,7 @@ class RedisGateway:
             ],
             [uuid.uuid4().hex, reservation_id, user_id],
         )
+        self.sold_out_hints.forget(view.sale_id)
         return result[1] == "1"
 
     async def _reservation_of(self, reservation_id: str, user_id: str | None) -> ReservationView:
@@ -264,6 +368,7 @@ class RedisGateway:
                 "1" if idempotency_key else "",
             ],
         )
+        self.sold_out_hints.forget(sale_id)
         log.info("stock_adjusted", sale_id=sale_id, delta=delta, applied=result[1] == "1")
         return result[1] == "1"
 
@@ -370,6 +475,74 @@ class RedisGateway:
             if len(batch) < chunk:
                 return
             start = f"({_text(batch[-1][0] or '')}"
+
+    async def read_stream_chunk(
+        self, partition: int, after: str, count: int, until: str = "+"
+    ) -> StreamChunk:
+        """Up to ``count`` entries of a partition's stream after ``after`` (up to ``until``),
+        and the stream's first id, read atomically (MULTI), so a trim that happens while a
+        reader walks the stream shows up as a first id above the reader's position."""
+        stream = PartitionKeys(partition).events
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xrange(stream, min="-", max="+", count=1)
+                pipe.xrange(stream, min=f"({after}", max=until, count=count)
+                first, batch = await pipe.execute()
+        except RedisError as e:
+            raise InfrastructureError(f"redis read failed: {e}") from e
+        entries = [
+            (_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+            for entry_id, fields in batch or []
+            if entry_id is not None and fields is not None
+        ]
+        return StreamChunk(first_id=_text(first[0][0]) if first else None, entries=entries)
+
+    async def repair_sale(self, repair: SaleRepair) -> str | None:
+        """Write a sale's folded state into Redis, fenced on the log position it reflects.
+
+        Returns None when written; when the partition's stream moved past
+        ``repair.last_id`` nothing is written and the stream's last id is returned, so the
+        caller can fold again and retry.
+        """
+        keys = self.keys_for_sale(repair.sale_id)
+        args: list[Any] = [repair.last_id, keys.reservation_prefix, repair.sale_id]
+        args.append(len(repair.fields))
+        for name, value in repair.fields.items():
+            args += [name, value]
+        args.append(len(repair.holders))
+        for user, qty in repair.holders.items():
+            args += [user, qty]
+        args.append(len(repair.reservations))
+        for r in repair.reservations:
+            args += [
+                r.reservation_id,
+                r.status,
+                r.qty,
+                r.user_id,
+                r.created_at_ms,
+                r.expires_at_ms,
+                "" if r.ended_at_ms is None else r.ended_at_ms,
+            ]
+        args.append(len(repair.deadlines))
+        for reservation_id, expires_at_ms in repair.deadlines.items():
+            args += [reservation_id, expires_at_ms]
+        try:
+            reply = await self._repair_sale(
+                keys=[
+                    keys.sale(repair.sale_id),
+                    keys.holders(repair.sale_id),
+                    keys.reservations(repair.sale_id),
+                    keys.deadlines,
+                    keys.events,
+                ],
+                args=args,
+            )
+        except RedisError as e:
+            raise InfrastructureError(f"redis repair failed: {e}") from e
+        if _text(reply[0]) == "ok":
+            log.info("sale_repaired", sale_id=repair.sale_id, last_id=repair.last_id)
+            return None
+        return _text(reply[2])
 
     async def group_progress(self, group: str) -> dict[int, GroupProgress]:
         """Last delivered id and pending ids of ``group`` on each partition that has it."""

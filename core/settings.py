@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,10 +28,31 @@ class Settings(BaseSettings):
     redis_pool_size: int = Field(default=200, ge=1)
     pg_pool_size: int = Field(default=4, ge=1)
     max_inflight: int = Field(default=2000, ge=1, description="Reservations in flight before 429.")
+    sold_out_hint_ms: int = Field(
+        default=200, ge=0, description="Answer sold_out from memory this long after Redis did."
+    )
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     consumer_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_block_ms: int = Field(default=1000, ge=1)
     claim_idle_ms: int = Field(default=30_000, ge=0)
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        description="An entry is tried at most this many times before it is dead-lettered.",
+    )
+    retention_interval_ms: int = Field(
+        default=30_000, ge=0, description="How often the consumer daemon trims streams; 0: never."
+    )
+    durability: Literal["none", "strict"] = Field(
+        default="none",
+        description="strict: refuse to start unless Redis fsyncs every write (AOF, always).",
+    )
+    wait_replicas: int = Field(
+        default=0, ge=0, description="Replicas that must acknowledge a reservation before 202."
+    )
+    wait_timeout_ms: int = Field(
+        default=1000, ge=1, description="How long a reservation waits for those replicas."
+    )
     expiry_interval_ms: int = Field(default=250, ge=10, description="Expiry sweep period.")
     expiry_batch: int = Field(default=200, ge=1, le=10_000)
     log_level: str = "info"

@@ -124,3 +124,24 @@ async def test_contention_never_oversells(gateway: RedisGateway, redis_client: a
         if isinstance(e, ReservationPlaced)
     ]
     assert len(placed) == 50 and len({e.user_id for e in placed}) == 50
+
+
+async def test_sold_out_hint_spares_redis_and_expires(redis_client: aioredis.Redis):
+    gateway = RedisGateway(redis_client, 4, 3600, sold_out_hint_seconds=0.3)
+    await open_sale(gateway, stock=1)
+    first = await gateway.reserve("sale-1", "ann", 1, None)
+    with pytest.raises(SoldOut):
+        await gateway.reserve("sale-1", "bob", 1, None)
+    await gateway.cancel(first.reservation_id, "ann")  # stock back through this process
+    await gateway.reserve("sale-1", "bob", 1, None)
+    with pytest.raises(SoldOut):
+        await gateway.reserve("sale-1", "cat", 1, None)
+    # Stock returned behind the hint's back (as another process's expiry would do):
+    await redis_client.hincrby(gateway.keys_for_sale("sale-1").sale("sale-1"), "remaining", 1)
+    with pytest.raises(SoldOut):  # answered from memory, without asking Redis
+        await gateway.reserve("sale-1", "cat", 1, None)
+    placed = await gateway.reserve("sale-1", "cat", 1, "key-1")  # a keyed request always asks
+    assert not placed.replayed
+    await redis_client.hincrby(gateway.keys_for_sale("sale-1").sale("sale-1"), "remaining", 1)
+    await asyncio.sleep(0.35)
+    await gateway.reserve("sale-1", "dan", 1, None)  # the hint has expired
