@@ -14,15 +14,18 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.exceptions import RedisError
 
 from api.auth import AuthError, buyer_id, is_admin, require_admin
 from api.metrics import ApiMetrics
 from api.openapi import SPEC
 from api.problems import from_error, problem
+from consumers.health import Health, read_health
 from core.errors import (
     FlashsaleError,
     IdempotencyKeyReused,
     InfrastructureError,
+    NotReplicated,
     RejectedError,
     ReservationNotFound,
     SaleNotFound,
@@ -206,6 +209,13 @@ async def reserve(request: web.Request) -> web.Response:
     except RejectedError as e:
         metrics.reservations.labels(e.code).inc()
         raise
+    except NotReplicated as e:
+        # The reservation stands in Redis; a retry with the same Idempotency-Key finds it.
+        metrics.reservations.labels(e.code).inc()
+        response = problem(503, e.code, "Not replicated", str(e), reservation_id=e.reservation_id)
+        response.headers["Retry-After"] = "1"
+        response.headers["Location"] = f"/v1/reservations/{e.reservation_id}"
+        return response
     finally:
         inflight[0] -= 1
         metrics.inflight.dec()
@@ -319,7 +329,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
+    """Prometheus text exposition; consumer lag and dead letters are read on each scrape."""
+    health: Health | None
+    try:
+        health = await read_health(request.app[GATEWAY].client, request.app[SETTINGS].partitions)
+    except RedisError as e:
+        log.warning("consumer_health_unavailable", error=str(e))
+        health = None
+    request.app[METRICS].observe_consumers(health)
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -346,6 +363,8 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
             settings.partitions,
             settings.idempotency_ttl_seconds,
             sold_out_hint_seconds=settings.sold_out_hint_ms / 1000,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout_ms=settings.wait_timeout_ms,
         )
         try:
             await gateway.load_scripts()

@@ -1,4 +1,4 @@
-"""The ``flashsale`` command: up, demo, serve, consume, replay."""
+"""The ``flashsale`` command: up, demo, serve, consume, replay, status, dlq."""
 
 from __future__ import annotations
 
@@ -19,15 +19,20 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from api.app import create_app, redis_client_for
+from api.operate import add_commands, run_operation
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
+from consumers.retention import RetentionWorker
+from core.durability import check_durability
 from core.errors import ConfigurationError, FlashsaleError
 from core.gateway import RedisGateway
 from core.launcher import LauncherError, embedded_servers
 from core.logs import configure_logging
 from core.settings import Settings
 from projections.db import open_pool
-from projections.replay import verify
+from projections.rebuild import rebuild
+from projections.repair import repair_redis
+from projections.replay import ProgressLine, verify
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +110,7 @@ def projector_for(services: Services, **overrides: int) -> Projector:
         batch=overrides.get("batch", s.consumer_batch),
         block_ms=overrides.get("block_ms", s.consumer_block_ms),
         claim_idle_ms=overrides.get("claim_idle_ms", s.claim_idle_ms),
+        max_deliveries=overrides.get("max_deliveries", s.max_deliveries),
     )
 
 
@@ -125,8 +131,10 @@ async def running_api(services: Services, port: int) -> AsyncIterator[int]:
 
 
 async def _serve(settings: Settings) -> None:
-    async with open_services(settings) as services, running_api(services, settings.port):
-        await stop_on_signals().wait()
+    async with open_services(settings) as services:
+        await check_durability(services.redis, settings)
+        async with running_api(services, settings.port):
+            await stop_on_signals().wait()
 
 
 def expiry_worker_for(services: Services) -> ExpiryWorker:
@@ -135,23 +143,38 @@ def expiry_worker_for(services: Services) -> ExpiryWorker:
     return ExpiryWorker(services.gateway, s.expiry_interval_ms / 1000, s.expiry_batch)
 
 
-async def run_consumers(services: Services, stop: asyncio.Event, **overrides: int) -> None:
-    """The projector and the expiry worker, side by side, until ``stop`` is set."""
-    await asyncio.gather(
+async def run_consumers(
+    services: Services, stop: asyncio.Event, *, retention: bool = False, **overrides: int
+) -> None:
+    """The projector and the expiry worker (and, with ``retention``, the stream trimmer,
+    unless ``FLASHSALE_RETENTION_INTERVAL_MS`` is 0), side by side, until ``stop`` is set."""
+    s = services.settings
+    workers = [
         projector_for(services, **overrides).run(stop),
         expiry_worker_for(services).run(stop),
-    )
+    ]
+    if retention and s.retention_interval_ms:
+        trimmer = RetentionWorker(
+            services.redis, services.pool, s.partitions, s.retention_interval_ms / 1000
+        )
+        workers.append(trimmer.run(stop))
+    await asyncio.gather(*workers)
 
 
 async def _consume(settings: Settings) -> None:
     async with open_services(settings) as services:
-        await run_consumers(services, stop_on_signals())
+        await check_durability(services.redis, settings)
+        await run_consumers(services, stop_on_signals(), retention=True)
 
 
 async def _up(settings: Settings) -> None:
-    async with open_services(settings) as services, running_api(services, settings.port) as port:
-        print(f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr)
-        await run_consumers(services, stop_on_signals())
+    async with open_services(settings) as services:
+        await check_durability(services.redis, settings)
+        async with running_api(services, settings.port) as port:
+            print(
+                f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr
+            )
+            await run_consumers(services, stop_on_signals(), retention=True)
 
 
 async def _verify(settings: Settings, sale_id: str | None, as_json: bool) -> int:
@@ -159,6 +182,45 @@ async def _verify(settings: Settings, sale_id: str | None, as_json: bool) -> int
         report = await verify(services.gateway, services.pool, sale_id)
     print(report.to_json() if as_json else report.to_table())
     return 0 if report.clean else 1
+
+
+async def _rebuild(settings: Settings, as_json: bool) -> int:
+    async with open_services(settings) as services:
+        progress = ProgressLine(sys.stderr)
+        try:
+            report = await rebuild(services.gateway, services.pool, progress=progress)
+        finally:
+            progress.close()  # so that an error is printed on a line of its own
+    print(report.to_json() if as_json else report.summary())
+    return 0
+
+
+async def _repair(settings: Settings, sale_id: str | None, dry_run: bool, as_json: bool) -> int:
+    async with open_services(settings) as services:
+        report = await repair_redis(services.gateway, services.pool, sale_id, dry_run=dry_run)
+    print(report.to_json() if as_json else report.to_table())
+    return 0 if report.clean else 1
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a replay subcommand: exit 0 clean, 1 drift, 2 could not run.
+
+    Any failure, expected or not, exits 2 with one line on stderr: a crash must never
+    look like drift (1) to a script.
+    """
+    try:
+        with resolved(settings, embedded=False) as s:
+            if args.replay_command == "rebuild":
+                return run_async(_rebuild(s, args.json))
+            if args.replay_command == "repair":
+                return run_async(_repair(s, args.sale, args.dry_run, args.json))
+            return run_async(_verify(s, args.sale, args.json))
+    except Exception as e:
+        detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        message = f"error: {type(e).__name__}: {detail}"
+        red = sys.stderr.isatty()
+        print(f"\x1b[1;31m{message}\x1b[0m" if red else message, file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     v = replay_sub.add_parser("verify", help="exit 0 when clean, 1 on drift, 2 if it cannot run")
     v.add_argument("--sale", default=None, help="only this sale")
     v.add_argument("--json", action="store_true", help="machine-readable output")
+    rb = replay_sub.add_parser(
+        "rebuild", help="rebuild the PostgreSQL projections from the log and swap them in"
+    )
+    rb.add_argument("--json", action="store_true", help="machine-readable output")
+    rp = replay_sub.add_parser(
+        "repair", help="rewrite drifted sales in Redis from the log (exit 0 once it agrees)"
+    )
+    rp.add_argument("--redis", action="store_true", required=True, help="repair Redis")
+    rp.add_argument("--sale", default=None, help="only this sale")
+    rp.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    add_commands(sub)
     return parser
 
 
@@ -197,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "port", None) is not None:
         settings = settings.model_copy(update={"port": args.port})
     level = args.log_level or (
-        "warning" if args.command in ("demo", "replay") else settings.log_level
+        "warning" if args.command in ("demo", "replay", "status", "dlq") else settings.log_level
     )
     configure_logging(level, settings.log_json)
     try:
@@ -209,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                     run_demo(s, args.stock, args.buyers, args.hold_seconds, args.json)
                 )
                 return code
+        if args.command in ("status", "dlq"):
+            return run_async(run_operation(settings, args))
         if args.command == "replay":
-            with resolved(settings, embedded=False) as s:
-                return run_async(_verify(s, args.sale, args.json))
+            return _replay(settings, args)
         with resolved(settings, embedded=args.command == "up") as s:
             runner = {"up": _up, "serve": _serve, "consume": _consume}[args.command]
             run_async(runner(s))

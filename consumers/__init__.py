@@ -1,5 +1,35 @@
-"""flashsale consumers: the consumer-group daemons that project the event streams."""
+"""flashsale consumers: the consumer-group daemons that project the event streams, the
+dead-letter stream, stream retention and consumer health."""
 
+from consumers.deadletter import (
+    ParkedEntry,
+    RetryOutcome,
+    count_parked,
+    drop_parked,
+    list_parked,
+    retry_parked,
+)
+from consumers.expiry import ExpiryWorker
+from consumers.faults import is_transient
+from consumers.health import GroupHealth, Health, read_health
 from consumers.projector import Delivery, Projector
+from consumers.retention import RetentionWorker, TrimResult, trim_streams
 
-__all__ = ["Delivery", "Projector"]
+__all__ = [
+    "Delivery",
+    "ExpiryWorker",
+    "GroupHealth",
+    "Health",
+    "ParkedEntry",
+    "Projector",
+    "RetentionWorker",
+    "RetryOutcome",
+    "TrimResult",
+    "count_parked",
+    "drop_parked",
+    "is_transient",
+    "list_parked",
+    "read_health",
+    "retry_parked",
+    "trim_streams",
+]

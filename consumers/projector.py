@@ -2,10 +2,25 @@
 them into PostgreSQL.
 
 Delivery is at-least-once: an entry is acknowledged (XACK) only after the PostgreSQL
-transaction that archived and applied it has committed. Entries left pending by a consumer
-that died are reclaimed with XAUTOCLAIM once idle for ``claim_idle_ms``. An entry that
-cannot be parsed, or whose data PostgreSQL refuses, is parked on the dead-letter stream with
-the error, then acknowledged; the rest of its batch is projected.
+transaction that archived and applied it has committed, or after it was parked on the
+dead-letter stream. What happens on a failure depends on whose fault it is
+(:mod:`consumers.faults`):
+
+- Redis or PostgreSQL down, restarting or refusing connections: the batch in hand is kept,
+  nothing is acknowledged, and it is retried with exponential back-off until it goes
+  through. Meanwhile, and while any batch is being handled however long PostgreSQL takes,
+  the consumer keeps its entries' idle time low (XCLAIM JUSTID), so no other consumer
+  reclaims them and counts a delivery that never failed.
+- An entry that cannot be parsed, or whose data PostgreSQL refuses: parked at once.
+- An entry that fails any other way: isolated from its batch (the rest is projected and
+  acknowledged) and left pending, so it is reclaimed and tried again once idle for
+  ``claim_idle_ms``; the try that makes ``max_deliveries`` parks it with the error.
+- An entry left pending by a consumer that died or stalled is reclaimed (XAUTOCLAIM) once
+  idle for ``claim_idle_ms``; an entry already delivered ``max_deliveries`` times, which
+  keeps taking its consumers down, is parked instead of tried again.
+
+On stop (SIGTERM) the projector reads nothing more, finishes the batch in hand, or if that
+cannot go through, releases it (marks it idle, so another consumer reclaims it at once).
 """
 
 from __future__ import annotations
@@ -23,19 +38,20 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
+from redis.typing import StreamIdT
 
+from consumers.deadletter import park, parked_record
+from consumers.faults import REFUSED_DATA, describe, is_transient
 from core.events import parse_event
-from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream
+from core.keys import CONSUMER_GROUP, PartitionKeys
 from projections.projector import LogEntry, project
 
 log = structlog.get_logger(__name__)
 
 RawEntry = tuple[bytes | str, dict[bytes | str, bytes | str]]
+Position = tuple[int, str]
 
-# PostgreSQL refusing an entry's data (SQLSTATE classes 22 and 23, or a value asyncpg cannot
-# encode) fails the same way on every retry; retrying the batch would stall every partition
-# behind one entry forever, so such entries are parked like unparseable ones.
-_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+_MAX_BACKOFF_S = 5.0
 
 
 def _text(value: bytes | str) -> str:
@@ -49,11 +65,17 @@ def default_consumer_name() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A raw stream entry delivered to this consumer."""
+    """A raw stream entry delivered to this consumer, and how often it was delivered."""
 
     partition: int
     stream_id: str
     fields: dict[str, str]
+    deliveries: int = 1
+
+    @property
+    def position(self) -> Position:
+        """``(partition, stream_id)``: unique across the streams."""
+        return (self.partition, self.stream_id)
 
 
 class Projector:
@@ -69,6 +91,7 @@ class Projector:
         batch: int = 500,
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
         group: str = CONSUMER_GROUP,
     ) -> None:
         self.client = client
@@ -78,9 +101,17 @@ class Projector:
         self.batch = batch
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
         self.streams = {PartitionKeys(p).events: p for p in range(partitions)}
         self.projected = 0
         self.dead_lettered = 0
+        # The last error of each entry left pending after a failure, for its parking record.
+        self._failures: dict[Position, str] = {}
+
+    @property
+    def claim_every(self) -> float:
+        """Seconds between reclaim passes: half the idle threshold, within 0.05 s .. 5 s."""
+        return min(5.0, max(0.05, self.claim_idle_ms / 2000))
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every stream (idempotent)."""
@@ -91,17 +122,27 @@ class Projector:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    def _deliveries(self, stream: bytes | str, entries: Sequence[RawEntry]) -> list[Delivery]:
+    def _deliveries(
+        self,
+        stream: bytes | str,
+        entries: Sequence[RawEntry],
+        counts: dict[str, int] | None = None,
+    ) -> list[Delivery]:
         partition = self.streams[_text(stream)]
-        return [
-            Delivery(
-                partition=partition,
-                stream_id=_text(entry_id),
-                fields={_text(k): _text(v) for k, v in fields.items()},
+        deliveries: list[Delivery] = []
+        for entry_id, fields in entries:
+            if fields is None:  # a deleted entry still pending comes back as None
+                continue
+            stream_id = _text(entry_id)
+            deliveries.append(
+                Delivery(
+                    partition=partition,
+                    stream_id=stream_id,
+                    fields={_text(k): _text(v) for k, v in fields.items()},
+                    deliveries=(counts or {}).get(stream_id, 1),
+                )
             )
-            for entry_id, fields in entries
-            if fields is not None  # a deleted entry still pending comes back as None
-        ]
+        return deliveries
 
     async def read_new(self, block_ms: int | None = None) -> list[Delivery]:
         """XREADGROUP new entries from every partition (blocks up to ``block_ms``)."""
@@ -117,8 +158,23 @@ class Projector:
             deliveries.extend(self._deliveries(stream, entries))
         return deliveries
 
+    async def _delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
+        """How many times each pending entry was delivered (XPENDING, one per id)."""
+        if not ids:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+            replies = await pipe.execute()
+        return {
+            _text(row["message_id"]): int(row["times_delivered"])
+            for reply in replies
+            for row in reply
+        }
+
     async def claim_stale(self) -> list[Delivery]:
-        """XAUTOCLAIM entries idle longer than ``claim_idle_ms`` on any consumer."""
+        """XAUTOCLAIM entries idle longer than ``claim_idle_ms`` on any consumer, with
+        their delivery counts (this claim included)."""
         deliveries: list[Delivery] = []
         for stream in self.streams:
             start = "0-0"
@@ -132,88 +188,205 @@ class Projector:
                     count=self.batch,
                 )
                 next_start, entries = _text(reply[0]), reply[1]
-                deliveries.extend(self._deliveries(stream, entries))
+                ids = [_text(entry_id) for entry_id, fields in entries if fields is not None]
+                counts = await self._delivery_counts(stream, ids)
+                deliveries.extend(self._deliveries(stream, entries, counts))
                 if next_start == "0-0":
                     break
                 start = next_start
         if deliveries:
-            log.info("entries_reclaimed", consumer=self.consumer, count=len(deliveries))
+            log.info(
+                "entries_reclaimed",
+                consumer=self.consumer,
+                count=len(deliveries),
+                most_deliveries=max(d.deliveries for d in deliveries),
+            )
         return deliveries
 
     async def handle(self, deliveries: Sequence[Delivery]) -> int:
-        """Project deliveries, park the ones that can never be projected, then XACK all.
+        """Project deliveries, park the ones to give up on, XACK all but those to retry.
 
-        Returns how many events were new to PostgreSQL.
+        Returns how many events were new to PostgreSQL. Transient failures raise, with
+        nothing acknowledged.
         """
         if not deliveries:
             return 0
         entries: list[LogEntry] = []
-        by_position: dict[tuple[int, str], Delivery] = {}
-        poison: list[tuple[Delivery, str]] = []
+        by_position: dict[Position, Delivery] = {}
+        give_up: list[tuple[Delivery, str]] = []
         for d in deliveries:
+            if d.deliveries > self.max_deliveries:
+                error = self._failures.get(d.position) or (
+                    f"delivered {d.deliveries} times and never acknowledged: "
+                    "the consumers that took it died or stalled"
+                )
+                give_up.append((d, error))
+                continue
             try:
                 event = parse_event(d.fields.get("event", ""))
             except ValueError as e:
                 # Parsing is pure, so it fails the same way on every delivery: the entry
                 # is poison, not a transient fault.
-                poison.append((d, f"{type(e).__name__}: {e}"[:500]))
+                give_up.append((d, describe(e)))
                 continue
             entries.append(LogEntry(d.partition, d.stream_id, event))
-            by_position[(d.partition, d.stream_id)] = d
-        new, refused = await self._project(entries)
-        poison += [(by_position[(e.partition, e.stream_id)], error) for e, error in refused]
-        for d, error in poison:
-            await self.client.xadd(
-                dead_letter_stream(),
-                {
-                    "stream": PartitionKeys(d.partition).events,
-                    "stream_id": d.stream_id,
-                    "group": self.group,
-                    "error": error,
-                    **{f"field:{k}": v for k, v in d.fields.items()},
-                },
+            by_position[d.position] = d
+        new, refused, failed = await self._project(entries)
+        give_up += [(by_position[(e.partition, e.stream_id)], error) for e, error in refused]
+        retry_later: set[Position] = set()
+        for entry, error in failed:
+            d = by_position[(entry.partition, entry.stream_id)]
+            if d.deliveries >= self.max_deliveries:
+                give_up.append((d, error))
+                continue
+            self._failures[d.position] = error
+            retry_later.add(d.position)
+            log.warning(
+                "event_failed",
+                stream_id=d.stream_id,
+                partition=d.partition,
+                deliveries=d.deliveries,
+                max_deliveries=self.max_deliveries,
+                error=error,
             )
-            log.warning("event_dead_lettered", stream_id=d.stream_id, error=error)
-        await self.ack(deliveries)
+        for d, error in give_up:
+            await park(
+                self.client,
+                parked_record(
+                    stream=PartitionKeys(d.partition).events,
+                    stream_id=d.stream_id,
+                    group=self.group,
+                    consumer=self.consumer,
+                    error=error,
+                    deliveries=d.deliveries,
+                    fields=d.fields,
+                ),
+            )
+        done = [d for d in deliveries if d.position not in retry_later]
+        await self.ack(done)
+        for d in done:
+            self._failures.pop(d.position, None)
         self.projected += new
-        self.dead_lettered += len(poison)
+        self.dead_lettered += len(give_up)
         return new
 
-    async def _project(self, entries: Sequence[LogEntry]) -> tuple[int, list[tuple[LogEntry, str]]]:
-        """Project ``entries`` in one transaction; if PostgreSQL refuses the data itself,
-        project them one by one instead and return the refused ones with the error."""
+    async def _project(
+        self, entries: Sequence[LogEntry]
+    ) -> tuple[int, list[tuple[LogEntry, str]], list[tuple[LogEntry, str]]]:
+        """Project ``entries`` in one transaction. If that fails for a reason other than the
+        infrastructure, project them one by one instead, to find the entries at fault.
+
+        Returns ``(new, refused, failed)``: how many events were new, the entries whose data
+        PostgreSQL refuses, and the entries that failed otherwise, each with its error.
+        """
+        if not entries:
+            return 0, [], []
         async with self.pool.acquire() as conn:
             try:
-                return await project(conn, self.group, entries), []
-            except _REFUSED as e:
-                log.warning("batch_refused", size=len(entries), error=str(e))
+                return await project(conn, self.group, entries), [], []
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                log.warning("batch_failed", size=len(entries), error=describe(e))
             new = 0
             refused: list[tuple[LogEntry, str]] = []
+            failed: list[tuple[LogEntry, str]] = []
             for entry in entries:
                 try:
                     new += await project(conn, self.group, [entry])
-                except _REFUSED as e:
-                    refused.append((entry, f"{type(e).__name__}: {e}"[:500]))
-            return new, refused
+                except Exception as e:
+                    if is_transient(e):
+                        raise
+                    (refused if isinstance(e, REFUSED_DATA) else failed).append(
+                        (entry, describe(e))
+                    )
+            return new, refused, failed
+
+    def _by_stream(self, deliveries: Sequence[Delivery]) -> dict[str, list[StreamIdT]]:
+        by_stream: dict[str, list[StreamIdT]] = {}
+        for d in deliveries:
+            by_stream.setdefault(PartitionKeys(d.partition).events, []).append(d.stream_id)
+        return by_stream
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """XACK deliveries, one pipeline for all partitions."""
-        by_stream: dict[str, list[str]] = {}
-        for d in deliveries:
-            by_stream.setdefault(PartitionKeys(d.partition).events, []).append(d.stream_id)
+        if not deliveries:
+            return
         async with self.client.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
+            for stream, ids in self._by_stream(deliveries).items():
                 pipe.xack(stream, self.group, *ids)
             await pipe.execute()
 
-    async def run(self, stop: asyncio.Event, claim_every: float = 5.0) -> None:
-        """Consume until ``stop`` is set, then finish the batch in hand and return.
+    async def _touch(self, deliveries: Sequence[Delivery], idle_ms: int | None = None) -> None:
+        """Reset (or, with ``idle_ms``, set) the idle time of entries this consumer holds.
 
-        On a Redis or PostgreSQL failure the batch in hand is kept (nothing was
-        acknowledged) and retried with exponential back-off until it goes through.
+        XCLAIM JUSTID does not count a delivery. Best effort: with Redis down nobody can
+        reclaim anything anyway.
         """
+        with contextlib.suppress(RedisError):
+            for stream, ids in self._by_stream(deliveries).items():
+                await self.client.xclaim(
+                    stream, self.group, self.consumer, 0, ids, idle=idle_ms, justid=True
+                )
+
+    @property
+    def _heartbeat(self) -> float | None:
+        """How often entries in hand are touched: a third of the reclaim threshold."""
+        return self.claim_idle_ms / 3000 if self.claim_idle_ms else None
+
+    async def _handle_holding(self, in_hand: list[Delivery]) -> int:
+        """:meth:`handle`, touching the batch meanwhile so that a slow PostgreSQL (or a large
+        batch) does not make it look abandoned."""
+        heartbeat = self._heartbeat
+        if heartbeat is None:
+            return await self.handle(in_hand)
+
+        async def keep_claimed() -> None:
+            while True:
+                await asyncio.sleep(heartbeat)
+                await self._touch(in_hand)
+
+        keeper = asyncio.create_task(keep_claimed())
+        try:
+            return await self.handle(in_hand)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _pause(self, stop: asyncio.Event, seconds: float, in_hand: list[Delivery]) -> None:
+        """Wait ``seconds`` (less if stopped), keeping the entries in hand claimed."""
+        heartbeat = self._heartbeat
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            if in_hand and heartbeat:
+                await self._touch(in_hand)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            step = min(left, heartbeat) if in_hand and heartbeat else left
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), step)
+
+    async def _release(self, in_hand: list[Delivery]) -> None:
+        """Hand a batch that could not go through back to the group: mark its entries
+        idle for ``claim_idle_ms``, so the next reclaim pass of any consumer takes them."""
+        await self._touch(in_hand, idle_ms=self.claim_idle_ms)
+        log.info("batch_released", consumer=self.consumer, size=len(in_hand))
+
+    async def run(self, stop: asyncio.Event, claim_every: float | None = None) -> None:
+        """Consume until ``stop`` is set, then finish or release the batch in hand.
+
+        ``claim_every`` is the period of reclaim passes (default :attr:`claim_every`).
+        """
+        period = self.claim_every if claim_every is None else claim_every
         await self.ensure_groups()
-        log.info("projector_started", consumer=self.consumer, streams=len(self.streams))
+        log.info(
+            "projector_started",
+            consumer=self.consumer,
+            streams=len(self.streams),
+            max_deliveries=self.max_deliveries,
+        )
         next_claim = 0.0
         in_hand: list[Delivery] = []
         backoff = 0.1
@@ -222,23 +395,38 @@ class Projector:
                 if not in_hand and time.monotonic() >= next_claim:
                     in_hand = await self.claim_stale()
                     # A full claim means more stale entries may be waiting (a dead consumer
-                    # can hold a batch per partition): claim again at once, not in 5 s.
+                    # can hold a batch per partition): claim again at once, not later.
                     full = len(in_hand) >= self.batch
-                    next_claim = 0.0 if full else time.monotonic() + claim_every
+                    next_claim = 0.0 if full else time.monotonic() + period
                 if not in_hand:
                     in_hand = await self.read_new()
-                await self.handle(in_hand)
+                await self._handle_holding(in_hand)
                 in_hand = []
                 backoff = 0.1
-            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning(
-                    "projector_retry",
-                    error=str(e),
-                    error_type=type(e).__name__,
-                    in_hand=len(in_hand),
-                    retry_in=backoff,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
-        log.info("projector_stopped", consumer=self.consumer, projected=self.projected)
+            except Exception as e:
+                if isinstance(e, ResponseError) and "NOGROUP" in str(e):
+                    # The stream or its group went away (a Redis restart without
+                    # persistence, a flush): make them again and carry on.
+                    log.warning("consumer_group_missing", error=str(e))
+                    with contextlib.suppress(RedisError):
+                        await self.ensure_groups()
+                elif is_transient(e):
+                    log.warning(
+                        "projector_retry",
+                        error=str(e),
+                        error_type=type(e).__name__,
+                        in_hand=len(in_hand),
+                        retry_in=backoff,
+                    )
+                else:
+                    log.exception("projector_error", in_hand=len(in_hand), retry_in=backoff)
+                await self._pause(stop, backoff, in_hand)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        if in_hand:
+            await self._release(in_hand)
+        log.info(
+            "projector_stopped",
+            consumer=self.consumer,
+            projected=self.projected,
+            dead_lettered=self.dead_lettered,
+        )

@@ -15,6 +15,12 @@ class ConfigurationError(FlashsaleError):
     code = "configuration"
 
 
+class DurabilityError(ConfigurationError):
+    """Redis does not persist writes the way ``FLASHSALE_DURABILITY`` asks for."""
+
+    code = "durability"
+
+
 class RejectedError(FlashsaleError):
     """A request was refused by a business rule; nothing changed."""
 
@@ -83,6 +89,24 @@ class InfrastructureError(FlashsaleError):
     """Redis or PostgreSQL failed or answered something unexpected."""
 
     code = "unavailable"
+
+
+class NotReplicated(InfrastructureError):
+    """Fewer replicas than ``FLASHSALE_WAIT_REPLICAS`` acknowledged a write in time.
+
+    The write itself stands on the primary; ``reservation_id`` names what it placed.
+    """
+
+    code = "not_replicated"
+
+    def __init__(self, reservation_id: str, acknowledged: int, wanted: int) -> None:
+        super().__init__(
+            f"reservation {reservation_id} is held, but {acknowledged} of {wanted} replicas "
+            "acknowledged it in time; retry with the same Idempotency-Key"
+        )
+        self.reservation_id = reservation_id
+        self.acknowledged = acknowledged
+        self.wanted = wanted
 
 
 REJECTIONS: dict[str, type[RejectedError]] = {

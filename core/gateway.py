@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
+from itertools import chain
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,7 +16,14 @@ import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
-from core.errors import REJECTIONS, InfrastructureError, ReservationNotFound, SaleExists, SoldOut
+from core.errors import (
+    REJECTIONS,
+    InfrastructureError,
+    NotReplicated,
+    ReservationNotFound,
+    SaleExists,
+    SoldOut,
+)
 from core.events import to_ms
 from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of, partition_of_reservation
 from core.models import NewSale, ReservationView, SaleStatus, SaleView
@@ -34,6 +42,11 @@ def _text(value: Any) -> str:
 
 def _from_ms(value: Any) -> datetime:
     return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+
+
+def _record(r: ReservationRecord) -> tuple[Any, ...]:
+    ended = "" if r.ended_at_ms is None else r.ended_at_ms
+    return (r.reservation_id, r.status, r.qty, r.user_id, r.created_at_ms, r.expires_at_ms, ended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +160,16 @@ class RedisGateway:
         partitions: int,
         idempotency_ttl: int,
         sold_out_hint_seconds: float = 0.0,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
         self.partitions = partitions
         self.idempotency_ttl = idempotency_ttl
+        # Replicas that must acknowledge a placement (Redis WAIT) before reserve returns.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.sold_out_hints = SoldOutHints(sold_out_hint_seconds)
         self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
         self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
@@ -189,9 +208,15 @@ class RedisGateway:
         """Every partition's event stream, in partition order."""
         return [PartitionKeys(p).events for p in range(self.partitions)]
 
-    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> list[str]:
+    async def _run(
+        self,
+        script: AsyncScript,
+        keys: list[str],
+        args: list[Any],
+        client: aioredis.Redis | None = None,
+    ) -> list[str]:
         try:
-            reply = await script(keys=keys, args=args)
+            reply = await script(keys=keys, args=args, client=client)
         except RedisError as e:
             raise InfrastructureError(f"redis script failed: {e}") from e
         result = [_text(item) for item in reply]
@@ -255,27 +280,54 @@ class RedisGateway:
         reservation_id: str,
         idempotency_key: str | None,
     ) -> list[str]:
-        return await self._run(
-            self._reserve,
-            [
-                keys.sale(sale_id),
-                keys.holders(sale_id),
-                keys.idempotency(sale_id, user_id, idempotency_key or ""),
-                keys.reservation(reservation_id),
-                keys.reservations(sale_id),
-                keys.deadlines,
-                keys.events,
-            ],
-            [
-                uuid.uuid4().hex,
-                sale_id,
-                user_id,
-                qty,
-                reservation_id,
-                self.idempotency_ttl,
-                "1" if idempotency_key else "",
-            ],
-        )
+        script_keys = [
+            keys.sale(sale_id),
+            keys.holders(sale_id),
+            keys.idempotency(sale_id, user_id, idempotency_key or ""),
+            keys.reservation(reservation_id),
+            keys.reservations(sale_id),
+            keys.deadlines,
+            keys.events,
+        ]
+        args: list[Any] = [
+            uuid.uuid4().hex,
+            sale_id,
+            user_id,
+            qty,
+            reservation_id,
+            self.idempotency_ttl,
+            "1" if idempotency_key else "",
+        ]
+        if self.wait_replicas:
+            return await self._reserve_replicated(script_keys, args)
+        return await self._run(self._reserve, script_keys, args)
+
+    async def _reserve_replicated(self, keys: list[str], args: list[Any]) -> list[str]:
+        """The reserve script, then WAIT for ``wait_replicas`` replicas on the same connection.
+
+        Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
+        the primary all the same. WAIT covers the writes of its own connection only, so
+        both run on one; a replayed Idempotency-Key writes nothing, so the key is written
+        again as it is (same value, same time-to-live), which puts the connection past the
+        first placement's write and makes WAIT cover that too.
+        """
+        try:
+            async with self.client.client() as conn:
+                result = await self._run(self._reserve, keys, args, client=conn)
+                if result[3] == "1":
+                    await conn.set(keys[2], result[1], keepttl=True, xx=True)
+                acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
+        except RedisError as e:
+            raise InfrastructureError(f"redis WAIT failed: {e}") from e
+        if acknowledged < self.wait_replicas:
+            log.warning(
+                "reservation_not_replicated",
+                reservation_id=result[1],
+                acknowledged=acknowledged,
+                wanted=self.wait_replicas,
+            )
+            raise NotReplicated(result[1], acknowledged, self.wait_replicas)
+        return result
 
     async def confirm(self, reservation_id: str, user_id: str | None) -> bool:
         """Confirm a pending reservation of ``user_id`` (None: an admin, any buyer's).
@@ -506,26 +558,10 @@ class RedisGateway:
         """
         keys = self.keys_for_sale(repair.sale_id)
         args: list[Any] = [repair.last_id, keys.reservation_prefix, repair.sale_id]
-        args.append(len(repair.fields))
-        for name, value in repair.fields.items():
-            args += [name, value]
-        args.append(len(repair.holders))
-        for user, qty in repair.holders.items():
-            args += [user, qty]
-        args.append(len(repair.reservations))
-        for r in repair.reservations:
-            args += [
-                r.reservation_id,
-                r.status,
-                r.qty,
-                r.user_id,
-                r.created_at_ms,
-                r.expires_at_ms,
-                "" if r.ended_at_ms is None else r.ended_at_ms,
-            ]
-        args.append(len(repair.deadlines))
-        for reservation_id, expires_at_ms in repair.deadlines.items():
-            args += [reservation_id, expires_at_ms]
+        for pairs in (repair.fields, repair.holders):
+            args += [len(pairs), *chain.from_iterable(pairs.items())]
+        args += [len(repair.reservations), *chain.from_iterable(map(_record, repair.reservations))]
+        args += [len(repair.deadlines), *chain.from_iterable(repair.deadlines.items())]
         try:
             reply = await self._repair_sale(
                 keys=[

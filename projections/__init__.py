@@ -1,17 +1,25 @@
 """flashsale projections: PostgreSQL schema, the projector, the fold and the replay tool."""
 
 from projections.fold import SaleState, fold
+from projections.log import LogReader
 from projections.projector import LogEntry, project
+from projections.rebuild import RebuildReport, rebuild
+from projections.repair import RepairReport, repair_redis
 from projections.replay import Difference, VerifyReport, verify
 from projections.schema import migrate
 
 __all__ = [
     "Difference",
     "LogEntry",
+    "LogReader",
+    "RebuildReport",
+    "RepairReport",
     "SaleState",
     "VerifyReport",
     "fold",
     "migrate",
     "project",
+    "rebuild",
+    "repair_redis",
     "verify",
 ]

@@ -5,22 +5,26 @@ its state. PostgreSQL is compared with the fold of the events its archive holds;
 event not archived yet is lag while the projector group has it pending or undelivered, and
 drift (lost) once the group has acknowledged it. So a healthy system under load verifies
 clean, and an event lost between Redis and PostgreSQL does not.
+
+The log is read by ``projections.log``: the archive for what the streams no longer hold
+(trimmed), the streams after. The report prints as a table with one row per differing
+(sale, field) and a column each for the log, Redis and PostgreSQL, or as JSON.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, astuple, dataclass, field
+from typing import Any, TextIO
 
 import asyncpg
 
-from core.events import AnyEvent, parse_event
 from core.gateway import GroupProgress, RedisGateway, SaleSnapshot
 from core.keys import CONSUMER_GROUP, partition_of
 from projections.fold import SaleState, fold
+from projections.log import LogReader, read_sale_tail, read_whole_log
 from projections.projector import LogEntry, parse_stream_id
 
 COUNTERS = ("stock", "remaining", "held", "confirmed", "released")
@@ -51,7 +55,38 @@ class VerifyReport:
     def clean(self) -> bool:
         return not self.differences
 
+    def rows(self) -> list[ThreeWay]:
+        """The differences as one row per (sale, field): the log's value and each store's."""
+        groups: dict[tuple[str, str], list[Difference]] = {}
+        for d in self.differences:
+            groups.setdefault((d.sale_id, _canonical(d.field)), []).append(d)
+        rows = []
+        for (sale_id, canonical), found in groups.items():
+            by_store = {d.source: d for d in found}
+            log_value = found[0].actual if found[0].source == "log" else found[0].expected
+            cells = {}
+            for store in ("redis", "postgres"):
+                hit = by_store.get(store)
+                if hit is None:
+                    cells[store] = "=" if _applies(store, canonical) else "-"
+                elif hit.expected != log_value:  # compared at another log position (lag)
+                    cells[store] = f"{_show(hit.actual)} (log: {_show(hit.expected)})"
+                else:
+                    cells[store] = _show(hit.actual)
+            rows.append(
+                ThreeWay(
+                    sale_id=sale_id,
+                    stores="+".join(d.source for d in found),
+                    field=found[0].field if len(found) == 1 else canonical,
+                    log=_show(log_value),
+                    redis=cells["redis"],
+                    postgres=cells["postgres"],
+                )
+            )
+        return rows
+
     def to_json(self) -> str:
+        """The report for machines: counts, every difference, and the three-way rows."""
         return json.dumps(
             {
                 "clean": self.clean,
@@ -60,47 +95,80 @@ class VerifyReport:
                 "malformed": self.malformed,
                 "lagging": self.lagging,
                 "differences": [asdict(d) for d in self.differences],
+                "rows": [asdict(r) for r in self.rows()],
             },
             indent=2,
             default=str,
         )
 
     def to_table(self) -> str:
+        """The report for people: one line when clean, else a log | redis | postgres table
+        ("=" where a store agrees with the log, "-" where it does not hold the field)."""
         if self.clean:
-            return f"clean: {self.sales} sales, {self.events} events agree in log, Redis, PG"
-        rows = [("sale", "source", "field", "log", "actual")]
-        rows += [
-            (d.sale_id, d.source, d.field, str(d.expected), str(d.actual)) for d in self.differences
+            return f"clean: {self.sales} sales, {self.events} events agree in log, Redis, PG" + (
+                f" ({self.lagging} events not projected yet)" if self.lagging else ""
+            )
+        header = ("sale", "differs", "field", "log", "redis", "postgres")
+        table = [header, *(astuple(r) for r in self.rows())]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table
         ]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-        summary = f"DRIFT: {len(self.differences)} differences across {self.sales} sales"
+        drifted = len({r.sale_id for r in self.rows()})
+        summary = (
+            f"DRIFT: {len(self.differences)} differences in {len(table) - 1} fields"
+            f" of {drifted} sales ({self.sales} sales checked)"
+        )
         return "\n".join([summary, *lines])
 
 
-def _parse(fields: dict[str, str], report: VerifyReport | None) -> AnyEvent | None:
-    """The entry's event, or None (counted as malformed) if it cannot be parsed."""
-    try:
-        return parse_event(fields.get("event", ""))
-    except ValueError:
-        # The projector parks such entries on the dead-letter stream; the fold skips them.
-        if report is not None:
-            report.malformed += 1
-        return None
+@dataclass(frozen=True, slots=True)
+class ThreeWay:
+    """One row of the verify table: a field of a sale as the log and each store have it."""
+
+    sale_id: str
+    stores: str  # which stores differ from the log, "redis+postgres" when both
+    field: str
+    log: str
+    redis: str
+    postgres: str
+
+
+# Which fields each store holds (by canonical name: an order is a reservation).
+_FIELDS = {
+    "redis": {*COUNTERS, "holder", "reservation", "sale"},
+    "postgres": {*COUNTERS, "reservation", "stock_view", "event"},
+}
+
+
+def _canonical(field: str) -> str:
+    return "reservation:" + field.removeprefix("order:") if field.startswith("order:") else field
+
+
+def _applies(store: str, canonical: str) -> bool:
+    return canonical.partition(":")[0] in _FIELDS[store]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "missing"
+    if isinstance(value, tuple | list):
+        return "/".join(str(v) for v in value)
+    return str(value)
 
 
 async def read_log(
-    gateway: RedisGateway, report: VerifyReport | None = None
+    gateway: RedisGateway, report: VerifyReport | None = None, pool: asyncpg.Pool | None = None
 ) -> dict[int, list[LogEntry]]:
-    """Every event in every partition stream, in stream order, per partition."""
-    log: dict[int, list[LogEntry]] = {}
-    for partition in range(gateway.partitions):
-        entries = log.setdefault(partition, [])
-        async for stream_id, fields in gateway.read_stream(partition):
-            event = _parse(fields, report)
-            if event is not None:
-                entries.append(LogEntry(partition, stream_id, event))
-    return log
+    """Every event of every partition, in log order, per partition.
+
+    With a pool, the archive supplies what the streams no longer hold (see
+    ``projections.log``); without one, the streams alone are read.
+    """
+    whole = await read_whole_log(LogReader(gateway, pool), gateway.partitions)
+    if report is not None:
+        report.malformed += whole.malformed
+    return whole.entries
 
 
 def _upto(entries: Iterable[LogEntry], position: tuple[int, int]) -> SaleState | None:
@@ -203,39 +271,34 @@ async def verify(
     and an event acknowledged before the group read is in the PostgreSQL snapshot.
     """
     report = VerifyReport()
+    reader = LogReader(gateway, pool)
     progress = await gateway.group_progress(CONSUMER_GROUP)
     async with (
         pool.acquire() as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
-        # The first statement fixes the snapshot that every later read in here sees.
+        # The first statement fixes the snapshot that every later read in here sees. The
+        # log reader reads the archive on other connections, outside this snapshot, so
+        # that an event trimmed from its stream after the snapshot is still found.
         archived_rows = await conn.fetch(
             "SELECT event_id, sale_id FROM events WHERE $1::text IS NULL OR sale_id = $1",
             sale_id,
         )
         archived = {r["event_id"] for r in archived_rows}
         projected = {r["sale_id"] for r in await conn.fetch("SELECT sale_id FROM stock_view")}
-        log = await read_log(gateway, report)
-        by_sale: dict[str, list[LogEntry]] = defaultdict(list)
-        for entries in log.values():
-            report.events += len(entries)
-            for entry in entries:
-                by_sale[entry.event.sale_id].append(entry)
+        whole = await read_whole_log(reader, gateway.partitions)
+        report.malformed += whole.malformed
+        by_sale = whole.by_sale()
+        report.events = sum(len(entries) for entries in whole.entries.values())
         names = sorted(set(by_sale) | projected) if sale_id is None else [sale_id]
         report.sales = len(names)
         for name in names:
             partition = partition_of(name, gateway.partitions)
             snap = await gateway.snapshot_sale(name)
-            entries = by_sale.get(name, [])
-            last_read = log[partition][-1].stream_id if log[partition] else "0-0"
-            if parse_stream_id(snap.last_id) > parse_stream_id(last_read):
-                # Purchases landed after we read the log: read the tail up to the snapshot.
-                async for stream_id, fields in gateway.read_stream(
-                    partition, after=last_read, until=snap.last_id
-                ):
-                    event = _parse(fields, report)
-                    if event is not None and event.sale_id == name:
-                        entries.append(LogEntry(partition, stream_id, event))
+            # Purchases that landed after the log was read: read the tail up to the snapshot.
+            entries = by_sale.get(name, []) + await read_sale_tail(
+                reader, name, partition, whole.positions[partition], snap.last_id
+            )
             in_redis = _upto(entries, parse_stream_id(snap.last_id))
             if in_redis is None:
                 if snap.exists:
@@ -250,3 +313,52 @@ async def verify(
             state = fold(e.event for e in in_pg).get(name)
             report.differences.extend(await compare_postgres(conn, name, state))
     return report
+
+
+class ProgressLine:
+    """Progress of a long replay command on stderr: phase, count done (of the total when
+    known), rate and time left. On a terminal the line is redrawn in place every half
+    second; elsewhere (a log file, CI) a plain line is written every 5 s. Each phase ends
+    with a line of its final count, and ``close`` ends the last one: call it before
+    printing anything else, so that nothing, an error least of all, hides behind it."""
+
+    def __init__(self, stream: TextIO, interval: float = 0.5) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = interval if self.tty else 5.0
+        self.phase = ""
+        self.started = self.last = 0.0
+        self.done: int = 0
+        self.total: int | None = None
+        self.written: tuple[str, int, int | None] = ("", 0, None)
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if phase != self.phase:
+            self.close()
+            self.phase, self.started, self.last = phase, now, now
+        self.done, self.total = done, total
+        if now - self.last >= self.interval:
+            self.last = now
+            self._draw(now, final=False)
+
+    def _draw(self, now: float, final: bool) -> None:
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0.05 and self.done >= 1000 else 0.0
+        text = f"{self.phase}: {self.done:,}" + (f"/{self.total:,}" if self.total else "")
+        if rate:
+            text += f"  {rate:,.0f}/s"
+        if rate and not final and self.total and self.total > self.done:
+            text += f"  {(self.total - self.done) / rate:,.0f} s left"
+        if self.tty:
+            self.stream.write(f"\r\x1b[K{text}" + ("\n" if final else ""))
+        elif (self.phase, self.done, self.total) != self.written:
+            self.stream.write(text + "\n")
+        self.written = (self.phase, self.done, self.total)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Write the current phase's final line (idempotent)."""
+        if self.phase:
+            self._draw(time.monotonic(), final=True)
+            self.phase = ""

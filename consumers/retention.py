@@ -1,0 +1,178 @@
+"""Stream retention: trim each partition stream below what no one can need from Redis.
+
+The archive in PostgreSQL (the ``events`` table) keeps every event, and replay reads the
+archive for positions below a stream's first entry, so a stream only has to keep its tail.
+An entry may go once
+
+- every consumer group of the stream has acknowledged it: it is below the group's lowest
+  pending entry and at or below its last delivered id; and
+- the archive holds it (same position, same ``event_id``) or it cannot be parsed at all
+  (such an entry is no event; its bytes are kept on the dead-letter stream).
+
+Each partition is trimmed with ``XTRIM MINID`` at the first entry that fails either test,
+never with a blind MAXLEN. The newest entry always stays, so the stream's last position
+(which replay reads atomically with a sale's state) is never lost. A stream with no
+consumer group is left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ResponseError
+
+from consumers.faults import is_transient
+from core.events import parse_event
+from core.keys import PartitionKeys
+from projections.projector import parse_stream_id
+
+log = structlog.get_logger(__name__)
+
+Position = tuple[int, int]
+
+_CHUNK = 1000
+
+_ARCHIVED = """
+SELECT stream_id, event_id FROM events
+WHERE partition = $1
+  AND (stream_ms, stream_seq) >= ($2, $3) AND (stream_ms, stream_seq) <= ($4, $5)
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id(position: Position) -> str:
+    return f"{position[0]}-{position[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrimResult:
+    """What retention did to one partition stream.
+
+    ``kept_from`` is the MINID used (every entry below it is gone), or None when nothing
+    could be trimmed; ``stopped_by`` says what bounded it: ``"consumers"`` (an entry not
+    yet acknowledged by every group, or the end of what they acknowledged), ``"archive"``
+    (an acknowledged entry the archive does not hold yet, say one on the dead-letter
+    stream) or ``"no groups"``.
+    """
+
+    partition: int
+    trimmed: int
+    kept_from: str | None
+    stopped_by: str
+
+
+async def acknowledged_below(client: aioredis.Redis, stream: str) -> Position | None:
+    """The position below which every group of ``stream`` acknowledged every entry.
+
+    None when the stream has no group (or does not exist): then nobody has read anything.
+    """
+    try:
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:
+        return None  # no such stream
+    if not groups:
+        return None
+    bound: Position | None = None
+    for group in groups:
+        last = parse_stream_id(_text(group["last-delivered-id"]))
+        group_bound = (last[0], last[1] + 1)  # everything delivered, nothing pending ...
+        if int(group["pending"]):
+            summary = await client.xpending(stream, _text(group["name"]))
+            if summary["min"] is not None:  # ... or up to the lowest pending entry
+                group_bound = min(group_bound, parse_stream_id(_text(summary["min"])))
+        bound = group_bound if bound is None else min(bound, group_bound)
+    return bound
+
+
+async def trim_partition(
+    client: aioredis.Redis, pool: asyncpg.Pool, partition: int, chunk: int = _CHUNK
+) -> TrimResult:
+    """Trim one partition stream as far as the rules above allow."""
+    stream = PartitionKeys(partition).events
+    bound = await acknowledged_below(client, stream)
+    if bound is None:
+        return TrimResult(partition, 0, None, "no groups")
+    newest = await client.xrevrange(stream, "+", "-", count=1)
+    if newest:
+        bound = min(bound, parse_stream_id(_text(newest[0][0] or "")))
+    keep_from: Position | None = None
+    stopped_by = "consumers"
+    start = "-"
+    while keep_from is None:
+        entries = await client.xrange(stream, start, f"({_id(bound)}", count=chunk) or []
+        if not entries:
+            break
+        ids = [_text(entry_id or "") for entry_id, _ in entries]
+        first, last = parse_stream_id(ids[0]), parse_stream_id(ids[-1])
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(_ARCHIVED, partition, *first, *last)
+        archived = {r["stream_id"]: r["event_id"] for r in rows}
+        for entry_id, (_, raw) in zip(ids, entries, strict=True):
+            fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
+            try:
+                event_id = parse_event(fields.get("event", "")).event_id
+            except ValueError:
+                continue  # not an event: the projector parked it and the group acknowledged it
+            if archived.get(entry_id) != event_id:
+                keep_from = parse_stream_id(entry_id)
+                stopped_by = "archive"
+                break
+        if len(entries) < chunk:
+            break
+        start = f"({ids[-1]}"
+    minid = keep_from or bound
+    if minid <= (0, 1):  # no group has had anything delivered yet
+        return TrimResult(partition, 0, None, stopped_by)
+    trimmed = int(await client.xtrim(stream, minid=_id(minid), approximate=False))
+    if trimmed:
+        log.info("stream_trimmed", partition=partition, trimmed=trimmed, kept_from=_id(minid))
+    return TrimResult(partition, trimmed, _id(minid), stopped_by)
+
+
+async def trim_streams(
+    client: aioredis.Redis, pool: asyncpg.Pool, partitions: int
+) -> list[TrimResult]:
+    """Trim every partition stream; see the module docstring for what may go."""
+    return [await trim_partition(client, pool, p) for p in range(partitions)]
+
+
+class RetentionWorker:
+    """Runs :func:`trim_streams` every ``interval`` seconds, the first time one interval in."""
+
+    def __init__(
+        self, client: aioredis.Redis, pool: asyncpg.Pool, partitions: int, interval: float
+    ) -> None:
+        self.client = client
+        self.pool = pool
+        self.partitions = partitions
+        self.interval = interval
+        self.trimmed = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Trim until ``stop`` is set; a failed round is logged and the next one tries again."""
+        log.info("retention_started", interval=self.interval)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+            if stop.is_set():
+                break
+            try:
+                results = await trim_streams(self.client, self.pool, self.partitions)
+            except Exception as e:
+                # Trimming can always wait for the next round; it must never take the
+                # projector down with it.
+                if is_transient(e):
+                    log.warning("retention_retry", error=str(e), error_type=type(e).__name__)
+                else:
+                    log.exception("retention_error")
+                continue
+            self.trimmed += sum(r.trimmed for r in results)
+        log.info("retention_stopped", trimmed=self.trimmed)

@@ -1,0 +1,94 @@
+"""The durability check run at start: does Redis persist writes as the operator asked?
+
+``FLASHSALE_DURABILITY=strict`` means a reservation answered 202 must survive Redis being
+killed outright, so Redis has to append every write to its AOF and fsync it before it
+answers (``appendonly yes``, ``appendfsync always``). ``none`` accepts whatever Redis does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from core.errors import DurabilityError, InfrastructureError
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """What Redis reports about its persistence and replication."""
+
+    appendonly: str | None
+    appendfsync: str | None
+    replicas: int
+
+    @property
+    def fsyncs_every_write(self) -> bool:
+        """True when every acknowledged write is on disk (AOF with ``appendfsync always``)."""
+        return self.appendonly == "yes" and self.appendfsync == "always"
+
+
+async def read_persistence(client: aioredis.Redis) -> Persistence:
+    """CONFIG GET appendonly / appendfsync and the connected replica count.
+
+    A server that refuses CONFIG (some managed services rename it) reports ``None``.
+    """
+    try:
+        replicas = int((await client.info("replication")).get("connected_slaves", 0))
+    except RedisError as e:
+        raise InfrastructureError(f"cannot read redis replication info: {e}") from e
+    try:
+        config = await client.config_get("append*")
+    except RedisError:
+        return Persistence(appendonly=None, appendfsync=None, replicas=replicas)
+    values = {_text(k): _text(v) for k, v in config.items()}
+    return Persistence(values.get("appendonly"), values.get("appendfsync"), replicas)
+
+
+def durability_problem(settings: Settings, persistence: Persistence) -> str | None:
+    """Why ``persistence`` falls short of what ``settings`` demand, or None. Pure."""
+    if settings.durability != "strict" or persistence.fsyncs_every_write:
+        return None
+    if persistence.appendonly is None:
+        found = "redis refused CONFIG GET, so its persistence cannot be checked"
+    else:
+        found = f"appendonly={persistence.appendonly}, appendfsync={persistence.appendfsync}"
+    return (
+        "FLASHSALE_DURABILITY=strict needs redis to fsync every write before answering "
+        f"(appendonly=yes, appendfsync=always), but {found}. Start redis with "
+        "`--appendonly yes --appendfsync always`, or set FLASHSALE_DURABILITY=none."
+    )
+
+
+async def check_durability(client: aioredis.Redis, settings: Settings) -> Persistence:
+    """Raise ``DurabilityError`` unless Redis persists writes as ``settings`` demand.
+
+    Fewer connected replicas than ``wait_replicas`` is only logged: replicas may come
+    later, and until they do every reservation is answered 503 ``not_replicated``.
+    """
+    persistence = await read_persistence(client)
+    problem = durability_problem(settings, persistence)
+    if problem is not None:
+        raise DurabilityError(problem)
+    if persistence.replicas < settings.wait_replicas:
+        log.warning(
+            "too_few_replicas", connected=persistence.replicas, wanted=settings.wait_replicas
+        )
+    log.info(
+        "durability_checked",
+        durability=settings.durability,
+        appendonly=persistence.appendonly,
+        appendfsync=persistence.appendfsync,
+        replicas=persistence.replicas,
+        wait_replicas=settings.wait_replicas,
+    )
+    return persistence

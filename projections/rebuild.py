@@ -1,0 +1,476 @@
+"""``flashsale replay rebuild``: rebuild the PostgreSQL projections from the log, online.
+
+The live ``orders`` and ``stock_view`` keep serving, and the projector keeps writing them,
+while the rebuild works in three steps:
+
+1. Load: fold the whole log (archive + stream, see ``projections.log``) in memory and COPY
+   the final rows into ``orders_rebuild`` and ``stock_view_rebuild``, created like the live
+   tables; then give them the live tables' constraints and indexes.
+2. Catch up: fold what was appended meanwhile and rewrite the rows it touched, until a
+   round brings little. Then archive the folded events that the archive lacks although
+   the projector group acknowledged them: lost between Redis and PostgreSQL, they will
+   never be delivered again.
+3. Swap, in one transaction: lock the archive against writes and the live tables against
+   everything (the projector waits), fold the last events, archive the folded events the
+   archive still lacks (ones the projector has not projected yet: it skips them when they
+   are delivered), then drop the live tables and rename the new ones in, with the live
+   tables' index and constraint names.
+
+The new tables then reflect exactly the events in the archive, which is what verify checks;
+events appended after the swap are projected by the projector as usual. The table
+``rebuild_checkpoints`` records, in the same transactions as the rows, the log position per
+partition that the rebuilt tables reflect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+
+from core.errors import FlashsaleError
+from core.events import dump_event
+from core.gateway import RedisGateway
+from core.keys import CONSUMER_GROUP
+from projections.log import LogChunk, LogReader
+from projections.projector import LogEntry, parse_stream_id
+from projections.rows import ORDER_COLUMNS, STOCK_COLUMNS, RowFold
+
+log = structlog.get_logger(__name__)
+
+SUFFIX = "_rebuild"
+TABLES = ("stock_view", "orders")  # the projector's lock order, after events
+CHECKPOINTS = "rebuild_checkpoints"
+_ARCHIVE_COLUMNS = (
+    "event_id",
+    "partition",
+    "stream_id",
+    "stream_ms",
+    "stream_seq",
+    "sale_id",
+    "type",
+    "occurred_at",
+    "payload",
+)
+# Any constant works; it only has to be the same for every process rebuilding this database.
+_REBUILD_LOCK = 7_401_953
+_INDEX_DEF = re.compile(r"^CREATE (UNIQUE )?INDEX \S+ ON (?:ONLY )?\S+ (USING .*)$", re.S)
+
+Progress = Callable[[str, int, int | None], None]
+"""Called as ``progress(phase, done, total)``; ``total`` is None when unknown."""
+
+
+class RebuildError(FlashsaleError):
+    """The rebuild could not run or was refused; the live tables were not changed."""
+
+    code = "rebuild_failed"
+
+
+@dataclass
+class RebuildReport:
+    """What a rebuild did."""
+
+    events: int = 0
+    sales: int = 0
+    orders: int = 0
+    caught_up: int = 0
+    rearchived: int = 0
+    malformed: int = 0
+    seconds: float = 0.0
+    positions: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Events folded per second, over the whole rebuild."""
+        return self.events / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        """One paragraph for people."""
+        return (
+            f"rebuilt orders and stock_view from {self.events:,} events: {self.sales:,} sales,"
+            f" {self.orders:,} orders in {self.seconds:.1f} s ({self.rate:,.0f} events/s)\n"
+            f"caught up {self.caught_up:,} events that arrived meanwhile; archived"
+            f" {self.rearchived:,} events the archive lacked; skipped {self.malformed:,}"
+            " malformed entries"
+        )
+
+    def to_json(self) -> str:
+        """The report for machines."""
+        return json.dumps(asdict(self) | {"rate": round(self.rate, 1)}, indent=2)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: folding a large log allocates millions of
+    objects and no cycles, and the collections it would trigger take a third of the time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _new_name(name: str) -> str:
+    return name[: 63 - len(SUFFIX)] + SUFFIX
+
+
+class Rebuild:
+    """One run of the rebuild (see the module docstring)."""
+
+    def __init__(
+        self,
+        gateway: RedisGateway,
+        pool: asyncpg.Pool,
+        *,
+        chunk: int = 10_000,
+        progress: Progress | None = None,
+        catch_up_rounds: int = 5,
+        catch_up_enough: int = 2_000,
+        lock_timeout_ms: int = 10_000,
+        lock_attempts: int = 3,
+    ) -> None:
+        self.gateway = gateway
+        self.partitions = gateway.partitions
+        self.pool = pool
+        self.reader = LogReader(gateway, pool, chunk)
+        self.progress = progress or (lambda phase, done, total: None)
+        self.catch_up_rounds = catch_up_rounds
+        self.catch_up_enough = catch_up_enough
+        self.lock_timeout_ms = lock_timeout_ms
+        self.lock_attempts = lock_attempts
+        self.fold = RowFold()
+        self.positions = dict.fromkeys(range(self.partitions), "0-0")
+        self.unarchived: dict[str, LogEntry] = {}
+        self.report = RebuildReport()
+        # (live table, live name) of each constraint and index given to the new tables.
+        self._constraints: list[tuple[str, str]] = []
+        self._indexes: list[tuple[str, str]] = []
+
+    async def run(self) -> RebuildReport:
+        """Rebuild and swap; raises ``RebuildError`` (or a database error) on failure, in
+        which case the live tables are untouched."""
+        if self.pool.get_max_size() < 2:
+            raise RebuildError("the rebuild needs a pool of at least 2 PostgreSQL connections")
+        started = time.perf_counter()
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK):
+                raise RebuildError("another rebuild is running on this database")
+            try:
+                await self._prepare(conn)
+                await self._load(conn)
+                for _ in range(self.catch_up_rounds):
+                    arrived = await self._catch_up("catching up")
+                    async with conn.transaction():
+                        await self._write_dirty(conn)
+                    if arrived < self.catch_up_enough:
+                        break
+                await self._archive_acknowledged(conn)
+                await self._swap(conn)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await self._drop_new(conn)
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK)
+        r = self.report
+        r.seconds = time.perf_counter() - started
+        r.events, r.sales = self.fold.events, len(self.fold.sales)
+        r.orders = sum(len(s.reservations) for s in self.fold.sales.values())
+        r.positions = dict(self.positions)
+        log.info("rebuild_done", events=r.events, seconds=round(r.seconds, 2))
+        return r
+
+    async def _prepare(self, conn: asyncpg.Connection) -> None:
+        """Create the new tables like the live ones, without indexes (added after the load)."""
+        await self._drop_new(conn)
+        for table in TABLES:
+            new = _new_name(table)
+            await conn.execute(
+                f"CREATE TABLE {_q(new)} (LIKE {_q(table)} INCLUDING ALL EXCLUDING INDEXES)"
+            )
+            await self._copy_grants(conn, table, new)
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {CHECKPOINTS} ("
+            " partition integer PRIMARY KEY, stream_id text NOT NULL,"
+            " stream_ms bigint NOT NULL, stream_seq bigint NOT NULL,"
+            " updated_at timestamptz NOT NULL DEFAULT now())"
+        )
+
+    async def _drop_new(self, conn: asyncpg.Connection) -> None:
+        names = ", ".join(_q(_new_name(t)) for t in TABLES)
+        await conn.execute(f"DROP TABLE IF EXISTS {names}")
+
+    async def _copy_grants(self, conn: asyncpg.Connection, table: str, new: str) -> None:
+        """Grant on the new table what is granted on the live one (LIKE does not copy it)."""
+        grants = await conn.fetch(
+            "SELECT a.privilege_type, a.is_grantable,"
+            " CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee"
+            " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+            " LEFT JOIN pg_roles r ON r.oid = a.grantee"
+            " WHERE c.oid = $1::text::regclass AND a.grantee <> c.relowner",
+            table,
+        )
+        for g in grants:
+            option = " WITH GRANT OPTION" if g["is_grantable"] else ""
+            await conn.execute(
+                f"GRANT {g['privilege_type']} ON {_q(new)} TO {g['grantee']}{option}"
+            )
+
+    def _take(self, chunk: LogChunk) -> int:
+        for entry in chunk.entries:
+            self.fold.add(entry.event)
+        for entry in chunk.unarchived:
+            self.unarchived[entry.event.event_id] = entry
+        self.positions[chunk.partition] = chunk.last_id
+        self.report.malformed += chunk.malformed
+        return len(chunk.entries)
+
+    async def _load(self, conn: asyncpg.Connection) -> None:
+        """Fold the whole log, then COPY every row and add the indexes."""
+        total = 0
+        for partition in range(self.partitions):
+            total += await self.reader.estimate(partition)
+        done = 0
+        self.progress("folding the log", 0, total)
+        with _gc_paused():
+            for partition in range(self.partitions):
+                async for chunk in self.reader.chunks(partition, check_archive=True):
+                    done += self._take(chunk)
+                    self.progress("folding the log", done, max(total, done))
+        stock = [self.fold.stock_row(s) for s in self.fold.sales]
+        orders = list(self.fold.all_orders())
+        self.progress("writing rows", 0, len(stock) + len(orders))
+        async with conn.transaction():
+            await self._copy(conn, "stock_view", STOCK_COLUMNS, stock)
+            self.progress("writing rows", len(stock), len(stock) + len(orders))
+            await self._copy(conn, "orders", ORDER_COLUMNS, orders)
+            await self._checkpoint(conn)
+        self.progress("writing rows", len(stock) + len(orders), len(stock) + len(orders))
+        self.fold.dirty_sales.clear()
+        self.fold.dirty_orders.clear()
+        self.progress("building indexes", 0, len(TABLES))
+        for n, table in enumerate(TABLES, 1):
+            await self._add_indexes(conn, table)
+            self.progress("building indexes", n, len(TABLES))
+
+    async def _copy(
+        self,
+        conn: asyncpg.Connection,
+        table: str,
+        columns: tuple[str, ...],
+        rows: list[tuple[Any, ...]],
+    ) -> None:
+        if rows:
+            await conn.copy_records_to_table(
+                _new_name(table), records=rows, columns=list(columns), timeout=None
+            )
+
+    async def _add_indexes(self, conn: asyncpg.Connection, table: str) -> None:
+        """Give the new table the live table's constraints and indexes, under new names."""
+        new = _new_name(table)
+        constraints = await conn.fetch(
+            "SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint"
+            " WHERE conrelid = $1::text::regclass AND contype IN ('p', 'u', 'x', 'f')"
+            " ORDER BY contype, conname",
+            table,
+        )
+        for c in constraints:
+            await conn.execute(
+                f"ALTER TABLE {_q(new)} ADD CONSTRAINT {_q(_new_name(c['conname']))} {c['def']}",
+                timeout=None,
+            )
+            self._constraints.append((table, c["conname"]))
+        indexes = await conn.fetch(
+            "SELECT i.relname, pg_get_indexdef(x.indexrelid) AS def"
+            " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+            " WHERE x.indrelid = $1::text::regclass AND NOT EXISTS"
+            " (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)"
+            " ORDER BY i.relname",
+            table,
+        )
+        for i in indexes:
+            match = _INDEX_DEF.match(i["def"])
+            if match is None:
+                raise RebuildError(f"cannot copy index {i['relname']}: {i['def']}")
+            unique, rest = match[1] or "", match[2]
+            await conn.execute(
+                f"CREATE {unique}INDEX {_q(_new_name(i['relname']))} ON {_q(new)} {rest}",
+                timeout=None,
+            )
+            self._indexes.append((table, i["relname"]))
+
+    async def _catch_up(self, phase: str) -> int:
+        """Fold what the log gained after the positions folded so far."""
+        arrived = 0
+        self.progress(phase, 0, None)
+        for partition in range(self.partitions):
+            after = self.positions[partition]
+            async for chunk in self.reader.chunks(partition, after, check_archive=True):
+                arrived += self._take(chunk)
+                self.progress(phase, arrived, None)
+        self.report.caught_up += arrived
+        return arrived
+
+    async def _write_dirty(self, conn: asyncpg.Connection) -> None:
+        """Rewrite the rows that changed since they were last written, and the checkpoint."""
+        sales = sorted(self.fold.dirty_sales)
+        orders = sorted(self.fold.dirty_orders.items())
+        if sales:
+            await conn.execute(
+                f"DELETE FROM {_new_name('stock_view')} WHERE sale_id = ANY($1::text[])", sales
+            )
+            await self._copy(
+                conn, "stock_view", STOCK_COLUMNS, [self.fold.stock_row(s) for s in sales]
+            )
+        if orders:
+            await conn.execute(
+                f"DELETE FROM {_new_name('orders')} WHERE reservation_id = ANY($1::text[])",
+                [rid for rid, _ in orders],
+            )
+            rows = [self.fold.order_row(rid, sale_id) for rid, sale_id in orders]
+            await self._copy(conn, "orders", ORDER_COLUMNS, [r for r in rows if r is not None])
+        await self._checkpoint(conn)
+        self.fold.dirty_sales.clear()
+        self.fold.dirty_orders.clear()
+
+    async def _checkpoint(self, conn: asyncpg.Connection) -> None:
+        parts = sorted(self.positions)
+        ids = [self.positions[p] for p in parts]
+        await conn.execute(
+            f"INSERT INTO {CHECKPOINTS} (partition, stream_id, stream_ms, stream_seq)"
+            " SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::bigint[])"
+            " ON CONFLICT (partition) DO UPDATE SET stream_id = EXCLUDED.stream_id,"
+            " stream_ms = EXCLUDED.stream_ms, stream_seq = EXCLUDED.stream_seq,"
+            " updated_at = now()",
+            parts,
+            ids,
+            [parse_stream_id(i)[0] for i in ids],
+            [parse_stream_id(i)[1] for i in ids],
+        )
+
+    async def _swap(self, conn: asyncpg.Connection) -> None:
+        """Lock, fold the last events, archive what the archive lacks, rename: one
+        transaction. Waiting for the locks is bounded by ``lock_timeout_ms``; a timeout
+        (a long transaction in the way) is retried a few times before giving up."""
+        for attempt in range(1, self.lock_attempts + 1):
+            self.progress("swapping", 0, None)
+            try:
+                async with conn.transaction():
+                    await self._lock(conn)
+                    await self._catch_up("swapping")
+                    self.report.rearchived += await self._rearchive(
+                        conn, list(self.unarchived.values())
+                    )
+                    await self._write_dirty(conn)
+                    await self._rename(conn)
+                return
+            except asyncpg.LockNotAvailableError:
+                if attempt == self.lock_attempts:
+                    raise
+                log.warning("rebuild_swap_lock_timeout", attempt=attempt)
+
+    async def _lock(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
+        # The projector writes events, then stock_view, then orders: lock in that order.
+        # EXCLUSIVE still lets verify and the log reader read the archive.
+        await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        await conn.execute(f"LOCK TABLE {', '.join(TABLES)} IN ACCESS EXCLUSIVE MODE")
+        await conn.execute("SET LOCAL lock_timeout = 0")  # locked: the rest must not time out
+
+    async def _rename(self, conn: asyncpg.Connection) -> None:
+        """Drop the live tables and give the new ones their names, indexes and constraints."""
+        for table in TABLES:
+            await conn.execute(f"DROP TABLE {_q(table)}")
+            await conn.execute(f"ALTER TABLE {_q(_new_name(table))} RENAME TO {_q(table)}")
+        for table, name in self._constraints:
+            await conn.execute(
+                f"ALTER TABLE {_q(table)} RENAME CONSTRAINT {_q(_new_name(name))} TO {_q(name)}"
+            )
+        for _, name in self._indexes:
+            await conn.execute(f"ALTER INDEX {_q(_new_name(name))} RENAME TO {_q(name)}")
+
+    async def _archive_acknowledged(self, conn: asyncpg.Connection) -> None:
+        """Archive, before the swap and its locks, the folded events that the archive lacks
+        although the projector group acknowledged them: lost, the projector will never
+        deliver them again, so archiving them early changes nothing it does."""
+        progress = await self.gateway.group_progress(CONSUMER_GROUP)
+        lost = []
+        for entry in self.unarchived.values():
+            group = progress.get(entry.partition)
+            if (
+                group is not None
+                and entry.position <= parse_stream_id(group.last_delivered)
+                and entry.stream_id not in group.pending
+            ):
+                lost.append(entry)
+        if lost:
+            async with conn.transaction():
+                self.report.rearchived += await self._rearchive(conn, lost)
+            for entry in lost:
+                del self.unarchived[entry.event.event_id]
+
+    async def _rearchive(self, conn: asyncpg.Connection, entries: list[LogEntry]) -> int:
+        """Archive ``entries`` (inside the caller's transaction) unless already there;
+        return how many were missing. COPY into a scratch table, then one INSERT."""
+        if not entries:
+            return 0
+        entries = sorted(entries, key=lambda e: (e.partition, e.position))
+        self.progress("archiving missing events", 0, len(entries))
+        await conn.execute(
+            "CREATE TEMPORARY TABLE rearchive (LIKE events INCLUDING DEFAULTS) ON COMMIT DROP"
+        )
+        await conn.copy_records_to_table(
+            "rearchive",
+            records=(
+                (
+                    e.event.event_id,
+                    e.partition,
+                    e.stream_id,
+                    *e.position,
+                    e.event.sale_id,
+                    e.event.type,
+                    e.event.occurred_at,
+                    dump_event(e.event),
+                )
+                for e in entries
+            ),
+            columns=list(_ARCHIVE_COLUMNS),
+            timeout=None,
+        )
+        columns = ", ".join(_ARCHIVE_COLUMNS)
+        status = await conn.execute(
+            f"INSERT INTO events ({columns}) SELECT {columns} FROM rearchive"
+            " ORDER BY partition, stream_ms, stream_seq ON CONFLICT (event_id) DO NOTHING",
+            timeout=None,
+        )
+        added = int(status.rsplit(" ", 1)[-1])
+        self.progress("archiving missing events", len(entries), len(entries))
+        if added:
+            log.warning("events_rearchived", count=added)
+        return added
+
+
+async def rebuild(
+    gateway: RedisGateway,
+    pool: asyncpg.Pool,
+    *,
+    progress: Progress | None = None,
+    chunk: int = 10_000,
+) -> RebuildReport:
+    """Rebuild ``orders`` and ``stock_view`` from the log and swap them in (see above)."""
+    return await Rebuild(gateway, pool, chunk=chunk, progress=progress).run()

@@ -1,0 +1,227 @@
+"""Real ``flashsale`` processes for the fault tests: start, watch, stop, and ask the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
+
+FLASHSALE = Path(sys.executable).parent / "flashsale"
+
+# Short timeouts, so that reclaims and retries happen within a test's patience.
+FAST = {
+    "FLASHSALE_CONSUMER_BATCH": "50",
+    "FLASHSALE_CONSUMER_BLOCK_MS": "100",
+    "FLASHSALE_CLAIM_IDLE_MS": "500",
+    "FLASHSALE_RETENTION_INTERVAL_MS": "0",
+    "FLASHSALE_LOG_JSON": "true",
+}
+
+
+def env_for(redis_url: str, database_url: str, partitions: int = 4, **extra: str) -> dict[str, str]:
+    """The environment of a ``flashsale`` process: this one's, minus any FLASHSALE_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    env.update(
+        FLASHSALE_REDIS_URL=redis_url,
+        FLASHSALE_DATABASE_URL=database_url,
+        FLASHSALE_PARTITIONS=str(partitions),
+        **FAST,
+    )
+    env.update(extra)
+    return env
+
+
+def start(command: Iterable[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``flashsale <command>`` with its output appended to ``log_path``."""
+    with log_path.open("ab") as out:
+        return subprocess.Popen(
+            [str(FLASHSALE), *command], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def consumer_name(proc: subprocess.Popen[bytes]) -> str:
+    """The consumer name a ``flashsale consume`` process uses in its group."""
+    return f"{socket.gethostname()}-{proc.pid}"
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    within: float,
+    what: str,
+    alive: Callable[[], None] | None = None,
+) -> None:
+    """Poll ``check`` until true; fail with ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if alive is not None:
+            alive()
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+def running(*daemons: tuple[subprocess.Popen[bytes], Path]) -> Callable[[], None]:
+    """A check that fails with the daemon's log tail once any of them has exited."""
+
+    def check() -> None:
+        for proc, log_path in daemons:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+
+    return check
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
+    """The exit code, waiting at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (rc := proc.poll()) is None:
+        assert time.monotonic() < deadline, f"pid {proc.pid} did not exit"
+        await asyncio.sleep(0.05)
+    return rc
+
+
+def logged(log_path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log records of ``event`` a daemon wrote so far."""
+    records: list[dict[str, Any]] = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            records.append(record)
+    return records
+
+
+async def wait_started(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Until the consume daemon's projector and expiry worker both run."""
+
+    async def started() -> bool:
+        return all(logged(log_path, e) for e in ("projector_started", "expiry_worker_started"))
+
+    await eventually(started, 30, "consume daemon did not start", running((proc, log_path)))
+
+
+def stop_all(*procs: subprocess.Popen[bytes] | None) -> None:
+    """Kill whatever is still running (test clean-up)."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def terminate(proc: subprocess.Popen[bytes], within: float = 15) -> int:
+    """SIGTERM and the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return await wait_exit(proc, within)
+
+
+async def cli(env: dict[str, str], *args: str, within: float = 60) -> tuple[int, str]:
+    """Run ``flashsale <args>``; return its exit code and stdout (stderr appended)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(FLASHSALE),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), within)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode() + err.decode()
+
+
+async def cli_json(env: dict[str, str], *args: str) -> Any:
+    """Run ``flashsale <args> --json`` and parse its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        str(FLASHSALE),
+        *args,
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode in (0, 1), err.decode()
+    return json.loads(out)
+
+
+async def group_pending(
+    client: aioredis.Redis, partitions: int, consumer: str | None = None
+) -> int:
+    """Entries pending in the projector group (of one consumer, if named), every stream."""
+    total = 0
+    for p in range(partitions):
+        stream = PartitionKeys(p).events
+        try:
+            if consumer is None:
+                total += (await client.xpending(stream, CONSUMER_GROUP))["pending"]
+            else:
+                rows = await client.xpending_range(
+                    stream, CONSUMER_GROUP, "-", "+", 100_000, consumername=consumer
+                )
+                total += len(rows)
+        except ResponseError:  # no stream or group yet
+            continue
+    return total
+
+
+async def stream_length(client: aioredis.Redis, partitions: int) -> int:
+    """Entries in every partition stream."""
+    return sum([int(await client.xlen(PartitionKeys(p).events)) for p in range(partitions)])
+
+
+async def table_count(pool: asyncpg.Pool, table: str) -> int:
+    """Rows in ``table``."""
+    async with pool.acquire() as conn:
+        value: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+    return value
+
+
+async def order_ids(pool: asyncpg.Pool) -> set[str]:
+    """Every reservation id in ``orders``."""
+    async with pool.acquire() as conn:
+        return {r["reservation_id"] for r in await conn.fetch("SELECT reservation_id FROM orders")}
+
+
+async def caught_up(client: aioredis.Redis, pool: asyncpg.Pool, partitions: int) -> bool:
+    """Every logged event archived and nothing pending in the projector group."""
+    return await table_count(pool, "events") == await stream_length(
+        client, partitions
+    ) and not await group_pending(client, partitions)
+
+
+def sale_in_partition(partition: int, partitions: int = 4, prefix: str = "sale") -> str:
+    """A sale id that lives in ``partition``."""
+    k = 0
+    while partition_of(f"{prefix}-{k}", partitions) != partition:
+        k += 1
+    return f"{prefix}-{k}"
+
+
+async def entry_ids(client: aioredis.Redis, stream: str) -> list[str]:
+    """The ids of every entry in ``stream``, oldest first."""
+    entries = await client.xrange(stream) or []
+    return [_text(entry_id) for entry_id, _ in entries if entry_id is not None]
+
+
+async def newest_id(client: aioredis.Redis, stream: str) -> str:
+    """The id of the newest entry in ``stream``."""
+    entries = await client.xrevrange(stream, count=1) or []
+    assert entries and entries[0][0] is not None, f"{stream} is empty"
+    return _text(entries[0][0])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

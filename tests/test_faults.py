@@ -1,0 +1,580 @@
+"""Fault injection with real processes: nothing accepted is lost, nothing is applied twice.
+
+Each scenario runs real ``flashsale consume`` daemons (and the HTTP API where buyers are
+involved) against real Redis and PostgreSQL, breaks something for real (SIGKILL, a stopped
+PostgreSQL, a Redis killed outright, redelivery out of order), and ends with ``flashsale
+replay verify`` exiting 0 and PostgreSQL holding exactly the accepted reservations.
+
+The kill -9 of a lone projector mid-batch, and poison entries, are covered in
+``test_projector.py`` and ``test_deadletter.py``. Scenarios that break a server start a
+private one, so the session's shared servers are never harmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
+
+from api.app import create_app
+from api.auth import issue_token
+from core.durability import check_durability
+from core.gateway import RedisGateway
+from core.keys import CONSUMER_GROUP, dead_letter_stream
+from core.launcher import EmbeddedPostgres, EmbeddedRedis
+from core.settings import Settings
+from projections.db import open_pool
+from tests.conftest import JWT_SECRET
+from tests.daemons import (
+    caught_up,
+    cli,
+    cli_json,
+    consumer_name,
+    env_for,
+    eventually,
+    group_pending,
+    logged,
+    newest_id,
+    order_ids,
+    running,
+    sale_in_partition,
+    start,
+    stop_all,
+    table_count,
+    terminate,
+    wait_exit,
+    wait_started,
+)
+from tests.helpers import open_sale
+
+AOF_ALWAYS = ["--appendonly", "yes", "--appendfsync", "always"]
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def place(gateway: RedisGateway, sale_id: str, users: Sequence[str]) -> list[str]:
+    placed = await asyncio.gather(*(gateway.reserve(sale_id, u, 1, None) for u in users))
+    return [p.reservation_id for p in placed]
+
+
+def client_for(url: str) -> aioredis.Redis:
+    return aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=50, timeout=10
+        )
+    )
+
+
+@asynccontextmanager
+async def api(settings: Settings, client: aioredis.Redis) -> AsyncIterator[aiohttp.ClientSession]:
+    """The HTTP API on a free port and a client session pointed at it."""
+    server = TestServer(create_app(settings, client))
+    async with (
+        server,
+        aiohttp.ClientSession(
+            base_url=server.make_url("/"), timeout=aiohttp.ClientTimeout(total=10)
+        ) as session,
+    ):
+        yield session
+
+
+async def reserve_once(
+    http: aiohttp.ClientSession, sale_id: str, user: str
+) -> tuple[int, dict[str, Any]]:
+    """One reservation request with the buyer's own Idempotency-Key; (0, {}) if no answer."""
+    headers = {
+        "Authorization": f"Bearer {issue_token(JWT_SECRET, user)}",
+        "Idempotency-Key": f"key-{user}",
+    }
+    try:
+        async with http.post(
+            f"/v1/sales/{sale_id}/reservations", json={"qty": 1}, headers=headers
+        ) as response:
+            return response.status, await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError):
+        return 0, {}
+
+
+@dataclass
+class Buyers:
+    """What the buyers saw: the 202s (user -> reservation id) and everything else."""
+
+    accepted: dict[str, str] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def buy_until(
+    http: aiohttp.ClientSession,
+    sale_ids: Sequence[str],
+    stop: asyncio.Event,
+    buyers: Buyers,
+    workers: int = 4,
+) -> None:
+    """Buyers arrive one after another on every sale until ``stop`` (each buys once)."""
+    numbers = itertools.count()
+
+    async def worker() -> None:
+        while not stop.is_set():
+            n = next(numbers)
+            user = f"buyer-{n}"
+            status, body = await reserve_once(http, sale_ids[n % len(sale_ids)], user)
+            buyers.statuses[status] += 1
+            if status == 202:
+                buyers.accepted[user] = body["reservation_id"]
+            else:
+                buyers.failed.append(user)
+                buyers.bodies.append(body)
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+async def pg_rows(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
+    """Everything the projection wrote, without the bookkeeping timestamps."""
+    queries = {
+        "orders": "SELECT reservation_id, sale_id, user_id, qty, status, placed_at, expires_at,"
+        " confirmed_at, cancelled_at, expired_at FROM orders ORDER BY reservation_id",
+        "stock_view": "SELECT sale_id, stock, remaining, held, confirmed, released,"
+        " per_user_limit, hold_seconds, starts_at, ends_at, closed FROM stock_view"
+        " ORDER BY sale_id",
+        "events": "SELECT event_id, partition, stream_id, sale_id, type, payload FROM events"
+        " ORDER BY event_id",
+        "checkpoints": "SELECT consumer_group, partition, stream_id FROM checkpoints"
+        " ORDER BY consumer_group, partition",
+    }
+    async with pool.acquire() as conn:
+        return {name: [tuple(r) for r in await conn.fetch(q)] for name, q in queries.items()}
+
+
+def lag_in(metrics: str) -> float:
+    """The sum of ``flashsale_consumer_lag`` over every group and partition."""
+    return sum(
+        float(v) for v in re.findall(r"^flashsale_consumer_lag\{[^}]*\} (\S+)$", metrics, re.M)
+    )
+
+
+async def has_logged(log_path: Path, event: str) -> bool:
+    return bool(logged(log_path, event))
+
+
+async def refuses_connections(database_url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(database_url, timeout=1)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return True
+    await conn.close()
+    return False
+
+
+# --- two projectors, one killed -------------------------------------------------------------
+
+
+async def test_second_projector_takes_over_what_a_killed_one_held(
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    tmp_path: Path,
+):
+    sales = [sale_in_partition(p, prefix="twin") for p in range(4)]
+    for sale in sales:
+        await open_sale(gateway, sale, stock=1000)
+    env = env_for(settings.redis_url or "", settings.database_url or "")
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = start(["consume"], env, log_a)
+    b = start(["consume"], env, log_b)
+    try:
+        await wait_started(a, log_a)
+        await wait_started(b, log_b)
+        victim = consumer_name(a)
+
+        async def buy() -> list[str]:
+            placed: list[str] = []
+            for chunk in range(0, 250, 25):
+                for sale in sales:
+                    placed += await place(
+                        gateway, sale, [f"u{j}" for j in range(chunk, chunk + 25)]
+                    )
+                await asyncio.sleep(0.01)
+            return placed
+
+        buying = asyncio.create_task(buy())
+        # Freeze the first daemon at a moment it holds entries it has not acknowledged,
+        # then kill it outright.
+        deadline = time.monotonic() + 30
+        while True:
+            await asyncio.sleep(0.01)
+            assert time.monotonic() < deadline, "never caught the daemon holding a batch"
+            assert a.poll() is None, log_a.read_text()[-3000:]
+            a.send_signal(signal.SIGSTOP)
+            if await group_pending(redis_client, 4, victim):
+                a.kill()
+                break
+            a.send_signal(signal.SIGCONT)
+        assert await wait_exit(a, 10) == -signal.SIGKILL
+        orphaned = await group_pending(redis_client, 4, victim)
+        assert orphaned > 0
+        placed = await asyncio.wait_for(buying, 60)
+
+        async def taken_over() -> bool:
+            return not await group_pending(redis_client, 4, victim) and await caught_up(
+                redis_client, pool, 4
+            )
+
+        await eventually(taken_over, 30, "the survivor did not take over", running((b, log_b)))
+        assert sum(r["count"] for r in logged(log_b, "entries_reclaimed")) >= orphaned
+        assert await order_ids(pool) == set(placed)
+        assert await table_count(pool, "orders") == len(placed) == 1000
+        assert await redis_client.xlen(dead_letter_stream()) == 0
+        rc, out = await cli(env, "replay", "verify")
+        assert rc == 0, out
+        assert await terminate(b) == 0
+    finally:
+        stop_all(a, b)
+
+
+# --- the same events again, and out of order -----------------------------------------------
+
+
+async def test_events_delivered_out_of_order_and_again_change_nothing(
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    tmp_path: Path,
+):
+    sale = sale_in_partition(0, prefix="order")
+    await open_sale(gateway, sale, stock=100)
+    users = [f"u{i}" for i in range(30)]
+    rids = await place(gateway, sale, users)
+    stream = gateway.keys_for_sale(sale).events
+    last_placement = await newest_id(redis_client, stream)
+    for rid in rids[:10]:
+        assert await gateway.confirm(rid, None)
+    for rid, user in zip(rids[10:20], users[10:20], strict=True):
+        assert await gateway.cancel(rid, user)
+    total = 1 + 30 + 20
+    # The group starts after the placements: the daemon sees the confirmations and
+    # cancellations before the reservations they finish.
+    await redis_client.xgroup_create(stream, CONSUMER_GROUP, id=last_placement)
+    env = env_for(settings.redis_url or "", settings.database_url or "")
+    log_path = tmp_path / "consume.log"
+    proc = start(["consume"], env, log_path)
+    try:
+        await wait_started(proc, log_path)
+        alive = running((proc, log_path))
+
+        async def archived(n: int) -> bool:
+            done = await table_count(pool, "events") == n
+            return done and not await group_pending(redis_client, 4)
+
+        await eventually(lambda: archived(20), 15, "terminal events not projected", alive)
+        async with pool.acquire() as conn:
+            early = dict(await conn.fetch("SELECT status, count(*) FROM orders GROUP BY status"))
+        assert early == {"confirmed": 10, "cancelled": 10}
+
+        async def delivered_everything() -> bool:
+            info = (await redis_client.xinfo_groups(stream))[0]
+            last = await newest_id(redis_client, stream)
+            return text(info["last-delivered-id"]) == last and await archived(total)
+
+        # Now everything from the start: placements arrive late, terminal events twice.
+        await redis_client.xgroup_setid(stream, CONSUMER_GROUP, "0")
+        await eventually(delivered_everything, 15, "log not delivered again", alive)
+        out_of_order = await pg_rows(pool)
+        await redis_client.xgroup_setid(stream, CONSUMER_GROUP, "0")  # and once more
+        await eventually(delivered_everything, 15, "log not delivered a third time", alive)
+        assert await pg_rows(pool) == out_of_order
+
+        # The same log projected once, in order, from empty tables, gives the same rows.
+        async with pool.acquire() as conn:
+            await conn.execute("TRUNCATE events, orders, stock_view, checkpoints")
+        await redis_client.xgroup_setid(stream, CONSUMER_GROUP, "0")
+        await eventually(delivered_everything, 15, "log not projected in order", alive)
+        assert await pg_rows(pool) == out_of_order
+        async with pool.acquire() as conn:
+            final = dict(await conn.fetch("SELECT status, count(*) FROM orders GROUP BY status"))
+        assert final == {"confirmed": 10, "cancelled": 10, "pending": 10}
+        assert await order_ids(pool) == set(rids)
+        rc, out = await cli(env, "replay", "verify")
+        assert rc == 0, out
+        assert await terminate(proc) == 0
+    finally:
+        stop_all(proc)
+
+
+# --- PostgreSQL down for ten seconds --------------------------------------------------------
+
+
+async def test_postgres_down_for_ten_seconds_under_load_then_everything_catches_up(
+    gateway: RedisGateway, redis_client: aioredis.Redis, settings: Settings, tmp_path: Path
+):
+    postgres = EmbeddedPostgres()
+    database_url = postgres.start()
+    a = b = None
+    pool: asyncpg.Pool | None = None
+    try:
+        pool = await open_pool(database_url, 4)
+        sales = [sale_in_partition(p, prefix="outage") for p in range(4)]
+        for sale in sales:
+            await open_sale(gateway, sale, stock=100_000)
+        env = env_for(
+            settings.redis_url or "",
+            database_url,
+            FLASHSALE_CLAIM_IDLE_MS="600",
+            FLASHSALE_RETENTION_INTERVAL_MS="1000",
+        )
+        log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+        a = start(["consume"], env, log_a)
+        b = start(["consume"], env, log_b)
+        await wait_started(a, log_a)
+        await wait_started(b, log_b)
+        buyers = Buyers()
+        stop_buying = asyncio.Event()
+        async with api(settings, redis_client) as http:
+            load = asyncio.create_task(buy_until(http, sales, stop_buying, buyers))
+
+            async def projecting() -> bool:
+                assert pool is not None
+                return await table_count(pool, "orders") > 50
+
+            await eventually(projecting, 15, "projection never started")
+
+            os.kill(postgres.pid, signal.SIGINT)  # fast shutdown: every session ends now
+            await eventually(lambda: refuses_connections(database_url), 15, "postgres still up")
+            down_at = time.monotonic()
+            accepted_before = len(buyers.accepted)
+            await asyncio.sleep(3)
+
+            # The backlog is visible, and nothing was given up on.
+            status = await cli_json(env, "status")
+            assert status["lag"] > 0 and status["dead_letters"] == 0
+            metrics = await (await http.get("/metrics")).text()
+            assert lag_in(metrics) > 0
+            assert "flashsale_dead_letter_entries 0.0" in metrics
+
+            # SIGTERM in the middle of it: stop reading, give the batch back, exit 0.
+            assert await terminate(a) == 0, log_a.read_text()[-3000:]
+            assert logged(log_a, "projector_stopped")
+
+            await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
+            during_outage = len(buyers.accepted) - accepted_before
+            assert during_outage > 100, buyers.statuses
+            assert set(buyers.statuses) == {202}, buyers.bodies[:3]  # purchases need only Redis
+            assert await refuses_connections(database_url)
+
+            postgres.restart()
+            await asyncio.sleep(1)
+            stop_buying.set()
+            await load
+
+        accepted = set(buyers.accepted.values())
+
+        async def caught_up_again() -> bool:
+            assert pool is not None
+            return await order_ids(pool) == accepted and not await group_pending(redis_client, 4)
+
+        await eventually(caught_up_again, 45, "did not catch up", running((b, log_b)))
+        assert logged(log_b, "projector_retry")  # it waited the outage out ...
+        assert await redis_client.xlen(dead_letter_stream()) == 0  # ... and parked nothing
+        # Retention trimmed the streams meanwhile (and waited the outage out too): the log
+        # that verify reads below is the archive plus what the streams kept.
+        assert logged(log_b, "stream_trimmed") and logged(log_b, "retention_retry")
+        assert await table_count(pool, "orders") == len(accepted) == len(buyers.accepted)
+        rc, out = await cli(env, "replay", "verify")
+        assert rc == 0, out
+        assert await terminate(b) == 0
+    finally:
+        stop_all(a, b)
+        if pool is not None:
+            pool.terminate()
+        postgres.stop()
+
+
+# --- Redis killed outright, with AOF always -------------------------------------------------
+
+
+async def test_redis_with_aof_always_killed_under_load_loses_no_accepted_reservation(
+    pool: asyncpg.Pool, settings: Settings, tmp_path: Path
+):
+    server = EmbeddedRedis(extra_args=AOF_ALWAYS)
+    url = server.start()
+    client = client_for(url)
+    proc = None
+    try:
+        strict = settings.model_copy(update={"redis_url": url, "durability": "strict"})
+        assert (await check_durability(client, strict)).fsyncs_every_write
+        gateway = RedisGateway(client, 4, strict.idempotency_ttl_seconds)
+        sales = [sale_in_partition(p, prefix="aof") for p in range(4)]
+        for sale in sales:
+            await open_sale(gateway, sale, stock=100_000)
+        env = env_for(
+            url,
+            settings.database_url or "",
+            FLASHSALE_DURABILITY="strict",
+            FLASHSALE_RETENTION_INTERVAL_MS="1000",
+        )
+        log_path = tmp_path / "consume.log"
+        proc = start(["consume"], env, log_path)
+        await wait_started(proc, log_path)
+        buyers = Buyers()
+        stop_buying = asyncio.Event()
+        async with api(strict, client) as http:
+            load = asyncio.create_task(buy_until(http, sales, stop_buying, buyers))
+
+            async def under_way() -> bool:
+                return len(buyers.accepted) > 200 and await table_count(pool, "orders") > 0
+
+            await eventually(under_way, 15, "load never got going")
+            server.kill()
+            await asyncio.sleep(1)
+            assert buyers.failed, "no request noticed Redis was gone"
+            server.restart()
+            await asyncio.sleep(1.5)
+            stop_buying.set()
+            await load
+            # A buyer without a 202 retries with the same Idempotency-Key: the reservation
+            # Redis kept is answered again, one it never got is placed now.
+            for user in buyers.failed:
+                status, body = await reserve_once(http, sales[int(user.split("-")[1]) % 4], user)
+                assert status == 202, body
+                buyers.accepted[user] = body["reservation_id"]
+
+        accepted = set(buyers.accepted.values())
+        assert len(accepted) == len(buyers.accepted)
+        in_redis: set[str] = set()
+        for sale in sales:
+            members = await client.smembers(gateway.keys_for_sale(sale).reservations(sale))
+            in_redis |= {text(m) for m in members}
+        assert in_redis == accepted  # every 202 survived, and nothing without one exists
+
+        async def caught_up_again() -> bool:
+            return await order_ids(pool) == accepted and not await group_pending(client, 4)
+
+        await eventually(caught_up_again, 45, "did not catch up", running((proc, log_path)))
+        assert await client.xlen(dead_letter_stream()) == 0
+        rc, out = await cli(env, "replay", "verify")
+        assert rc == 0, out
+        assert await terminate(proc) == 0
+    finally:
+        stop_all(proc)
+        await client.aclose()
+        server.stop()
+
+
+# --- durability settings --------------------------------------------------------------------
+
+
+async def test_strict_durability_refuses_to_start_unless_redis_fsyncs_every_write(
+    settings: Settings, tmp_path: Path
+):
+    for extra, accepted in (
+        ([], False),
+        (["--appendonly", "yes", "--appendfsync", "everysec"], False),
+        (AOF_ALWAYS, True),
+    ):
+        server = EmbeddedRedis(extra_args=extra)
+        url = server.start()
+        try:
+            env = env_for(
+                url, settings.database_url or "", FLASHSALE_DURABILITY="strict", FLASHSALE_PORT="0"
+            )
+            if not accepted:
+                rc, out = await cli(env, "serve")
+                assert rc == 2, out
+                assert "FLASHSALE_DURABILITY=strict" in out
+                assert "appendonly=yes, appendfsync=always" in out
+                continue
+            log_path = tmp_path / "serve.log"
+            proc = start(["serve"], env, log_path)
+            try:
+                listening = functools.partial(has_logged, log_path, "api_listening")
+                await eventually(listening, 30, "serve did not start", running((proc, log_path)))
+                assert logged(log_path, "durability_checked")[0]["appendfsync"] == "always"
+                assert await terminate(proc) == 0
+            finally:
+                stop_all(proc)
+        finally:
+            server.stop()
+
+
+async def test_wait_replicas_answers_503_until_a_replica_has_the_reservation(settings: Settings):
+    primary = EmbeddedRedis(extra_args=["--repl-diskless-sync-delay", "0"])
+    url = primary.start()
+    replica = EmbeddedRedis(extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
+    replica_url = replica.start()
+    client, replica_client = client_for(url), client_for(replica_url)
+    try:
+
+        async def replicas_online(n: int) -> bool:
+            info = await client.info("replication")
+            online = [k for k in info if k.startswith("slave") and info[k]["state"] == "online"]
+            return int(info["connected_slaves"]) == n and len(online) == n
+
+        async def replica_acknowledges() -> bool:
+            async with client.client() as conn:  # WAIT covers its own connection's writes
+                await conn.set("probe", "1")
+                return int(await conn.wait(1, 200)) == 1
+
+        await eventually(replica_acknowledges, 15, "replica did not sync")
+        waiting = settings.model_copy(
+            update={"redis_url": url, "wait_replicas": 1, "wait_timeout_ms": 300}
+        )
+        gateway = RedisGateway(client, 4, waiting.idempotency_ttl_seconds)
+        await open_sale(gateway, "replicated", stock=10)
+        keys = gateway.keys_for_sale("replicated")
+
+        async with api(waiting, client) as http:
+            status, body = await reserve_once(http, "replicated", "alice")
+            assert status == 202, body
+            # Acknowledged by the replica before the 202: it is there already.
+            assert await replica_client.exists(keys.reservation(body["reservation_id"]))
+
+            replica.kill()
+            await eventually(lambda: replicas_online(0), 15, "primary did not see it go")
+            status, body = await reserve_once(http, "replicated", "bob")
+            assert status == 503 and body["code"] == "not_replicated", body
+            held = body["reservation_id"]
+            assert held in body["detail"] and "0 of 1 replicas" in body["detail"]
+            # The reservation stands in Redis even so, and its buyer can see it.
+            view = await gateway.get_reservation(held)
+            assert view is not None and view.status == "pending" and view.user_id == "bob"
+            status, body = await reserve_once(http, "replicated", "bob")  # a retry, still alone
+            assert (status, body["reservation_id"]) == (503, held)
+
+            replica.restart()
+            await eventually(replica_acknowledges, 15, "replica did not come back")
+            status, body = await reserve_once(http, "replicated", "bob")
+            assert (status, body["reservation_id"]) == (202, held)  # the same one, now safe
+            await replica_client.aclose()
+            replica_client = client_for(replica_url)  # the old connections died with it
+            assert await replica_client.exists(keys.reservation(held))
+        sale = await gateway.get_sale("replicated")
+        assert sale is not None and (sale.remaining, sale.held) == (8, 2)
+    finally:
+        await client.aclose()
+        await replica_client.aclose()
+        replica.stop()
+        primary.stop()
