@@ -351,8 +351,9 @@ class Projector:
             return await self.handle(in_hand)
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            # Bounded: a touch stuck waiting for a pooled Redis connection can swallow the
+            # cancellation for a while, and the batch must not wait for a heartbeat.
+            await asyncio.wait({keeper}, timeout=1.0)
 
     async def _pause(self, stop: asyncio.Event, seconds: float, in_hand: list[Delivery]) -> None:
         """Wait ``seconds`` (less if stopped), keeping the entries in hand claimed."""

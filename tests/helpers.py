@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
 
 from core.gateway import RedisGateway
 from core.models import NewSale, SaleView
@@ -27,3 +30,20 @@ async def open_sale(
             starts_at=starts_at,
         )
     )
+
+
+async def pg_rows(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
+    """Everything the projection wrote, without the bookkeeping timestamps."""
+    queries = {
+        "orders": "SELECT reservation_id, sale_id, user_id, qty, status, placed_at, expires_at,"
+        " confirmed_at, cancelled_at, expired_at FROM orders ORDER BY reservation_id",
+        "stock_view": "SELECT sale_id, stock, remaining, held, confirmed, released,"
+        " per_user_limit, hold_seconds, starts_at, ends_at, closed FROM stock_view"
+        " ORDER BY sale_id",
+        "events": "SELECT event_id, partition, stream_id, stream_ms, stream_seq, sale_id, type,"
+        " occurred_at, payload FROM events ORDER BY event_id",
+        "checkpoints": "SELECT consumer_group, partition, stream_id FROM checkpoints"
+        " ORDER BY consumer_group, partition",
+    }
+    async with pool.acquire() as conn:
+        return {name: [tuple(r) for r in await conn.fetch(q)] for name, q in queries.items()}

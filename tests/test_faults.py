@@ -60,7 +60,7 @@ from tests.daemons import (
     wait_exit,
     wait_started,
 )
-from tests.helpers import open_sale
+from tests.helpers import open_sale, pg_rows
 
 AOF_ALWAYS = ["--appendonly", "yes", "--appendfsync", "always"]
 
@@ -149,23 +149,6 @@ async def buy_until(
             await asyncio.sleep(0.02)
 
     await asyncio.gather(*(worker() for _ in range(workers)))
-
-
-async def pg_rows(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
-    """Everything the projection wrote, without the bookkeeping timestamps."""
-    queries = {
-        "orders": "SELECT reservation_id, sale_id, user_id, qty, status, placed_at, expires_at,"
-        " confirmed_at, cancelled_at, expired_at FROM orders ORDER BY reservation_id",
-        "stock_view": "SELECT sale_id, stock, remaining, held, confirmed, released,"
-        " per_user_limit, hold_seconds, starts_at, ends_at, closed FROM stock_view"
-        " ORDER BY sale_id",
-        "events": "SELECT event_id, partition, stream_id, sale_id, type, payload FROM events"
-        " ORDER BY event_id",
-        "checkpoints": "SELECT consumer_group, partition, stream_id FROM checkpoints"
-        " ORDER BY consumer_group, partition",
-    }
-    async with pool.acquire() as conn:
-        return {name: [tuple(r) for r in await conn.fetch(q)] for name, q in queries.items()}
 
 
 def lag_in(metrics: str) -> float:

@@ -39,7 +39,7 @@ from core.settings import Settings
 from projections.fold import fold
 from projections.projector import LogEntry, project
 from projections.replay import Difference, read_log, verify
-from tests.helpers import open_sale
+from tests.helpers import open_sale, pg_rows
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
@@ -130,23 +130,6 @@ async def expired_events(gateway: RedisGateway) -> Counter[str]:
         for e in await log_entries(gateway)
         if e.event.type == "ReservationExpired"
     )
-
-
-async def pg_rows(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
-    """Everything the projection wrote, without the bookkeeping timestamps."""
-    queries = {
-        "orders": "SELECT reservation_id, sale_id, user_id, qty, status, placed_at, expires_at,"
-        " confirmed_at, cancelled_at, expired_at FROM orders ORDER BY reservation_id",
-        "stock_view": "SELECT sale_id, stock, remaining, held, confirmed, released,"
-        " per_user_limit, hold_seconds, starts_at, ends_at, closed FROM stock_view"
-        " ORDER BY sale_id",
-        "events": "SELECT event_id, partition, stream_id, stream_ms, stream_seq, sale_id, type,"
-        " occurred_at, payload FROM events ORDER BY event_id",
-        "checkpoints": "SELECT consumer_group, partition, stream_id FROM checkpoints"
-        " ORDER BY consumer_group, partition",
-    }
-    async with pool.acquire() as conn:
-        return {name: [tuple(r) for r in await conn.fetch(q)] for name, q in queries.items()}
 
 
 async def assert_lifecycle_consistent(

@@ -35,7 +35,7 @@ from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream, partiti
 from core.settings import Settings
 from projections.fold import fold
 from projections.projector import LogEntry, parse_stream_id, project
-from tests.helpers import open_sale
+from tests.helpers import open_sale, pg_rows
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -115,23 +115,6 @@ async def redis_counters(gateway: RedisGateway, sale_id: str) -> dict[str, int]:
     sale = await gateway.get_sale(sale_id)
     assert sale is not None
     return {c: getattr(sale, c) for c in COUNTERS}
-
-
-async def pg_rows(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
-    """Everything the projection wrote, without the bookkeeping timestamps."""
-    queries = {
-        "orders": "SELECT reservation_id, sale_id, user_id, qty, status, placed_at, expires_at,"
-        " confirmed_at, cancelled_at, expired_at FROM orders ORDER BY reservation_id",
-        "stock_view": "SELECT sale_id, stock, remaining, held, confirmed, released,"
-        " per_user_limit, hold_seconds, starts_at, ends_at, closed FROM stock_view"
-        " ORDER BY sale_id",
-        "events": "SELECT event_id, partition, stream_id, stream_ms, stream_seq, sale_id, type,"
-        " occurred_at, payload FROM events ORDER BY event_id",
-        "checkpoints": "SELECT consumer_group, partition, stream_id FROM checkpoints"
-        " ORDER BY consumer_group, partition",
-    }
-    async with pool.acquire() as conn:
-        return {name: [tuple(r) for r in await conn.fetch(q)] for name, q in queries.items()}
 
 
 async def checkpoints(pool: asyncpg.Pool) -> dict[int, str]:
