@@ -225,7 +225,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="flashsale", description=(__doc__ or "").replace("``", "")
+    )
     parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
