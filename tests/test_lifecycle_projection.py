@@ -10,7 +10,6 @@ lifecycle drift.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -22,7 +21,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -39,6 +37,7 @@ from core.settings import Settings
 from projections.fold import fold
 from projections.projector import LogEntry, project
 from projections.replay import Difference, read_log, verify
+from tests.daemons import logged, running, wait_exit, wait_started
 from tests.helpers import open_sale, pg_rows
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
@@ -518,46 +517,6 @@ def start_consume(settings: Settings, log_path: Path, **extra: str) -> subproces
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-
-
-def running(*daemons: tuple[subprocess.Popen[bytes], Path]) -> Callable[[], None]:
-    """A check that fails with the daemon's log tail once any of them has exited."""
-
-    def check() -> None:
-        for proc, log_path in daemons:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-
-    return check
-
-
-async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
-    deadline = time.monotonic() + within
-    while (rc := proc.poll()) is None:
-        assert time.monotonic() < deadline, f"pid {proc.pid} did not exit"
-        await asyncio.sleep(0.05)
-    return rc
-
-
-def logged(log_path: Path, event: str) -> list[dict[str, Any]]:
-    """The JSON log records of ``event`` a daemon wrote so far."""
-    records: list[dict[str, Any]] = []
-    for line in log_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line being written, or not structlog's
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            records.append(record)
-    return records
-
-
-async def wait_started(proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    """Until the daemon's projector (its groups made) and expiry worker both run."""
-
-    async def started() -> bool:
-        return all(logged(log_path, e) for e in ("projector_started", "expiry_worker_started"))
-
-    await eventually(started, 30, "consume daemon did not start", running((proc, log_path)))
 
 
 async def replay_verify(settings: Settings) -> tuple[int, str]:
