@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from itertools import chain
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -30,6 +31,16 @@ from core.models import NewSale, ReservationView, SaleStatus, SaleView
 
 log = structlog.get_logger(__name__)
 
+_V = TypeVar("_V")
+
+# Most items (holders, reservations, stream entries) one command of a sale snapshot or
+# repair reads or writes: about a millisecond of Redis time each (see bench/bench_verify.py).
+SNAPSHOT_CHUNK = 1000
+REPAIR_CHUNK = 500
+# Stream entries the fence script parses itself; more and the client reads the log first.
+FENCE_TAIL = 500
+SNAPSHOT_ROUNDS = 8
+
 
 def load_lua(name: str) -> str:
     """Source of ``core/lua/<name>.lua``."""
@@ -42,6 +53,18 @@ def _text(value: Any) -> str:
 
 def _from_ms(value: Any) -> datetime:
     return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+
+
+def _keep(mapping: dict[str, _V], key: str, value: _V | None) -> None:
+    """Set ``mapping[key]``, or remove the key when ``value`` is None."""
+    if value is None:
+        mapping.pop(key, None)
+    else:
+        mapping[key] = value
+
+
+def _score(value: str) -> int | None:
+    return int(float(value)) if value else None
 
 
 def _record(r: ReservationRecord) -> tuple[Any, ...]:
@@ -60,16 +83,69 @@ class Placed:
 
 @dataclass(frozen=True, slots=True)
 class SaleSnapshot:
-    """A sale's whole Redis state, read atomically with the stream position it reflects."""
+    """A sale's Redis state as it stood at one position of its partition's stream.
+
+    ``reservations`` maps each id in the sale's reservations set to (status, qty, user_id);
+    ``deadlines`` maps a reservation id to its expiry (ms) in the deadlines zset.
+    ``unsettled`` names reservations that the sale's last events touched and that could not
+    be re-read at ``last_id`` (a sale under endless load): they are in neither mapping, and a
+    reader must not compare them. See ``RedisGateway.snapshot_sale``.
+    """
 
     counters: dict[str, int]
     holders: dict[str, int]
     reservations: dict[str, tuple[str, int, str]] = field(default_factory=dict)
     last_id: str = "0-0"
+    deadlines: dict[str, int] = field(default_factory=dict)
+    unsettled: frozenset[str] = frozenset()
 
     @property
     def exists(self) -> bool:
         return bool(self.counters)
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """The holders and reservations that a sale's events after a position touched, and the
+    position the log was read up to."""
+
+    position: str
+    users: set[str] = field(default_factory=set)
+    reservations: set[str] = field(default_factory=set)
+
+
+class SaleLog(Protocol):
+    """Where ``snapshot_sale`` learns what a sale's events touched after a position."""
+
+    async def touched_since(self, sale_id: str, partition: int, after: str) -> Touched:
+        """Users and reservations the sale's events after ``after`` touched, up to the end."""
+        ...
+
+
+class _StreamLog:
+    """``SaleLog`` over the partition stream alone (entries trimmed away are not seen)."""
+
+    def __init__(self, gateway: RedisGateway) -> None:
+        self.gateway = gateway
+
+    async def touched_since(self, sale_id: str, partition: int, after: str) -> Touched:
+        touched = Touched(after)
+        position = after
+        async for stream_id, fields in self.gateway.read_stream(
+            partition, after, chunk=SNAPSHOT_CHUNK
+        ):
+            position = stream_id
+            try:
+                event = json.loads(fields.get("event", ""))
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or event.get("sale_id") != sale_id:
+                continue
+            if isinstance(event.get("user_id"), str):
+                touched.users.add(event["user_id"])
+            if isinstance(event.get("reservation_id"), str):
+                touched.reservations.add(event["reservation_id"])
+        return Touched(position, touched.users, touched.reservations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +249,7 @@ class RedisGateway:
         self.sold_out_hints = SoldOutHints(sold_out_hint_seconds)
         self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
         self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
-        self._snapshot: AsyncScript = client.register_script(load_lua("snapshot_sale"))
+        self._fence: AsyncScript = client.register_script(load_lua("fence_sale"))
         self._confirm: AsyncScript = client.register_script(load_lua("confirm"))
         self._cancel: AsyncScript = client.register_script(load_lua("cancel"))
         self._expire: AsyncScript = client.register_script(load_lua("expire"))
@@ -186,7 +262,7 @@ class RedisGateway:
         scripts = (
             self._create_sale,
             self._reserve,
-            self._snapshot,
+            self._fence,
             self._confirm,
             self._cancel,
             self._expire,
@@ -478,36 +554,191 @@ class RedisGateway:
             expires_at=_from_ms(fields["expires_at"]),
         )
 
-    async def snapshot_sale(self, sale_id: str) -> SaleSnapshot:
-        """Counters, holders and reservations of a sale plus the stream's last id, atomically.
+    async def snapshot_sale(
+        self,
+        sale_id: str,
+        sale_log: SaleLog | None = None,
+        *,
+        chunk: int = SNAPSHOT_CHUNK,
+        rounds: int = SNAPSHOT_ROUNDS,
+    ) -> SaleSnapshot:
+        """A sale's counters, holders and reservations as they stood at one stream position.
 
-        ``reservations`` maps id -> (status, qty, user_id).
+        No command reads more than ``chunk`` items, so a sale of any size never blocks
+        Redis for long: note the stream's last id L0, read the holders (HSCAN) and the
+        reservations (SSCAN, then their hashes and deadlines, pipelined) in chunks, then
+        ask ``sale_log`` (default: the stream alone) what the sale's events after L0
+        touched. A value read in chunks and not touched since L0 is still valid; the
+        touched ones are re-read, with the sale hash, by ``fence_sale.lua`` in one atomic
+        step at the stream's last id, which it returns as ``last_id``. While more than
+        ``chunk`` values are touched, they are first re-read in chunks again. Up to
+        ``rounds`` rounds; if the sale's newest reservations keep changing until the end,
+        the few the last fence could not re-read are returned as ``unsettled``.
         """
         keys = self.keys_for_sale(sale_id)
+        tail: SaleLog = sale_log or _StreamLog(self)
         try:
-            sale, holders, reservations, last_id = await self._snapshot(
+            position = await self._last_id(keys.events)
+            holders = await self._scan_holders(keys.holders(sale_id), chunk)
+            reservations: dict[str, tuple[str, int, str]] = {}
+            deadlines: dict[str, int] = {}
+            cursor: int | None = None
+            while cursor != 0:
+                cursor, ids = await self.client.sscan(
+                    keys.reservations(sale_id), cursor or 0, count=chunk
+                )
+                await self._read_reservations(
+                    keys, sale_id, [_text(i) for i in ids], reservations, deadlines
+                )
+        except RedisError as e:
+            raise InfrastructureError(f"redis snapshot failed: {e}") from e
+        users: set[str] = set()
+        rids: set[str] = set()
+        settled: SaleSnapshot | None = None
+        for _ in range(rounds):
+            touched = await tail.touched_since(sale_id, keys.partition, position)
+            position = touched.position
+            users |= touched.users
+            rids |= touched.reservations
+            if len(users) + len(rids) > chunk:
+                # Too many to re-read atomically: re-read them in chunks, then see what the
+                # log touched meanwhile (fewer, unless the sale outruns the reads).
+                settled = None
+                try:
+                    await self._reread_holders(keys.holders(sale_id), users, holders, chunk)
+                    ordered = sorted(rids)
+                    for start in range(0, len(ordered), chunk):
+                        part = ordered[start : start + chunk]
+                        await self._read_reservations(keys, sale_id, part, reservations, deadlines)
+                except RedisError as e:
+                    raise InfrastructureError(f"redis snapshot failed: {e}") from e
+                users, rids = set(), set()
+                continue
+            fenced = await self._fence_sale(keys, sale_id, position, users, rids, FENCE_TAIL)
+            if fenced is None:
+                continue  # the stream ran ahead of the log read: read on, then fence again
+            last_id, counters, quantities, reread, unread = fenced
+            for user, qty in quantities.items():
+                if qty:
+                    holders[user] = qty
+                else:
+                    holders.pop(user, None)
+            for rid, (member, record, deadline) in reread.items():
+                _keep(reservations, rid, record if member else None)
+                _keep(deadlines, rid, deadline)
+            for rid in unread:
+                reservations.pop(rid, None)
+                deadlines.pop(rid, None)
+            settled = SaleSnapshot(
+                counters, holders, reservations, last_id, deadlines, frozenset(unread)
+            )
+            if not unread:
+                return settled
+            position, users, rids = last_id, set(), set(unread)
+        if settled is None:
+            raise InfrastructureError(
+                f"sale {sale_id!r} changed faster than it could be read; try again"
+            )
+        log.warning("snapshot_unsettled", sale_id=sale_id, unsettled=len(settled.unsettled))
+        return settled
+
+    async def _last_id(self, stream: str) -> str:
+        last = await self.client.xrevrange(stream, "+", "-", count=1)
+        return _text(last[0][0]) if last else "0-0"
+
+    async def _scan_holders(self, key: str, chunk: int) -> dict[str, int]:
+        holders: dict[str, int] = {}
+        cursor: int | None = None
+        while cursor != 0:
+            cursor, part = await self.client.hscan(key, cursor or 0, count=chunk)
+            assert isinstance(part, dict)
+            holders.update((_text(k), int(v)) for k, v in part.items())
+        return holders
+
+    async def _reread_holders(
+        self, key: str, users: set[str], holders: dict[str, int], chunk: int
+    ) -> None:
+        ordered = sorted(users)
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start : start + chunk]
+            for user, qty in zip(part, await self.client.hmget(key, part), strict=True):
+                _keep(holders, user, int(qty) if qty else None)
+
+    async def _read_reservations(
+        self,
+        keys: PartitionKeys,
+        sale_id: str,
+        ids: list[str],
+        reservations: dict[str, tuple[str, int, str]],
+        deadlines: dict[str, int],
+    ) -> None:
+        """Read the reservations ``ids`` (membership, hash, deadline) into the mappings,
+        pipelined: one command per reservation plus two for the whole batch."""
+        if not ids:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.smismember(keys.reservations(sale_id), ids)
+            pipe.zmscore(keys.deadlines, ids)
+            for rid in ids:
+                pipe.hmget(keys.reservation(rid), "status", "qty", "user_id")
+            members, scores, *records = await pipe.execute()
+        for rid, member, score, (status, qty, user) in zip(
+            ids, members, scores, records, strict=True
+        ):
+            record = (_text(status or ""), int(qty or 0), _text(user or ""))
+            _keep(reservations, rid, record if member else None)
+            _keep(deadlines, rid, int(score) if score is not None else None)
+
+    async def _fence_sale(
+        self,
+        keys: PartitionKeys,
+        sale_id: str,
+        position: str,
+        users: set[str],
+        rids: set[str],
+        tail_limit: int,
+    ) -> (
+        tuple[
+            str,
+            dict[str, int],
+            dict[str, int],
+            dict[str, tuple[bool, tuple[str, int, str], int | None]],
+            list[str],
+        ]
+        | None
+    ):
+        """Run ``fence_sale.lua``; None when the stream is ahead of ``position``."""
+        ordered = sorted(rids)
+        try:
+            reply = await self._fence(
                 keys=[
                     keys.sale(sale_id),
                     keys.holders(sale_id),
                     keys.reservations(sale_id),
+                    keys.deadlines,
                     keys.events,
+                    *(keys.reservation(rid) for rid in ordered),
                 ],
-                args=[keys.reservation_prefix],
+                args=[sale_id, position, tail_limit, len(users), *sorted(users), *ordered],
             )
         except RedisError as e:
             raise InfrastructureError(f"redis snapshot failed: {e}") from e
-        flat = [_text(x) for x in sale]
-        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        hold = [_text(x) for x in holders]
-        res = [_text(x) for x in reservations]
-        return SaleSnapshot(
-            counters=counters,
-            holders={hold[i]: int(hold[i + 1]) for i in range(0, len(hold), 2)},
-            reservations={
-                res[i]: (res[i + 1], int(res[i + 2]), res[i + 3]) for i in range(0, len(res), 4)
-            },
-            last_id=_text(last_id),
-        )
+        if _text(reply[0]) != "ok":
+            return None
+        _, last_id, sale, names, quantities, flat, unread = reply
+        fields = [_text(x) for x in sale]
+        counters = {fields[i]: int(fields[i + 1]) for i in range(0, len(fields), 2)}
+        held = {_text(u): int(q) if _text(q) else 0 for u, q in zip(names, quantities, strict=True)}
+        res = [_text(x) for x in flat]
+        reread = {
+            res[i]: (
+                res[i + 1] == "1",
+                (res[i + 2], int(res[i + 3]), res[i + 4]),
+                _score(res[i + 5]),
+            )
+            for i in range(0, len(res), 6)
+        }
+        return _text(last_id), counters, held, reread, [_text(x) for x in unread]
 
     async def read_stream(
         self, partition: int, after: str = "0-0", until: str = "+", chunk: int = 10_000
@@ -549,15 +780,27 @@ class RedisGateway:
         ]
         return StreamChunk(first_id=_text(first[0][0]) if first else None, entries=entries)
 
-    async def repair_sale(self, repair: SaleRepair) -> str | None:
+    async def repair_sale(self, repair: SaleRepair, chunk: int = REPAIR_CHUNK) -> str | None:
         """Write a sale's folded state into Redis, fenced on the log position it reflects.
 
-        Returns None when written; when the partition's stream moved past
-        ``repair.last_id`` nothing is written and the stream's last id is returned, so the
-        caller can fold again and retry.
+        A large repair is written as several script calls of at most ``chunk`` items each
+        (the counters and configuration go with the first), every one fenced on
+        ``repair.last_id``: each call writes only while the stream has not moved, so what it
+        writes is the fold's state at the stream's current position. Returns None when all
+        of it was written; when the partition's stream moved past ``repair.last_id``, the
+        calls from there on write nothing and the stream's last id is returned, so the
+        caller can fold again and write what still differs.
         """
+        for part in _split_repair(repair, chunk):
+            moved_to = await self._repair_part(part)
+            if moved_to is not None:
+                return moved_to
+        log.info("sale_repaired", sale_id=repair.sale_id, last_id=repair.last_id)
+        return None
+
+    async def _repair_part(self, repair: SaleRepair) -> str | None:
         keys = self.keys_for_sale(repair.sale_id)
-        args: list[Any] = [repair.last_id, keys.reservation_prefix, repair.sale_id]
+        args: list[Any] = [repair.last_id, repair.sale_id]
         for pairs in (repair.fields, repair.holders):
             args += [len(pairs), *chain.from_iterable(pairs.items())]
         args += [len(repair.reservations), *chain.from_iterable(map(_record, repair.reservations))]
@@ -570,18 +813,24 @@ class RedisGateway:
                     keys.reservations(repair.sale_id),
                     keys.deadlines,
                     keys.events,
+                    *(keys.reservation(r.reservation_id) for r in repair.reservations),
                 ],
                 args=args,
             )
         except RedisError as e:
             raise InfrastructureError(f"redis repair failed: {e}") from e
-        if _text(reply[0]) == "ok":
-            log.info("sale_repaired", sale_id=repair.sale_id, last_id=repair.last_id)
-            return None
-        return _text(reply[2])
+        return None if _text(reply[0]) == "ok" else _text(reply[2])
 
-    async def group_progress(self, group: str) -> dict[int, GroupProgress]:
-        """Last delivered id and pending ids of ``group`` on each partition that has it."""
+    async def group_progress(
+        self, group: str, chunk: int = SNAPSHOT_CHUNK
+    ) -> dict[int, GroupProgress]:
+        """Last delivered id and pending ids of ``group`` on each partition that has it.
+
+        The pending ids are read ``chunk`` at a time (XPENDING by range), so a large
+        backlog never makes one long command. The last delivered id is read first: an id
+        acknowledged while the chunks are read is then simply not pending, and one
+        delivered meanwhile is past the last delivered id read.
+        """
         progress: dict[int, GroupProgress] = {}
         for partition in range(self.partitions):
             stream = PartitionKeys(partition).events
@@ -590,16 +839,22 @@ class RedisGateway:
                 info = next((g for g in groups if _text(g["name"]) == group), None)
                 if info is None:
                     continue
-                pending = await self.client.xpending_range(
-                    stream, group, min="-", max="+", count=max(int(info["pending"]), 1)
-                )
+                pending: set[str] = set()
+                start = "-"
+                while True:
+                    batch = await self.client.xpending_range(
+                        stream, group, min=start, max="+", count=chunk
+                    )
+                    pending.update(_text(p["message_id"]) for p in batch)
+                    if len(batch) < chunk:
+                        break
+                    start = f"({_text(batch[-1]['message_id'])}"
             except ResponseError:
                 continue  # no such stream yet
             except RedisError as e:
                 raise InfrastructureError(f"redis read failed: {e}") from e
             progress[partition] = GroupProgress(
-                last_delivered=_text(info["last-delivered-id"]),
-                pending=frozenset(_text(p["message_id"]) for p in pending),
+                last_delivered=_text(info["last-delivered-id"]), pending=frozenset(pending)
             )
         return progress
 
@@ -620,3 +875,20 @@ def sale_status(fields: dict[str, int], now_ms: int) -> SaleStatus:
     if fields["remaining"] <= 0:
         return "sold_out"
     return "active"
+
+
+def _split_repair(repair: SaleRepair, chunk: int) -> Iterator[SaleRepair]:
+    """``repair`` as parts of at most ``chunk`` holders, reservations and deadlines each,
+    all fenced on its position; the first part carries the sale's fields."""
+    holders = list(repair.holders.items())
+    deadlines = list(repair.deadlines.items())
+    parts = max(len(holders), len(repair.reservations), len(deadlines), 1)
+    for start in range(0, parts, chunk):
+        yield SaleRepair(
+            repair.sale_id,
+            repair.last_id,
+            repair.fields if start == 0 else {},
+            dict(holders[start : start + chunk]),
+            repair.reservations[start : start + chunk],
+            dict(deadlines[start : start + chunk]),
+        )

@@ -1,12 +1,16 @@
 """``flashsale replay repair --redis``: rewrite drifted sales in Redis from the fold of the log.
 
-For each sale: read its Redis state atomically with the stream position it reflects
-(``snapshot_sale.lua``), fold the log (archive + stream) up to that position and compare.
-When they differ, ``repair_sale.lua`` writes the fold's state, but only if the partition's
-stream has not moved past that position: every script that changes a sale appends to the
-stream in the same step, so an unmoved stream proves no reservation slipped in between the
-fold and the write. If it moved, the repair folds again and retries. The sale keeps
+For each sale: read its Redis state as of one stream position (``snapshot_sale``: bounded
+chunks, settled by ``fence_sale.lua``), fold the log (archive + stream) up to that position
+and compare. When they differ, ``repair_sale.lua`` writes what differs, but only while the
+partition's stream has not moved past that position: every script that changes a sale
+appends to the stream in the same step, so an unmoved stream proves no reservation slipped
+in between the fold and the write. A large repair goes in bounded parts, each fenced so; if
+the stream moved, the repair folds again and writes what still differs. The sale keeps
 selling throughout; nothing is stopped.
+
+Reservations the fold calls final and Redis no longer holds were pruned once archived: they
+are not drift, and the repair does not write them back.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from core.gateway import RedisGateway, ReservationRecord, SaleRepair, SaleSnapsh
 from core.keys import partition_of
 from projections.log import LogReader, read_sale_tail, read_whole_log
 from projections.projector import parse_stream_id
-from projections.replay import Difference, compare_redis
+from projections.replay import FINAL, LOG_CHUNK, Difference, LogTail, compare_redis
 from projections.rows import RowFold
 
 log = structlog.get_logger(__name__)
@@ -98,9 +102,10 @@ def _show(value: object) -> str:
 
 
 def plan_repair(sale_id: str, fold: RowFold, snap: SaleSnapshot) -> SaleRepair:
-    """What to write so that Redis holds the fold's state of a sale; only the holders and
-    reservations that differ from the snapshot are rewritten, and every pending
-    reservation's deadline is (re)scheduled."""
+    """What to write so that Redis holds the fold's state of a sale: the counters and
+    configuration, and only the holders, reservations and deadlines that differ from the
+    snapshot. A final reservation absent from Redis (pruned) is left absent, and so is
+    every reservation the snapshot could not settle."""
     state, created = fold.sales[sale_id], fold.created[sale_id]
     fields = state.counters() | {
         "per_user_limit": created.per_user_limit,
@@ -115,12 +120,23 @@ def plan_repair(sale_id: str, fold: RowFold, snap: SaleSnapshot) -> SaleRepair:
         if state.holders.get(user, 0) != snap.holders.get(user, 0)
     }
     records = []
+    deadlines: dict[str, int] = {}
     for rid in sorted(set(state.reservations) | set(snap.reservations)):
+        if rid in snap.unsettled:
+            continue
         r = state.reservations.get(rid)
+        got = snap.reservations.get(rid)
         if r is None:
             records.append(ReservationRecord(rid, ""))
             continue
-        if (r.status, r.qty, r.user_id) == snap.reservations.get(rid):
+        if got is None and r.status in FINAL:
+            if rid in snap.deadlines:
+                deadlines[rid] = 0
+            continue
+        want_deadline = to_ms(r.expires_at) if r.status == "pending" and r.expires_at else None
+        if snap.deadlines.get(rid) != want_deadline:
+            deadlines[rid] = want_deadline or 0
+        if (r.status, r.qty, r.user_id) == got:
             continue
         placed, ended = fold.placed_at.get(rid), fold.ended_at.get(rid)
         records.append(
@@ -134,11 +150,6 @@ def plan_repair(sale_id: str, fold: RowFold, snap: SaleSnapshot) -> SaleRepair:
                 ended_at_ms=to_ms(ended) if ended and r.status != "pending" else None,
             )
         )
-    deadlines = {
-        rid: to_ms(r.expires_at)
-        for rid, r in sorted(state.reservations.items())
-        if r.status == "pending" and r.expires_at
-    }
     return SaleRepair(sale_id, snap.last_id, fields, holders, records, deadlines)
 
 
@@ -152,7 +163,7 @@ async def repair_redis(
 ) -> RepairReport:
     """Compare every sale of the log (or one) with Redis and rewrite those that differ."""
     report = RepairReport(dry_run=dry_run)
-    reader = LogReader(gateway, pool)
+    reader = LogReader(gateway, pool, LOG_CHUNK)
     whole = await read_whole_log(reader, gateway.partitions)
     by_sale = whole.by_sale()
     for name in sorted(by_sale) if sale_id is None else [sale_id]:
@@ -160,7 +171,7 @@ async def repair_redis(
         outcome = SaleOutcome(name, NOT_REPAIRED, note="the stream kept moving; run it again")
         for attempt in range(1, attempts + 1):
             outcome.attempts = attempt
-            snap = await gateway.snapshot_sale(name)
+            snap = await gateway.snapshot_sale(name, LogTail(reader))
             upto = parse_stream_id(snap.last_id)
             fold = RowFold()
             tail = await read_sale_tail(

@@ -202,8 +202,12 @@ async def test_a_sale_wiped_from_redis_is_rebuilt_with_its_deadlines(
     assert (await verify(gateway, pool)).clean
     assert await gateway.get_sale("sale-1") == before
     assert await redis_client.zrange(k.deadlines, 0, -1, withscores=True) == deadlines_before
-    view = await gateway.get_reservation(sales.rid("sale-1", "user-0"))
-    assert view is not None and view.status == "confirmed"
+    view = await gateway.get_reservation(sales.rid("sale-1", "user-2"))
+    assert view is not None and view.status == "pending"
+    # Final reservations absent from Redis count as pruned (the archive holds them): the
+    # repair leaves them out rather than bringing them back.
+    for user in ("user-0", "user-1"):
+        assert await gateway.get_reservation(sales.rid("sale-1", user)) is None
 
 
 async def test_repair_is_fenced_on_the_log_position_it_folded(
@@ -228,11 +232,11 @@ async def test_repair_folds_again_when_a_reservation_slips_in(
 
         raced = False
 
-        async def repair_sale(self, repair: SaleRepair) -> str | None:
+        async def repair_sale(self, repair: SaleRepair, chunk: int = 500) -> str | None:
             if not self.raced:
                 self.raced = True
                 await gateway.reserve("sale-2", "racer", 1, None)
-            return await super().repair_sale(repair)
+            return await super().repair_sale(repair, chunk)
 
     await redis_client.hincrby(keys("sale-2").sale("sale-2"), "remaining", 2)
     busy = Busy(redis_client, 4, 3600)
@@ -242,6 +246,82 @@ async def test_repair_folds_again_when_a_reservation_slips_in(
     assert (await verify(gateway, pool)).differences == []  # racer's purchase kept, drift gone
     racer = await gateway.snapshot_sale("sale-2")
     assert racer.holders["racer"] == 1
+
+
+async def test_repair_writes_a_large_repair_in_fenced_parts(
+    sales: Sales, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    """Parts of two reservations each; a purchase lands between two parts: the parts before
+    it stay written (correct at the position they were fenced on), the rest is refused,
+    and the repair folds again and writes what still differs."""
+
+    class Parts(RedisGateway):
+        calls = 0
+
+        async def repair_sale(self, repair: SaleRepair, chunk: int = 500) -> str | None:
+            return await super().repair_sale(repair, chunk=2)
+
+        async def _repair_part(self, repair: SaleRepair) -> str | None:
+            self.calls += 1
+            if self.calls == 2:
+                await gateway.reserve("sale-2", "racer", 1, None)
+            return await super()._repair_part(repair)
+
+    k = keys("sale-2")
+    for user in ("user-2", "user-3", "user-4", "user-5"):
+        await redis_client.hset(k.reservation(sales.rid("sale-2", user)), "status", "expired")
+    parts = Parts(redis_client, 4, 3600)
+    (outcome,) = (await repair_redis(parts, pool, "sale-2")).outcomes
+    assert (outcome.status, outcome.attempts, parts.calls) == ("repaired", 2, 3)
+    assert (await verify(gateway, pool)).differences == []
+    assert (await gateway.snapshot_sale("sale-2")).holders["racer"] == 1
+
+
+async def test_final_reservations_pruned_from_redis_are_not_drift(
+    sales: Sales, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    """Once archived, confirmed, cancelled and expired reservations leave Redis: verify
+    does not call that drift, and repair does not bring them back."""
+    k = keys("sale-1")
+    pruned = [sales.rid("sale-1", "user-0"), sales.rid("sale-1", "user-1")]  # confirmed, cancelled
+    for rid in pruned:
+        await redis_client.delete(k.reservation(rid))
+        await redis_client.srem(k.reservations("sale-1"), rid)
+
+    assert (await verify(gateway, pool)).clean
+    dry = await repair_redis(gateway, pool, dry_run=True)
+    assert dry.clean and dry.count("clean") == 2
+
+    await redis_client.hincrby(k.sale("sale-1"), "remaining", 1)  # a drift to repair
+    (outcome,) = (await repair_redis(gateway, pool, "sale-1")).outcomes
+    assert [d.field for d in outcome.differences] == ["remaining"]
+    assert outcome.status == "repaired"
+    for rid in pruned:
+        assert await gateway.get_reservation(rid) is None
+        assert not await redis_client.sismember(k.reservations("sale-1"), rid)
+    assert (await verify(gateway, pool)).clean
+
+
+async def test_a_pending_reservation_missing_from_redis_is_drift_and_restored(
+    sales: Sales, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    k = keys("sale-1")
+    rid = sales.rid("sale-1", "user-2")
+    deadline = await redis_client.zscore(k.deadlines, rid)
+    await redis_client.delete(k.reservation(rid))
+    await redis_client.srem(k.reservations("sale-1"), rid)
+    await redis_client.zrem(k.deadlines, rid)
+
+    report = await verify(gateway, pool)
+    assert [(d.field, d.expected, d.actual) for d in report.differences] == [
+        (f"reservation:{rid}", ("pending", 1, "user-2"), None)
+    ]
+    (outcome,) = (await repair_redis(gateway, pool, "sale-1")).outcomes
+    assert outcome.status == "repaired"
+    view = await gateway.get_reservation(rid)
+    assert view is not None and (view.status, view.user_id) == ("pending", "user-2")
+    assert await redis_client.zscore(k.deadlines, rid) == deadline
+    assert (await verify(gateway, pool)).clean
 
 
 async def test_repair_needs_the_redis_flag(settings: Settings):

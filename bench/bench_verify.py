@@ -1,0 +1,196 @@
+"""Benchmark: how long the replay tools keep Redis busy on one big sale.
+
+Run:  .venv/bin/python -m bench.bench_verify [--reservations 1000000]
+
+Opens one sale on fresh embedded servers and fills it with real reservations (the reserve
+script, pipelined EVALSHA in batches, one user each), then runs each tool with Redis's
+SLOWLOG recording every command over 1 ms, and prints per tool its total time and the
+slowest commands SLOWLOG saw. While one command runs, every purchase on that Redis waits,
+so the slowest command is the figure that matters for a live sale. Tools, in order:
+rebuild (which also archives the log, so verify finds PostgreSQL complete), verify,
+repair --redis --dry-run, repair of a small drift, expiry, consumer health (what /metrics
+reads), then stream retention (last: it trims the streams). Prints figures; asserts
+nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+import core
+from consumers.health import read_health
+from consumers.retention import trim_streams
+from core.gateway import RedisGateway
+from core.keys import CONSUMER_GROUP, PartitionKeys
+from core.launcher import embedded_servers
+from core.models import NewSale
+from core.settings import Settings
+from projections.db import open_pool
+from projections.rebuild import rebuild
+from projections.repair import repair_redis
+from projections.replay import verify
+
+SALE = "big-sale"
+SLOWER_THAN_US = 1000
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def fill(gateway: RedisGateway, reservations: int, batch: int = 2000) -> None:
+    """Open the sale and place ``reservations`` reservations of one unit, one user each."""
+    await gateway.create_sale(
+        NewSale(sale_id=SALE, stock=reservations, per_user_limit=1, hold_seconds=86_400)
+    )
+    keys = gateway.keys_for_sale(SALE)
+    script = gateway._reserve  # the production script, as the gateway runs it
+    await gateway.load_scripts()
+    started = time.perf_counter()
+    for start in range(0, reservations, batch):
+        async with gateway.client.pipeline(transaction=False) as pipe:
+            for n in range(start, min(start + batch, reservations)):
+                rid = f"{keys.partition}-{uuid.uuid4().hex}"
+                pipe.evalsha(
+                    script.sha,
+                    7,
+                    keys.sale(SALE),
+                    keys.holders(SALE),
+                    keys.idempotency(SALE, f"u{n}", ""),
+                    keys.reservation(rid),
+                    keys.reservations(SALE),
+                    keys.deadlines,
+                    keys.events,
+                    uuid.uuid4().hex,
+                    SALE,
+                    f"u{n}",
+                    1,
+                    rid,
+                    3600,
+                    "",
+                )
+            await pipe.execute()
+    print(
+        f"placed {reservations:,} reservations in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
+
+
+async def measure(
+    client: aioredis.Redis, scripts: dict[str, str], name: str, tool: Callable[[], Awaitable[str]]
+) -> None:
+    """Run ``tool`` with a fresh SLOWLOG; print its time, result and slowest commands."""
+    await client.slowlog_reset()
+    started = time.perf_counter()
+    outcome = await tool()
+    seconds = time.perf_counter() - started
+    entries = await client.slowlog_get(10_000)
+    slow = sorted(entries, key=lambda e: -int(e["duration"]))
+    if slow:
+        worst = ", ".join(
+            f"{int(e['duration']) / 1000:.1f} ms {_command(e['command'], scripts)}"
+            for e in slow[:3]
+        )
+    else:
+        worst = f"none over {SLOWER_THAN_US / 1000:g} ms"
+    print(f"{name:<28} {seconds:7.1f} s  {outcome:<34} slowest: {worst}  ({len(slow)} over 1 ms)")
+
+
+def _command(raw: Any, scripts: dict[str, str]) -> str:
+    words = _text(raw).split()
+    if words and words[0].upper() == "EVALSHA" and len(words) > 1:
+        return f"EVALSHA({scripts.get(words[1], words[1][:8])})"
+    return words[0].upper() if words else "?"
+
+
+async def run(settings: Settings, reservations: int) -> None:
+    """Fill the sale, then measure each tool."""
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    pool = await open_pool(settings.database_url or "", 4)
+    gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+    scripts = {
+        s.sha: name.removeprefix("_")
+        for name, s in vars(gateway).items()
+        if hasattr(s, "sha") and hasattr(s, "script")
+    }
+    print(f"code from {core.__file__}", file=sys.stderr)
+    try:
+        await client.config_set("slowlog-log-slower-than", SLOWER_THAN_US)
+        await client.config_set("slowlog-max-len", 100_000)
+        await fill(gateway, reservations)
+        for p in range(settings.partitions):
+            await client.xgroup_create(
+                PartitionKeys(p).events, CONSUMER_GROUP, id="$", mkstream=True
+            )
+
+        async def do_rebuild() -> str:
+            r = await rebuild(gateway, pool)
+            return f"{r.orders:,} orders"
+
+        async def do_verify() -> str:
+            r = await verify(gateway, pool)
+            return f"clean={r.clean} diffs={len(r.differences)}"
+
+        async def do_dry_run() -> str:
+            r = await repair_redis(gateway, pool, dry_run=True)
+            return f"clean={r.clean}"
+
+        async def do_repair() -> str:
+            k = gateway.keys_for_sale(SALE)
+            rids = [_text(x) for x in await client.srandmember(k.reservations(SALE), 20)]
+            async with client.pipeline(transaction=False) as pipe:
+                for rid in rids[:10]:
+                    pipe.hset(k.reservation(rid), "status", "cancelled")
+                for rid in rids[10:]:
+                    pipe.srem(k.reservations(SALE), rid)
+                pipe.hincrby(k.sale(SALE), "remaining", 7)
+                await pipe.execute()
+            r = await repair_redis(gateway, pool)
+            after = await verify(gateway, pool)
+            return f"repaired={r.count('repaired')} then clean={after.clean}"
+
+        async def do_expiry() -> str:
+            expired = [await gateway.expire_due(p) for p in range(settings.partitions)]
+            return f"expired {sum(e for e, _ in expired)}"
+
+        async def do_health() -> str:
+            health = await read_health(client, settings.partitions)
+            return f"{len(health.groups)} groups"
+
+        async def do_retention() -> str:
+            trimmed = await trim_streams(client, pool, settings.partitions)
+            return f"trimmed {sum(t.trimmed for t in trimmed):,}"
+
+        print(f"one sale, {reservations:,} reservations; per tool: time, result, SLOWLOG")
+        await measure(client, scripts, "rebuild", do_rebuild)
+        await measure(client, scripts, "verify", do_verify)
+        await measure(client, scripts, "repair --redis --dry-run", do_dry_run)
+        await measure(client, scripts, "repair --redis (20 drifts)", do_repair)
+        await measure(client, scripts, "expiry (nothing due)", do_expiry)
+        await measure(client, scripts, "consumer health (/metrics)", do_health)
+        await measure(client, scripts, "retention", do_retention)
+    finally:
+        await pool.close()
+        await client.aclose()
+
+
+def main() -> None:
+    """Entry point: parse the flags, start embedded servers, run."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reservations", type=int, default=1_000_000)
+    args = parser.parse_args()
+    with embedded_servers(None, None) as urls:
+        settings = Settings(redis_url=urls.redis_url, database_url=urls.database_url)
+        asyncio.run(run(settings, args.reservations))
+
+
+if __name__ == "__main__":
+    main()
