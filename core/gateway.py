@@ -33,12 +33,15 @@ log = structlog.get_logger(__name__)
 
 _V = TypeVar("_V")
 
-# Most items (holders, reservations, stream entries) one command of a sale snapshot or
-# repair reads or writes: about a millisecond of Redis time each (see bench/bench_verify.py).
-SNAPSHOT_CHUNK = 1000
-REPAIR_CHUNK = 500
-# Stream entries the fence script parses itself; more and the client reads the log first.
-FENCE_TAIL = 500
+# Bounds on the work of one Redis command of a sale snapshot or repair, each about half a
+# millisecond of Redis time or less (see bench/bench_verify.py): items per HSCAN/SSCAN and
+# most values re-read atomically by the fence; reservations per read_reservations.lua call;
+# stream entries the fence script parses itself (more, and the client reads the log first);
+# items per repair_sale.lua call.
+SNAPSHOT_CHUNK = 500
+READ_BATCH = 100
+FENCE_TAIL = 200
+REPAIR_CHUNK = 200
 SNAPSHOT_ROUNDS = 8
 
 
@@ -250,6 +253,7 @@ class RedisGateway:
         self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
         self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
         self._fence: AsyncScript = client.register_script(load_lua("fence_sale"))
+        self._read_batch: AsyncScript = client.register_script(load_lua("read_reservations"))
         self._confirm: AsyncScript = client.register_script(load_lua("confirm"))
         self._cancel: AsyncScript = client.register_script(load_lua("cancel"))
         self._expire: AsyncScript = client.register_script(load_lua("expire"))
@@ -263,6 +267,7 @@ class RedisGateway:
             self._create_sale,
             self._reserve,
             self._fence,
+            self._read_batch,
             self._confirm,
             self._cancel,
             self._expire,
@@ -673,21 +678,22 @@ class RedisGateway:
         deadlines: dict[str, int],
     ) -> None:
         """Read the reservations ``ids`` (membership, hash, deadline) into the mappings,
-        pipelined: one command per reservation plus two for the whole batch."""
-        if not ids:
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.smismember(keys.reservations(sale_id), ids)
-            pipe.zmscore(keys.deadlines, ids)
-            for rid in ids:
-                pipe.hmget(keys.reservation(rid), "status", "qty", "user_id")
-            members, scores, *records = await pipe.execute()
-        for rid, member, score, (status, qty, user) in zip(
-            ids, members, scores, records, strict=True
-        ):
-            record = (_text(status or ""), int(qty or 0), _text(user or ""))
-            _keep(reservations, rid, record if member else None)
-            _keep(deadlines, rid, int(score) if score is not None else None)
+        ``READ_BATCH`` per ``read_reservations.lua`` call."""
+        for start in range(0, len(ids), READ_BATCH):
+            part = ids[start : start + READ_BATCH]
+            flat = await self._read_batch(
+                keys=[
+                    keys.reservations(sale_id),
+                    keys.deadlines,
+                    *(keys.reservation(rid) for rid in part),
+                ],
+                args=part,
+            )
+            got = [_text(x) for x in flat]
+            for j, rid in enumerate(part):
+                member, status, qty, user, score = got[5 * j : 5 * j + 5]
+                _keep(reservations, rid, (status, int(qty or 0), user) if member == "1" else None)
+                _keep(deadlines, rid, _score(score))
 
     async def _fence_sale(
         self,
