@@ -7,7 +7,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 import pytest
@@ -17,10 +17,13 @@ from core.gateway import RedisGateway, load_lua
 from core.keys import PartitionKeys
 from core.launcher import EmbeddedRedis
 from core.models import NewSale
+from core.settings import Settings
 from projections.fold import fold
+from projections.log import LogReader
 from projections.projector import parse_stream_id
 from projections.repair import repair_redis
-from projections.replay import compare_redis, read_log, verify
+from projections.replay import LogTail, compare_redis, read_log, verify
+from tests.test_verify import project_all
 
 SLOW_US = 10_000  # the goal: no command of flashsale over 10 ms
 RESERVATIONS = 100_000
@@ -221,3 +224,50 @@ async def test_a_snapshot_under_endless_load_is_consistent_at_its_position(
     assert state.held == 30 + len(gateway.placed)  # every reservation is inside the position
     assert compare_redis("busy", state, snap) == []
     assert snap.holders[f"busy-{len(gateway.placed) - 1}"] == 1
+
+
+async def test_a_trim_racing_the_snapshot_is_read_from_the_archive(
+    redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+):
+    """Retention trims the stream right before the fence, past the position the snapshot
+    read the log to: the fence says so, and the events it trimmed are read from the archive."""
+
+    class Trimmed(RedisGateway):
+        raced = False
+        fences: ClassVar[list[bool]] = []  # each fence: settled (True) or the stream was ahead
+
+        async def _fence_sale(
+            self,
+            keys: PartitionKeys,
+            sale_id: str,
+            position: str,
+            users: set[str],
+            rids: set[str],
+            tail_limit: int,
+        ) -> Any:
+            if not self.raced:
+                self.raced = True
+                await self.reserve(sale_id, "trimmed-buyer", 1, None)
+                await self.reserve(sale_id, "kept-buyer", 1, None)
+                await project_all(redis_client, pool, settings)
+                newest = await redis_client.xrevrange(keys.events, "+", "-", count=1) or []
+                await redis_client.xtrim(keys.events, minid=newest[0][0], approximate=False)
+            fenced = await super()._fence_sale(keys, sale_id, position, users, rids, tail_limit)
+            self.fences.append(fenced is not None)
+            return fenced
+
+    gateway = Trimmed(redis_client, 4, 3600)
+    await gateway.create_sale(NewSale(sale_id="trim", stock=100, per_user_limit=1))
+    for n in range(5):
+        await gateway.reserve("trim", f"early-{n}", 1, None)
+    await project_all(redis_client, pool, settings)
+
+    reader = LogReader(gateway, pool)
+    snap = await gateway.snapshot_sale("trim", LogTail(reader))
+    assert gateway.fences == [False, True]
+    assert {"trimmed-buyer", "kept-buyer"} <= set(snap.holders)
+    log = await read_log(gateway, pool=pool)
+    upto = parse_stream_id(snap.last_id)
+    state = fold(e.event for p in log.values() for e in p if e.position <= upto)["trim"]
+    assert compare_redis("trim", state, snap) == []
+    assert (await verify(gateway, pool)).clean
