@@ -34,13 +34,13 @@ log = structlog.get_logger(__name__)
 _V = TypeVar("_V")
 
 # Bounds on the work of one Redis command of a sale snapshot or repair, each about half a
-# millisecond of Redis time or less (see bench/bench_verify.py): items per HSCAN/SSCAN and
-# most values re-read atomically by the fence; reservations per read_reservations.lua call;
-# stream entries the fence script parses itself (more, and the client reads the log first);
-# items per repair_sale.lua call.
+# millisecond of Redis time or less (see bench/bench_verify.py): items per HSCAN/SSCAN;
+# reservations per read_reservations.lua call; values re-read by the fence script, and
+# stream entries it parses itself (more, and the client reads them first); items per
+# repair_sale.lua call.
 SNAPSHOT_CHUNK = 500
 READ_BATCH = 100
-FENCE_TAIL = 200
+FENCE_LIMIT = 200
 REPAIR_CHUNK = 200
 SNAPSHOT_ROUNDS = 8
 
@@ -571,12 +571,14 @@ class RedisGateway:
 
         No command reads more than ``chunk`` items, so a sale of any size never blocks
         Redis for long: note the stream's last id L0, read the holders (HSCAN) and the
-        reservations (SSCAN, then their hashes and deadlines, pipelined) in chunks, then
-        ask ``sale_log`` (default: the stream alone) what the sale's events after L0
-        touched. A value read in chunks and not touched since L0 is still valid; the
-        touched ones are re-read, with the sale hash, by ``fence_sale.lua`` in one atomic
-        step at the stream's last id, which it returns as ``last_id``. While more than
-        ``chunk`` values are touched, they are first re-read in chunks again. Up to
+        reservations (SSCAN, then their hashes and deadlines through
+        ``read_reservations.lua``) in chunks, then ask ``sale_log`` (default: the stream
+        alone; pass one that also reads the archive when streams are trimmed) what the
+        sale's events after L0 touched. A value read in chunks and not touched since L0 is
+        still valid; the touched ones are re-read, with the sale hash, by
+        ``fence_sale.lua`` in one atomic step at the stream's last id, which it returns as
+        ``last_id``. While more than ``FENCE_LIMIT`` values are touched, they are first
+        re-read in chunks again, and the log is asked what changed meanwhile. Up to
         ``rounds`` rounds; if the sale's newest reservations keep changing until the end,
         the few the last fence could not re-read are returned as ``unsettled``.
         """
@@ -605,7 +607,7 @@ class RedisGateway:
             position = touched.position
             users |= touched.users
             rids |= touched.reservations
-            if len(users) + len(rids) > chunk:
+            if len(users) + len(rids) > FENCE_LIMIT:
                 # Too many to re-read atomically: re-read them in chunks, then see what the
                 # log touched meanwhile (fewer, unless the sale outruns the reads).
                 settled = None
@@ -619,7 +621,7 @@ class RedisGateway:
                     raise InfrastructureError(f"redis snapshot failed: {e}") from e
                 users, rids = set(), set()
                 continue
-            fenced = await self._fence_sale(keys, sale_id, position, users, rids, FENCE_TAIL)
+            fenced = await self._fence_sale(keys, sale_id, position, users, rids, FENCE_LIMIT)
             if fenced is None:
                 continue  # the stream ran ahead of the log read: read on, then fence again
             last_id, counters, quantities, reread, unread = fenced

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from core.gateway import RedisGateway, load_lua
+from core.gateway import FENCE_LIMIT, RedisGateway, load_lua
 from core.keys import PartitionKeys
 from core.launcher import EmbeddedRedis
 from core.models import NewSale
@@ -271,3 +271,41 @@ async def test_a_trim_racing_the_snapshot_is_read_from_the_archive(
     state = fold(e.event for p in log.values() for e in p if e.position <= upto)["trim"]
     assert compare_redis("trim", state, snap) == []
     assert (await verify(gateway, pool)).clean
+
+
+async def test_many_changes_during_the_read_are_read_again_in_chunks_first(
+    redis_client: aioredis.Redis,
+):
+    """More values change during the chunked read than the fence may re-read at once: they
+    are read again in chunks, then the few changed meanwhile are settled by the fence."""
+
+    class Rush(RedisGateway):
+        reads: ClassVar[list[int]] = []
+
+        async def _read_reservations(
+            self,
+            keys: PartitionKeys,
+            sale_id: str,
+            ids: list[str],
+            reservations: dict[str, tuple[str, int, str]],
+            deadlines: dict[str, int],
+        ) -> None:
+            if not self.reads:
+                for n in range(FENCE_LIMIT + 50):
+                    await self.reserve(sale_id, f"rush-{n}", 1, None)
+            self.reads.append(len(ids))
+            await super()._read_reservations(keys, sale_id, ids, reservations, deadlines)
+
+    gateway = Rush(redis_client, 4, 3600)
+    await gateway.create_sale(NewSale(sale_id="rush", stock=10_000, per_user_limit=1))
+    for n in range(20):
+        await gateway.reserve("rush", f"early-{n}", 1, None)
+
+    snap = await gateway.snapshot_sale("rush")
+    assert gateway.reads[0] == 20 and sum(gateway.reads[1:]) == FENCE_LIMIT + 50
+    assert not snap.unsettled
+    log = await read_log(gateway)
+    upto = parse_stream_id(snap.last_id)
+    state = fold(e.event for p in log.values() for e in p if e.position <= upto)["rush"]
+    assert state.held == 20 + FENCE_LIMIT + 50
+    assert compare_redis("rush", state, snap) == []
