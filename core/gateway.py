@@ -185,8 +185,9 @@ class ReservationRecord:
 class SaleRepair:
     """What to write into one sale's Redis keys, folded from the log up to ``last_id``.
 
-    ``holders`` maps user -> qty (0 removes the user); ``deadlines`` maps each pending
-    reservation to its expiry in ms.
+    ``holders`` maps user -> qty (0 removes the user); ``deadlines`` maps a reservation
+    to its expiry in ms (0 removes it from the deadlines zset). Only what differs from
+    Redis need be listed; the fields are written whole.
     """
 
     sale_id: str

@@ -208,8 +208,9 @@ def compare_redis(sale_id: str, expected: SaleState, snap: SaleSnapshot) -> list
     """Differences between the fold and a Redis snapshot of one sale.
 
     A reservation the fold calls final (confirmed, cancelled, expired) and Redis does not
-    hold was pruned once archived: not a difference. One Redis holds must match the fold,
-    and a pending one must be there. Reservations the snapshot could not settle are skipped.
+    hold was pruned once archived: not a difference. A reservation Redis holds must match
+    the fold, and a pending one must be there. Reservations the snapshot could not settle
+    (``SaleSnapshot.unsettled``) are skipped.
     """
     diffs: list[Difference] = []
     if not snap.exists:
