@@ -116,7 +116,7 @@ async def measure(
     means = {
         k.removeprefix("cmdstat_"): float(v["usec_per_call"])
         for k, v in stats.items()
-        if k not in ("cmdstat_slowlog", "cmdstat_info", "cmdstat_config")
+        if k.partition("|")[0] not in ("cmdstat_slowlog", "cmdstat_info", "cmdstat_config")
     }
     heaviest = max(means, key=lambda k: means[k], default="-")
     mean = f"{heaviest} {means.get(heaviest, 0) / 1000:.2f} ms" if means else "-"
