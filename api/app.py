@@ -28,6 +28,7 @@ from core.errors import (
     NotReplicated,
     RejectedError,
     ReservationNotFound,
+    ReservationOutcomeUnknown,
     SaleNotFound,
 )
 from core.gateway import RedisGateway
@@ -216,12 +217,20 @@ async def reserve(request: web.Request) -> web.Response:
         response.headers["Retry-After"] = "1"
         response.headers["Location"] = f"/v1/reservations/{e.reservation_id}"
         return response
+    except ReservationOutcomeUnknown as e:
+        # Redis stayed silent after retries: the buyer looks this id up before trying again.
+        metrics.reservations.labels(e.code).inc()
+        title = "Service temporarily unavailable"
+        response = problem(503, e.code, title, str(e), reservation_id=e.reservation_id)
+        response.headers["Retry-After"] = "1"
+        response.headers["Location"] = f"/v1/reservations/{e.reservation_id}"
+        return response
     finally:
         inflight[0] -= 1
         metrics.inflight.dec()
     if placed.replayed:
         metrics.reservations.labels("replayed").inc()
-        view = await request.app[GATEWAY].get_reservation(placed.reservation_id)
+        view = placed.view
         if view is None:
             raise ReservationNotFound("the reservation of this Idempotency-Key is gone")
         if view.qty != body.qty or view.sale_id != sale_id:
@@ -252,6 +261,20 @@ async def get_reservation(request: web.Request) -> web.Response:
     if view is None or (user_id is not None and view.user_id != user_id):
         raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
     return web.json_response(view.model_dump(mode="json"))
+
+
+async def my_reservations(request: web.Request) -> web.Response:
+    """GET /v1/sales/{sale_id}/reservations/mine (buyer): every reservation the buyer placed
+    in the sale, whatever its status, oldest first; how a buyer whose answer was lost finds
+    out what they hold."""
+    user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)
+    sale_id = sale_id_of(request)
+    views = await request.app[GATEWAY].reservations_of(sale_id, user_id)
+    if views is None:
+        raise SaleNotFound(f"no sale {sale_id!r}")
+    return web.json_response(
+        {"sale_id": sale_id, "reservations": [v.model_dump(mode="json") for v in views]}
+    )
 
 
 async def _reservation_answer(request: web.Request, rid: str, changed: bool) -> web.Response:
@@ -380,6 +403,7 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     app.router.add_post("/v1/sales", create_sale)
     app.router.add_get("/v1/sales/{sale_id}", get_sale)
     app.router.add_post("/v1/sales/{sale_id}/reservations", reserve)
+    app.router.add_get("/v1/sales/{sale_id}/reservations/mine", my_reservations)
     app.router.add_get("/v1/reservations/{reservation_id}", get_reservation)
     app.router.add_post("/v1/reservations/{reservation_id}/confirm", confirm_reservation)
     app.router.add_post("/v1/reservations/{reservation_id}/cancel", cancel_reservation)

@@ -107,6 +107,18 @@ SPEC: dict[str, Any] = {
                     "expires_at": {"type": "string", "format": "date-time"},
                 },
             },
+            "MyReservations": {
+                "type": "object",
+                "required": ["sale_id", "reservations"],
+                "properties": {
+                    "sale_id": {"type": "string"},
+                    "reservations": {
+                        "type": "array",
+                        "description": "oldest first, whatever their status",
+                        "items": {"$ref": "#/components/schemas/Reservation"},
+                    },
+                },
+            },
             "ReservationChange": _with_changed(
                 "Reservation", "The reservation after a confirm or cancel call."
             ),
@@ -164,7 +176,20 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("ReservationRequest", required=False),
                 "responses": {
                     "202": _json("Placed", "reservation held"),
+                    # 503 unavailable after Redis stayed silent: the problem carries the
+                    # reservation_id that was tried (and a Location); look it up first.
                     **_problems(400, 401, 404, 409, 413, 415, 422, 429, 503),
+                },
+            }
+        },
+        "/v1/sales/{sale_id}/reservations/mine": {
+            "get": {
+                "summary": "The caller's reservations in a sale, whatever their status (buyer).",
+                "security": _BUYER,
+                "parameters": [SALE_ID],
+                "responses": {
+                    "200": _json("MyReservations", "the buyer's reservations"),
+                    **_problems(401, 404, 503),
                 },
             }
         },

@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import (
     REJECTIONS,
     InfrastructureError,
     NotReplicated,
     ReservationNotFound,
+    ReservationOutcomeUnknown,
     SaleExists,
     SoldOut,
 )
-from core.events import to_ms
+from core.events import from_ms, to_ms
 from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of, partition_of_reservation
 from core.models import NewSale, ReservationView, SaleStatus, SaleView
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Errors after which a command may or may not have run: its reply was lost.
+LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
+# How long a state-changing script remembers an operation id's outcome: far longer than
+# any retry of the same call, short enough that the records take little memory.
+OPERATION_TTL_SECONDS = 300
 
 
 def load_lua(name: str) -> str:
@@ -41,7 +53,7 @@ def _text(value: Any) -> str:
 
 
 def _from_ms(value: Any) -> datetime:
-    return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+    return from_ms(int(value))
 
 
 def _record(r: ReservationRecord) -> tuple[Any, ...]:
@@ -49,13 +61,44 @@ def _record(r: ReservationRecord) -> tuple[Any, ...]:
     return (r.reservation_id, r.status, r.qty, r.user_id, r.created_at_ms, r.expires_at_ms, ended)
 
 
+def _reservation_view(reservation_id: str, raw: dict[Any, Any]) -> ReservationView:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    return ReservationView(
+        reservation_id=reservation_id,
+        sale_id=fields["sale_id"],
+        user_id=fields["user_id"],
+        qty=int(fields["qty"]),
+        status=fields["status"],
+        expires_at=_from_ms(fields["expires_at"]),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """Outcome of a successful reserve call."""
+    """Outcome of a successful reserve call.
+
+    ``replayed``: the Idempotency-Key was used by an earlier request, and ``view`` is that
+    request's reservation as it is now (None if it is gone); otherwise ``expires_at`` is the
+    new placement's deadline.
+    """
 
     reservation_id: str
     replayed: bool
     expires_at: datetime | None
+    view: ReservationView | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the gateway retries a call whose reply was lost, with the same ids each time.
+
+    At most ``attempts`` tries, sleeping ``backoff`` seconds (doubled each time) between
+    them, and no new try once ``deadline`` seconds have passed since the first.
+    """
+
+    attempts: int = 4
+    backoff: float = 0.02
+    deadline: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +206,10 @@ class RedisGateway:
         *,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.client = client
+        self.retry = retry or RetryPolicy()
         self.partitions = partitions
         self.idempotency_ttl = idempotency_ttl
         # Replicas that must acknowledge a placement (Redis WAIT) before reserve returns.
@@ -208,36 +253,66 @@ class RedisGateway:
         """Every partition's event stream, in partition order."""
         return [PartitionKeys(p).events for p in range(self.partitions)]
 
-    async def _run(
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run ``call`` until it answers, again after a lost reply, within ``self.retry``.
+
+        Only for calls that are safe to repeat: reads, and scripts run with the same ids.
+        Raises ``InfrastructureError`` when Redis fails otherwise or the budget runs out.
+        """
+        started = time.monotonic()
+        delay = self.retry.backoff
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except LOST_REPLY as e:
+                spent = time.monotonic() - started
+                if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
+                    raise InfrastructureError(
+                        f"{what}: no reply from redis after {attempt} attempts: {e}"
+                    ) from e
+                log.warning("redis_reply_lost", what=what, attempt=attempt, error=str(e))
+            except RedisError as e:
+                raise InfrastructureError(f"{what} failed: {e}") from e
+            await asyncio.sleep(delay)
+            delay *= 2
+            attempt += 1
+
+    async def _call(
         self,
         script: AsyncScript,
         keys: list[str],
         args: list[Any],
         client: aioredis.Redis | None = None,
     ) -> list[str]:
-        try:
-            reply = await script(keys=keys, args=args, client=client)
-        except RedisError as e:
-            raise InfrastructureError(f"redis script failed: {e}") from e
+        """One run of a script; raises the script's rejection, lets Redis errors through."""
+        reply = await script(keys=keys, args=args, client=client)
         result = [_text(item) for item in reply]
         if result[0] == "err":
             raise REJECTIONS[result[1]]()
         return result
 
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> list[str]:
+        """Run a script, again with the same arguments after a lost reply (every
+        state-changing script answers a repeated run with its first outcome)."""
+        return await self._retrying(lambda: self._call(script, keys, args), "redis script")
+
     async def create_sale(self, sale: NewSale) -> SaleView:
         """Open a sale; raises ``SaleExists`` if the id is taken."""
         keys = self.keys_for_sale(sale.sale_id)
+        operation = uuid.uuid4().hex
         await self._run(
             self._create_sale,
-            [keys.sale(sale.sale_id), keys.events],
+            [keys.sale(sale.sale_id), keys.events, keys.operation(operation)],
             [
-                uuid.uuid4().hex,
+                operation,
                 sale.sale_id,
                 sale.stock,
                 sale.per_user_limit,
                 to_ms(sale.starts_at) if sale.starts_at else "",
                 to_ms(sale.ends_at) if sale.ends_at else "",
                 sale.hold_seconds,
+                OPERATION_TTL_SECONDS,
             ],
         )
         log.info("sale_created", sale_id=sale.sale_id, stock=sale.stock)
@@ -255,6 +330,10 @@ class RedisGateway:
         that Redis just called sold out is answered ``SoldOut`` from memory for a short
         while (see ``SoldOutHints``), except for requests with an Idempotency-Key, whose
         retry must find the reservation it may already have.
+
+        The reservation id is chosen here, so a call whose reply was lost is run again with
+        the same id and answers the placement it made. When Redis stays silent beyond the
+        retry budget, ``ReservationOutcomeUnknown`` names the id, for the buyer to look up.
         """
         if idempotency_key is None and self.sold_out_hints.says_sold_out(sale_id, qty):
             raise SoldOut()
@@ -267,9 +346,18 @@ class RedisGateway:
         except SoldOut:
             self.sold_out_hints.remember(sale_id, qty)
             raise
-        replayed = result[3] == "1"
-        expires_at = None if replayed else _from_ms(result[2])
-        return Placed(reservation_id=result[1], replayed=replayed, expires_at=expires_at)
+        except NotReplicated:
+            raise
+        except InfrastructureError as e:
+            log.warning("reservation_outcome_unknown", reservation_id=reservation_id, error=str(e))
+            raise ReservationOutcomeUnknown(reservation_id, str(e)) from e
+        if result[3] == "1":
+            view = await self.get_reservation(result[1])
+            # A key naming this call's own id was stored by an earlier run of this call.
+            if result[1] != reservation_id or view is None:
+                return Placed(reservation_id=result[1], replayed=True, expires_at=None, view=view)
+            return Placed(reservation_id=result[1], replayed=False, expires_at=view.expires_at)
+        return Placed(reservation_id=result[1], replayed=False, expires_at=_from_ms(result[2]))
 
     async def _reserve_script(
         self,
@@ -288,6 +376,7 @@ class RedisGateway:
             keys.reservations(sale_id),
             keys.deadlines,
             keys.events,
+            keys.user_reservations(sale_id, user_id),
         ]
         args: list[Any] = [
             uuid.uuid4().hex,
@@ -297,9 +386,12 @@ class RedisGateway:
             reservation_id,
             self.idempotency_ttl,
             "1" if idempotency_key else "",
+            "1" if self.wait_replicas else "",
         ]
         if self.wait_replicas:
-            return await self._reserve_replicated(script_keys, args)
+            return await self._retrying(
+                lambda: self._reserve_replicated(script_keys, args), "redis reserve and WAIT"
+            )
         return await self._run(self._reserve, script_keys, args)
 
     async def _reserve_replicated(self, keys: list[str], args: list[Any]) -> list[str]:
@@ -307,18 +399,13 @@ class RedisGateway:
 
         Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
         the primary all the same. WAIT covers the writes of its own connection only, so
-        both run on one; a replayed Idempotency-Key writes nothing, so the key is written
-        again as it is (same value, same time-to-live), which puts the connection past the
-        first placement's write and makes WAIT cover that too.
+        both run on one; an answer that places nothing (a replayed Idempotency-Key, or a
+        repeated run of this call) rewrites a value as it is (ARGV[8]), which puts the
+        connection past the first placement's write and makes WAIT cover that too.
         """
-        try:
-            async with self.client.client() as conn:
-                result = await self._run(self._reserve, keys, args, client=conn)
-                if result[3] == "1":
-                    await conn.set(keys[2], result[1], keepttl=True, xx=True)
-                acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
-        except RedisError as e:
-            raise InfrastructureError(f"redis WAIT failed: {e}") from e
+        async with self.client.client() as conn:
+            result = await self._call(self._reserve, keys, args, client=conn)
+            acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
         if acknowledged < self.wait_replicas:
             log.warning(
                 "reservation_not_replicated",
@@ -337,6 +424,7 @@ class RedisGateway:
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        operation = uuid.uuid4().hex
         result = await self._run(
             self._confirm,
             [
@@ -344,8 +432,9 @@ class RedisGateway:
                 keys.sale(view.sale_id),
                 keys.deadlines,
                 keys.events,
+                keys.operation(operation),
             ],
-            [uuid.uuid4().hex, reservation_id, user_id or ""],
+            [operation, reservation_id, user_id or "", OPERATION_TTL_SECONDS],
         )
         return result[1] == "1"
 
@@ -357,6 +446,7 @@ class RedisGateway:
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        operation = uuid.uuid4().hex
         result = await self._run(
             self._cancel,
             [
@@ -365,8 +455,9 @@ class RedisGateway:
                 keys.holders(view.sale_id),
                 keys.deadlines,
                 keys.events,
+                keys.operation(operation),
             ],
-            [uuid.uuid4().hex, reservation_id, user_id],
+            [operation, reservation_id, user_id, OPERATION_TTL_SECONDS],
         )
         self.sold_out_hints.forget(view.sale_id)
         return result[1] == "1"
@@ -383,19 +474,21 @@ class RedisGateway:
         Returns ``(expired, still_due)``; call again at once while ``still_due`` > 0.
         """
         keys = PartitionKeys(partition)
-        try:
-            expired, left = await self._expire(
-                keys=[keys.deadlines, keys.events],
-                args=[
-                    uuid.uuid4().hex,
-                    limit,
-                    keys.reservation_prefix,
-                    keys.sale_prefix,
-                    HOLDERS_SUFFIX,
-                ],
-            )
-        except RedisError as e:
-            raise InfrastructureError(f"redis expiry failed: {e}") from e
+        operation = uuid.uuid4().hex
+        script_keys = [keys.deadlines, keys.events, keys.operation(operation)]
+        args: list[Any] = [
+            limit,
+            keys.reservation_prefix,
+            keys.sale_prefix,
+            HOLDERS_SUFFIX,
+            OPERATION_TTL_SECONDS,
+        ]
+
+        async def run() -> list[Any]:
+            reply: list[Any] = await self._expire(keys=script_keys, args=args)
+            return reply
+
+        expired, left = await self._retrying(run, "redis expiry")
         return int(expired), int(left)
 
     async def adjust_stock(self, sale_id: str, delta: int, idempotency_key: str | None) -> bool:
@@ -405,19 +498,22 @@ class RedisGateway:
         Raises ``SaleNotFound`` or ``NotEnoughUnsoldStock``.
         """
         keys = self.keys_for_sale(sale_id)
+        operation = uuid.uuid4().hex
         result = await self._run(
             self._adjust_stock,
             [
                 keys.sale(sale_id),
                 keys.stock_idempotency(sale_id, idempotency_key or ""),
                 keys.events,
+                keys.operation(operation),
             ],
             [
-                uuid.uuid4().hex,
+                operation,
                 sale_id,
                 delta,
                 self.idempotency_ttl,
                 "1" if idempotency_key else "",
+                OPERATION_TTL_SECONDS,
             ],
         )
         self.sold_out_hints.forget(sale_id)
@@ -427,11 +523,37 @@ class RedisGateway:
     async def close_sale(self, sale_id: str) -> bool:
         """Close a sale early; False when it was already closed. Raises ``SaleNotFound``."""
         keys = self.keys_for_sale(sale_id)
+        operation = uuid.uuid4().hex
         result = await self._run(
-            self._close_sale, [keys.sale(sale_id), keys.events], [uuid.uuid4().hex, sale_id]
+            self._close_sale,
+            [keys.sale(sale_id), keys.events, keys.operation(operation)],
+            [operation, sale_id, OPERATION_TTL_SECONDS],
         )
         log.info("sale_closed", sale_id=sale_id, changed=result[1] == "1")
         return result[1] == "1"
+
+    async def reservations_of(self, sale_id: str, user_id: str) -> list[ReservationView] | None:
+        """Every reservation ``user_id`` placed in ``sale_id``, whatever its status, oldest
+        first; None when the sale does not exist. Retried after a lost reply (a read)."""
+        keys = self.keys_for_sale(sale_id)
+
+        async def read() -> list[ReservationView] | None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.exists(keys.sale(sale_id))
+                pipe.smembers(keys.user_reservations(sale_id, user_id))
+                exists, members = await pipe.execute()
+            if not exists:
+                return None
+            ids = sorted(_text(m) for m in members)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for rid in ids:
+                    pipe.hgetall(keys.reservation(rid))
+                rows = await pipe.execute() if ids else []
+            found = [(rid, raw) for rid, raw in zip(ids, rows, strict=True) if raw]
+            found.sort(key=lambda pair: (int(pair[1].get(b"created_at", 0)), pair[0]))
+            return [_reservation_view(rid, raw) for rid, raw in found]
+
+        return await self._retrying(read, "redis read")
 
     async def get_sale(self, sale_id: str) -> SaleView | None:
         """Current counters of a sale, or None if it does not exist."""
@@ -462,21 +584,14 @@ class RedisGateway:
         partition = partition_of_reservation(reservation_id)
         if partition is None or partition >= self.partitions:
             return None
-        try:
-            raw = await self.client.hgetall(PartitionKeys(partition).reservation(reservation_id))
-        except RedisError as e:
-            raise InfrastructureError(f"redis read failed: {e}") from e
-        if not raw:
-            return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        return ReservationView(
-            reservation_id=reservation_id,
-            sale_id=fields["sale_id"],
-            user_id=fields["user_id"],
-            qty=int(fields["qty"]),
-            status=fields["status"],
-            expires_at=_from_ms(fields["expires_at"]),
-        )
+        key = PartitionKeys(partition).reservation(reservation_id)
+
+        async def read() -> dict[Any, Any]:
+            raw: dict[Any, Any] = await self.client.hgetall(key)
+            return raw
+
+        raw = await self._retrying(read, "redis read")
+        return _reservation_view(reservation_id, raw) if raw else None
 
     async def snapshot_sale(self, sale_id: str) -> SaleSnapshot:
         """Counters, holders and reservations of a sale plus the stream's last id, atomically.

@@ -4,9 +4,14 @@
 -- KEYS[2]  sale hash            fs:{pN}:sale:<sale_id>
 -- KEYS[3]  deadlines zset       fs:{pN}:deadlines
 -- KEYS[4]  partition stream     fs:{pN}:events
--- ARGV[1]  event_id
+-- KEYS[5]  operation string     fs:{pN}:op:<event_id>  (set when confirmed, kept ARGV[4] s)
+-- ARGV[1]  event_id (also the operation id)
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to, or "" (an admin confirms any)
+-- ARGV[4]  operation time-to-live in seconds
+--
+-- Safe to run again with the same arguments: a call that confirmed the reservation in an
+-- earlier run (its reply was lost) answers {"ok", "1"} again and changes nothing.
 --
 -- Returns  {"ok", "1"}  pending -> confirmed; ReservationConfirmed appended
 --          {"ok", "0"}  already confirmed: nothing changed
@@ -18,7 +23,10 @@ local r = redis.call('HMGET', KEYS[1], 'status', 'sale_id', 'user_id', 'qty', 'e
 if not r[1] or (ARGV[3] ~= '' and r[3] ~= ARGV[3]) then
     return {'err', 'reservation_not_found'}
 end
-if r[1] == 'confirmed' then return {'ok', '0'} end
+if r[1] == 'confirmed' then
+    if redis.call('EXISTS', KEYS[5]) == 1 then return {'ok', '1'} end
+    return {'ok', '0'}
+end
 if r[1] == 'expired' then return {'err', 'reservation_expired'} end
 if r[1] ~= 'pending' then return {'err', 'reservation_closed'} end
 
@@ -33,6 +41,7 @@ redis.call('HSET', KEYS[1], 'status', 'confirmed', 'confirmed_at', now)
 redis.call('HINCRBY', KEYS[2], 'held', -qty)
 redis.call('HINCRBY', KEYS[2], 'confirmed', qty)
 redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[5], '1', 'EX', tonumber(ARGV[4]))
 redis.call('XADD', KEYS[4], '*', 'event', cjson.encode({
     type = 'ReservationConfirmed', v = 1, event_id = ARGV[1], sale_id = r[2],
     occurred_at = now, reservation_id = ARGV[2], user_id = r[3], qty = qty,
