@@ -557,11 +557,13 @@ class RedisGateway:
 
     async def get_sale(self, sale_id: str) -> SaleView | None:
         """Current counters of a sale, or None if it does not exist."""
-        keys = self.keys_for_sale(sale_id)
-        try:
-            raw = await self.client.hgetall(keys.sale(sale_id))
-        except RedisError as e:
-            raise InfrastructureError(f"redis read failed: {e}") from e
+        key = self.keys_for_sale(sale_id).sale(sale_id)
+
+        async def read() -> dict[Any, Any]:
+            raw: dict[Any, Any] = await self.client.hgetall(key)
+            return raw
+
+        raw = await self._retrying(read, "redis read")
         if not raw:
             return None
         fields = {_text(k): int(v) for k, v in raw.items()}

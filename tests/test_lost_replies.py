@@ -212,7 +212,7 @@ def lose_reserve_replies(count: int) -> Callable[[bytes], bool]:
 @asynccontextmanager
 async def lossy_client(
     settings: Settings, lose: Callable[[bytes], bool]
-) -> AsyncIterator[aioredis.Redis]:
+) -> AsyncIterator[tuple[aioredis.Redis, ReplyDroppingProxy]]:
     """A client whose connection to the test Redis loses the replies ``lose`` picks."""
     assert settings.redis_url is not None
     target = urlsplit(settings.redis_url)
@@ -221,7 +221,7 @@ async def lossy_client(
     ) as proxy:
         client = aioredis.Redis.from_url(through(settings.redis_url, proxy.port))
         try:
-            yield client
+            yield client, proxy
         finally:
             await client.aclose()
 
@@ -230,9 +230,10 @@ async def test_a_lost_reserve_reply_is_retried_and_answered_with_its_placement(
     settings: Settings, gateway: RedisGateway
 ):
     await open_sale(gateway, stock=5, per_user_limit=1)
-    async with lossy_client(settings, lose_reserve_replies(2)) as client:
+    async with lossy_client(settings, lose_reserve_replies(2)) as (client, proxy):
         lossy = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
         placed = await lossy.reserve("sale-1", "ann", 1, None)
+    assert proxy.dropped == 2
     assert not placed.replayed and placed.expires_at is not None  # not limit_reached
     events = [e for e in await log_events(gateway) if isinstance(e, ReservationPlaced)]
     assert [e.reservation_id for e in events] == [placed.reservation_id]
@@ -244,7 +245,7 @@ async def test_reserve_answers_503_with_the_id_it_tried_and_the_buyer_finds_it(
     settings: Settings, gateway: RedisGateway
 ):
     await open_sale(gateway, stock=5, per_user_limit=1)
-    async with lossy_client(settings, lose_reserve_replies(100)) as client:
+    async with lossy_client(settings, lose_reserve_replies(100)) as (client, _):
         server = TestServer(create_app(settings, client))
         async with server, session_for(server) as http:
             async with http.post(
@@ -266,6 +267,49 @@ async def test_reserve_answers_503_with_the_id_it_tried_and_the_buyer_finds_it(
     assert [m["reservation_id"] for m in mine["reservations"]] == [rid]
     placed = [e for e in await log_events(gateway) if isinstance(e, ReservationPlaced)]
     assert [e.reservation_id for e in placed] == [rid]  # placed once, however often it ran
+
+
+def lose_every_other(*prefixes: bytes) -> Callable[[bytes], bool]:
+    """A ``lose`` predicate: every other reply that starts with one of ``prefixes``, so each
+    call's first reply is lost and its retry's reply arrives."""
+    seen = 0
+
+    def lose(data: bytes) -> bool:
+        nonlocal seen
+        if not data.startswith(prefixes):
+            return False
+        seen += 1
+        return seen % 2 == 1
+
+    return lose
+
+
+async def test_admin_and_lifecycle_calls_whose_reply_is_lost_answer_what_they_did(
+    settings: Settings, gateway: RedisGateway
+):
+    changed = (b"*3\r\n$2\r\nok\r\n", b"*2\r\n$2\r\nok\r\n$1\r\n1\r\n")
+    async with lossy_client(settings, lose_every_other(*changed)) as (client, proxy):
+        lossy = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+        await open_sale(lossy, stock=5, per_user_limit=2)  # not sale_exists
+        ann = await gateway.reserve("sale-1", "ann", 1, None)
+        bob = await gateway.reserve("sale-1", "bob", 2, None)
+        assert await lossy.adjust_stock("sale-1", 4, None) is True
+        assert await lossy.confirm(ann.reservation_id, "ann") is True
+        assert await lossy.cancel(bob.reservation_id, "bob") is True
+        assert await lossy.close_sale("sale-1") is True
+    assert proxy.dropped == 5  # one reply of each call
+    kinds = Counter(type(e).__name__ for e in await log_events(gateway))
+    assert kinds == Counter(
+        SaleCreated=1,
+        ReservationPlaced=2,
+        StockAdjusted=1,
+        ReservationConfirmed=1,
+        ReservationCancelled=1,
+        SaleClosed=1,
+    )
+    view = await gateway.get_sale("sale-1")
+    assert view is not None
+    assert (view.stock, view.remaining, view.held, view.confirmed) == (9, 8, 0, 1)
 
 
 # --- the buyer's own reservations ------------------------------------------------------------
