@@ -352,7 +352,10 @@ class RedisGateway:
             log.warning("reservation_outcome_unknown", reservation_id=reservation_id, error=str(e))
             raise ReservationOutcomeUnknown(reservation_id, str(e)) from e
         if result[3] == "1":
-            view = await self.get_reservation(result[1])
+            try:
+                view = await self.get_reservation(result[1])
+            except InfrastructureError as e:
+                raise ReservationOutcomeUnknown(result[1], str(e)) from e
             # A key naming this call's own id was stored by an earlier run of this call.
             if result[1] != reservation_id or view is None:
                 return Placed(reservation_id=result[1], replayed=True, expires_at=None, view=view)

@@ -31,9 +31,10 @@ from api.app import create_app
 from consumers.projector import Projector
 from core.events import ReservationPlaced
 from core.gateway import RedisGateway
+from core.launcher import EmbeddedRedis
 from core.settings import Settings
 from projections.replay import verify
-from tests.daemons import caught_up
+from tests.daemons import caught_up, eventually
 from tests.helpers import open_sale
 from tests.proxy import ReplyDroppingProxy
 from tests.test_http import buyer, log_events, session_for
@@ -215,11 +216,20 @@ async def lossy_client(
 ) -> AsyncIterator[tuple[aioredis.Redis, ReplyDroppingProxy]]:
     """A client whose connection to the test Redis loses the replies ``lose`` picks."""
     assert settings.redis_url is not None
-    target = urlsplit(settings.redis_url)
+    async with lossy_client_of(settings.redis_url, lose) as pair:
+        yield pair
+
+
+@asynccontextmanager
+async def lossy_client_of(
+    url: str, lose: Callable[[bytes], bool]
+) -> AsyncIterator[tuple[aioredis.Redis, ReplyDroppingProxy]]:
+    """A client whose connection to the Redis at ``url`` loses the replies ``lose`` picks."""
+    target = urlsplit(url)
     async with ReplyDroppingProxy(
         target.hostname or "127.0.0.1", target.port or 6379, lose=lose
     ) as proxy:
-        client = aioredis.Redis.from_url(through(settings.redis_url, proxy.port))
+        client = aioredis.Redis.from_url(through(url, proxy.port))
         try:
             yield client, proxy
         finally:
@@ -310,6 +320,41 @@ async def test_admin_and_lifecycle_calls_whose_reply_is_lost_answer_what_they_di
     view = await gateway.get_sale("sale-1")
     assert view is not None
     assert (view.stock, view.remaining, view.held, view.confirmed) == (9, 8, 0, 1)
+
+
+async def test_a_lost_reply_under_wait_replicas_is_retried_and_covered_by_wait():
+    primary = EmbeddedRedis(extra_args=["--repl-diskless-sync-delay", "0"])
+    url = primary.start()
+    replica = EmbeddedRedis(extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
+    replica_url = replica.start()
+    client = aioredis.Redis.from_url(url)
+    replica_client = aioredis.Redis.from_url(replica_url)
+    try:
+
+        async def replica_acknowledges() -> bool:
+            async with client.client() as conn:  # WAIT covers its own connection's writes
+                await conn.set("probe", "1")
+                return int(await conn.wait(1, 200)) == 1
+
+        await eventually(replica_acknowledges, 15, "replica did not sync")
+        direct = RedisGateway(client, 4, 3600)
+        await open_sale(direct, stock=5, per_user_limit=1)
+        for key in (None, "key-1"):
+            async with lossy_client_of(url, lose_reserve_replies(1)) as (lossy_client, proxy):
+                waiting = RedisGateway(lossy_client, 4, 3600, wait_replicas=1, wait_timeout_ms=5000)
+                user = f"ann-{key}"
+                placed = await waiting.reserve("sale-1", user, 1, key)
+                assert proxy.dropped == 1
+            assert not placed.replayed  # the retry answered its own placement
+            rkey = direct.keys_for_sale("sale-1").reservation(placed.reservation_id)
+            assert await replica_client.hget(rkey, "user_id") == user.encode()
+        placed_events = [e for e in await log_events(direct) if isinstance(e, ReservationPlaced)]
+        assert len(placed_events) == 2
+    finally:
+        await client.aclose()
+        await replica_client.aclose()
+        replica.stop()
+        primary.stop()
 
 
 # --- the buyer's own reservations ------------------------------------------------------------
