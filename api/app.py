@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
@@ -27,12 +28,16 @@ from core.errors import (
     InfrastructureError,
     NotReplicated,
     RejectedError,
+    ReservationClosed,
+    ReservationExpired,
     ReservationNotFound,
     SaleNotFound,
 )
 from core.gateway import RedisGateway
-from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus
+from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus, ReservationView
 from core.settings import Settings
+from projections.db import open_pool
+from projections.orders import final_order
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +45,9 @@ SETTINGS = web.AppKey("settings", Settings)
 GATEWAY = web.AppKey("gateway", RedisGateway)
 METRICS = web.AppKey("metrics", ApiMetrics)
 INFLIGHT = web.AppKey("inflight", list)
+ORDERS_POOL = web.AppKey("orders_pool", asyncpg.Pool)
+# Connections to PostgreSQL per API process: only reads of pruned reservations use them.
+ORDERS_POOL_SIZE = 2
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SALE_ID = re.compile(SALE_ID_PATTERN)
@@ -221,7 +229,7 @@ async def reserve(request: web.Request) -> web.Response:
         metrics.inflight.dec()
     if placed.replayed:
         metrics.reservations.labels("replayed").inc()
-        view = await request.app[GATEWAY].get_reservation(placed.reservation_id)
+        view = await find_reservation(request.app, placed.reservation_id)
         if view is None:
             raise ReservationNotFound("the reservation of this Idempotency-Key is gone")
         if view.qty != body.qty or view.sale_id != sale_id:
@@ -242,23 +250,51 @@ async def reserve(request: web.Request) -> web.Response:
     )
 
 
+async def find_reservation(app: web.Application, rid: str) -> ReservationView | None:
+    """A reservation as Redis holds it, else, once final and pruned from Redis, as
+    PostgreSQL's ``orders`` holds it; None when neither knows it."""
+    view = await app[GATEWAY].get_reservation(rid)
+    pool = app.get(ORDERS_POOL)
+    if view is None and pool is not None:
+        view = await final_order(pool, rid)
+    return view
+
+
 async def get_reservation(request: web.Request) -> web.Response:
     """GET /v1/reservations/{reservation_id}: its buyer (or an admin) reads it."""
     settings = request.app[SETTINGS]
     admin = is_admin(request, settings.admin_token)
     user_id = None if admin else buyer_id(request, settings.jwt_secret)
     rid = reservation_id_of(request)
-    view = await request.app[GATEWAY].get_reservation(rid)
+    view = await find_reservation(request.app, rid)
     if view is None or (user_id is not None and view.user_id != user_id):
         raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
     return web.json_response(view.model_dump(mode="json"))
 
 
 async def _reservation_answer(request: web.Request, rid: str, changed: bool) -> web.Response:
-    view = await request.app[GATEWAY].get_reservation(rid)
-    if view is None:  # pragma: no cover - reservations are never deleted
+    view = await find_reservation(request.app, rid)
+    if view is None:  # pragma: no cover - final reservations stay in orders
         raise ReservationNotFound(f"no reservation {rid[:80]!r}")
     return web.json_response(view.model_dump(mode="json") | {"changed": changed})
+
+
+async def _pruned_transition(
+    request: web.Request, rid: str, user_id: str | None, wanted: ReservationStatus
+) -> bool:
+    """Answer a confirm/cancel of a reservation Redis does not know as its script would have
+    answered before the reservation was pruned: False when it already is ``wanted``,
+    ``ReservationExpired`` or ``ReservationClosed`` for another final state, and
+    ``ReservationNotFound`` when ``orders`` has no final reservation of this buyer either."""
+    view = await find_reservation(request.app, rid)
+    mine = view is not None and (user_id is None or view.user_id == user_id)
+    if view is None or not mine or view.status == "pending":
+        raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
+    if view.status == wanted:
+        return False
+    if view.status == "expired":
+        raise ReservationExpired()
+    raise ReservationClosed()
 
 
 async def confirm_reservation(request: web.Request) -> web.Response:
@@ -267,7 +303,10 @@ async def confirm_reservation(request: web.Request) -> web.Response:
     admin = is_admin(request, settings.admin_token)
     user_id = None if admin else buyer_id(request, settings.jwt_secret)
     rid = reservation_id_of(request)
-    changed = await request.app[GATEWAY].confirm(rid, user_id)
+    try:
+        changed = await request.app[GATEWAY].confirm(rid, user_id)
+    except ReservationNotFound:
+        changed = await _pruned_transition(request, rid, user_id, "confirmed")
     request.app[METRICS].transitions.labels("confirmed" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)
 
@@ -276,7 +315,10 @@ async def cancel_reservation(request: web.Request) -> web.Response:
     """POST /v1/reservations/{reservation_id}/cancel: its buyer gives the stock back."""
     user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)
     rid = reservation_id_of(request)
-    changed = await request.app[GATEWAY].cancel(rid, user_id)
+    try:
+        changed = await request.app[GATEWAY].cancel(rid, user_id)
+    except ReservationNotFound:
+        changed = await _pruned_transition(request, rid, user_id, "cancelled")
     request.app[METRICS].transitions.labels("cancelled" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)
 
@@ -376,7 +418,18 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
         if own:
             await redis_client.aclose()
 
+    async def orders_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Off the purchase path: only reads of reservations pruned from Redis use it.
+        if settings.database_url is None:
+            yield
+            return
+        pool = await open_pool(settings.database_url, ORDERS_POOL_SIZE)
+        app[ORDERS_POOL] = pool
+        yield
+        await pool.close()
+
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(orders_ctx)
     app.router.add_post("/v1/sales", create_sale)
     app.router.add_get("/v1/sales/{sale_id}", get_sale)
     app.router.add_post("/v1/sales/{sale_id}/reservations", reserve)

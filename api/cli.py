@@ -22,6 +22,7 @@ from api.app import create_app, redis_client_for
 from api.operate import add_commands, run_operation
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
+from consumers.pruning import PruningWorker
 from consumers.retention import RetentionWorker
 from core.durability import check_durability
 from core.errors import ConfigurationError, FlashsaleError
@@ -146,8 +147,9 @@ def expiry_worker_for(services: Services) -> ExpiryWorker:
 async def run_consumers(
     services: Services, stop: asyncio.Event, *, retention: bool = False, **overrides: int
 ) -> None:
-    """The projector and the expiry worker (and, with ``retention``, the stream trimmer,
-    unless ``FLASHSALE_RETENTION_INTERVAL_MS`` is 0), side by side, until ``stop`` is set."""
+    """The projector and the expiry worker (and, with ``retention``, the stream trimmer and
+    the reservation pruner, unless ``FLASHSALE_RETENTION_INTERVAL_MS`` /
+    ``FLASHSALE_PRUNE_INTERVAL_MS`` is 0), side by side, until ``stop`` is set."""
     s = services.settings
     workers = [
         projector_for(services, **overrides).run(stop),
@@ -158,6 +160,15 @@ async def run_consumers(
             services.redis, services.pool, s.partitions, s.retention_interval_ms / 1000
         )
         workers.append(trimmer.run(stop))
+    if retention and s.prune_interval_ms:
+        pruner = PruningWorker(
+            services.gateway,
+            services.pool,
+            s.prune_interval_ms / 1000,
+            s.prune_after_seconds,
+            s.prune_batch,
+        )
+        workers.append(pruner.run(stop))
     await asyncio.gather(*workers)
 
 

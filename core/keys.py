@@ -56,6 +56,10 @@ class PartitionKeys:
         """Set of the reservation ids of a sale."""
         return f"{PREFIX}:{self.tag}:sale:{sale_id}:reservations"
 
+    def user_reservations(self, sale_id: str, user_id: str) -> str:
+        """Set of the reservation ids one buyer placed in a sale."""
+        return f"{PREFIX}:{self.tag}:sale:{sale_id}:user:{user_id}"
+
     @property
     def reservation_prefix(self) -> str:
         """Prefix of every reservation hash of the partition (for Lua that iterates them)."""

@@ -57,3 +57,16 @@ class Settings(BaseSettings):
     expiry_batch: int = Field(default=200, ge=1, le=10_000)
     log_level: str = "info"
     log_json: bool = False
+    prune_interval_ms: int = Field(
+        default=30_000,
+        ge=0,
+        description="How often the consumer daemon prunes final reservations from Redis; 0: never.",
+    )
+    prune_after_seconds: int = Field(
+        default=300,
+        ge=0,
+        description="Keep a final reservation in Redis this long after its final event.",
+    )
+    prune_batch: int = Field(
+        default=100, ge=1, le=1000, description="Reservations removed per Lua script call."
+    )
