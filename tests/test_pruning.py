@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,6 +25,16 @@ from core.gateway import RedisGateway
 from core.keys import PartitionKeys
 from core.settings import Settings
 from projections.replay import verify
+from tests.daemons import (
+    env_for,
+    eventually,
+    logged,
+    running,
+    start,
+    stop_all,
+    terminate,
+    wait_started,
+)
 from tests.helpers import open_sale
 from tests.test_http import ADMIN, buyer, expect_problem, session_for
 
@@ -202,6 +213,41 @@ async def test_an_entry_not_acknowledged_by_the_group_bounds_the_pruning(
     await projector.handle(held)
     assert sum(r.pruned for r in await prune_reservations(gateway, pool, 0)) == 1
     assert not await in_redis(gateway, redis_client, "keep", second)
+
+
+async def test_the_consume_daemon_prunes_as_it_goes(
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    tmp_path: Path,
+):
+    await open_sale(gateway, "keep", stock=100, per_user_limit=100)
+    env = env_for(
+        settings.redis_url or "",
+        settings.database_url or "",
+        FLASHSALE_PRUNE_INTERVAL_MS="200",
+        FLASHSALE_PRUNE_AFTER_SECONDS="0",
+        FLASHSALE_PRUNE_BATCH="7",
+    )
+    log_path = tmp_path / "consume.log"
+    proc = start(["consume"], env, log_path)
+    try:
+        await wait_started(proc, log_path)
+        alive = running((proc, log_path))
+        rids = [await place(gateway, "keep", f"u{i}") for i in range(30)]
+        for i, rid in enumerate(rids[:20]):
+            await gateway.cancel(rid, f"u{i}")
+        reservations = gateway.keys_for_sale("keep").reservations("keep")
+
+        async def only_pending_left() -> bool:
+            return {text(r) for r in await redis_client.smembers(reservations)} == set(rids[20:])
+
+        await eventually(only_pending_left, 20, "final reservations were not pruned", alive)
+        assert sum(r["count"] for r in logged(log_path, "reservations_pruned")) == 20
+        assert await terminate(proc) == 0
+    finally:
+        stop_all(proc)
 
 
 # --------------------------------------------------------------------------- the API
