@@ -10,7 +10,7 @@ Per partition, the worker reads the archive's final events (``ReservationConfirm
 ``ReservationCancelled``, ``ReservationExpired``) after its own checkpoint
 (``prune_checkpoints``) and below a bound: every consumer group of the stream acknowledged
 everything below it (so the archive holds every event there, except parked ones), and it is
-``keep_seconds`` old (stream ids are Redis times). It removes those reservations with
+``keep_seconds`` old (stream ids are the times of the events). It removes those reservations with
 ``core/lua/prune_reservations.lua`` in calls of at most ``batch`` ids (only a hash that says
 final goes), then advances the checkpoint. The counters, the holders (the per-buyer
 quantities that enforce the limit) and the stream are not touched, and no event is appended:
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -97,8 +98,8 @@ async def prune_partition(
     bound = await acknowledged_below(gateway.client, PartitionKeys(partition).events)
     if bound is None:
         return PruneResult(partition, 0, 0, None)
-    seconds, micros = await gateway.client.time()
-    bound = min(bound, (seconds * 1000 + micros // 1000 - int(keep_seconds * 1000), 0))
+    # Stream ids are Redis's clock; a skew between the two clocks shifts the grace by as much.
+    bound = min(bound, (int((time.time() - keep_seconds) * 1000), 0))
     start = await checkpoint_of(pool, partition)
     pruned = kept = 0
     while start < bound:

@@ -243,8 +243,13 @@ async def test_the_consume_daemon_prunes_as_it_goes(
         async def only_pending_left() -> bool:
             return {text(r) for r in await redis_client.smembers(reservations)} == set(rids[20:])
 
+        async def round_logged() -> bool:  # the round logs once it is over
+            return int(sum(r["count"] for r in logged(log_path, "reservations_pruned"))) >= 20
+
         await eventually(only_pending_left, 20, "final reservations were not pruned", alive)
+        await eventually(round_logged, 20, "the pruning round was not logged", alive)
         assert sum(r["count"] for r in logged(log_path, "reservations_pruned")) == 20
+        assert {text(r) for r in await redis_client.smembers(reservations)} == set(rids[20:])
         assert await terminate(proc) == 0
     finally:
         stop_all(proc)
