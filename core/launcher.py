@@ -42,6 +42,7 @@ __all__ = [
     "EmbeddedRedis",
     "LauncherError",
     "ServerUrls",
+    "death_signal_setter",
     "embedded_servers",
 ]
 
@@ -194,7 +195,7 @@ def _runnable_pg_install(package: Path, cache_root: Path) -> Path:
     return cache / package.name / "pginstall"
 
 
-def _death_signal_setter() -> Callable[[], None] | None:
+def death_signal_setter() -> Callable[[], None] | None:
     """Return a ``preexec_fn`` that makes the child get SIGKILL when its parent dies.
 
     It runs in the child after the uid change (which would clear the death signal).
@@ -231,7 +232,7 @@ def _popen(
             extra_groups=[] if account else None,
             # Own process group: a terminal's Ctrl-C reaches only us, and we stop the servers.
             process_group=0,
-            preexec_fn=_death_signal_setter(),
+            preexec_fn=death_signal_setter(),
         )
 
 
