@@ -15,13 +15,12 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from redis.exceptions import RedisError
 
 from api.auth import AuthError, buyer_id, is_admin, require_admin
 from api.metrics import ApiMetrics
 from api.openapi import SPEC
 from api.problems import from_error, problem
-from consumers.health import Health, read_health
+from consumers.health import CachedHealth
 from core.errors import (
     FlashsaleError,
     IdempotencyKeyReused,
@@ -45,6 +44,7 @@ SETTINGS = web.AppKey("settings", Settings)
 GATEWAY = web.AppKey("gateway", RedisGateway)
 METRICS = web.AppKey("metrics", ApiMetrics)
 INFLIGHT = web.AppKey("inflight", list)
+HEALTH = web.AppKey("health", CachedHealth)
 ORDERS_POOL = web.AppKey("orders_pool", asyncpg.Pool)
 # Connections to PostgreSQL per API process: only reads of pruned reservations use them.
 ORDERS_POOL_SIZE = 2
@@ -371,16 +371,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text exposition; consumer lag and dead letters are read on each scrape."""
-    health: Health | None
-    try:
-        health = await read_health(request.app[GATEWAY].client, request.app[SETTINGS].partitions)
-    except RedisError as e:
-        log.warning("consumer_health_unavailable", error=str(e))
-        health = None
-    request.app[METRICS].observe_consumers(health)
+    """Prometheus text exposition; consumer lag and dead letters as last read (see
+    ``FLASHSALE_METRICS_HEALTH_INTERVAL_MS``)."""
+    request.app[METRICS].observe_consumers(await request.app[HEALTH].get())
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Consumer health for /metrics, on a one-connection Redis client of its own."""
+    settings = app[SETTINGS]
+    client = redis_client_for(settings, pool_size=1, name="flashsale-metrics")
+    interval = settings.metrics_health_interval_ms / 1000
+    app[HEALTH] = CachedHealth(client, settings.partitions, interval)
+    yield
+    await client.aclose()
 
 
 async def openapi_view(request: web.Request) -> web.Response:
@@ -429,6 +434,7 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
         await pool.close()
 
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(health_ctx)
     app.cleanup_ctx.append(orders_ctx)
     app.router.add_post("/v1/sales", create_sale)
     app.router.add_get("/v1/sales/{sale_id}", get_sale)
@@ -445,10 +451,22 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     return app
 
 
-def redis_client_for(settings: Settings) -> aioredis.Redis:
-    """A Redis client whose pool waits for a free connection instead of raising when full."""
+def redis_client_for(
+    settings: Settings, pool_size: int | None = None, name: str | None = None
+) -> aioredis.Redis:
+    """A Redis client whose pool waits for a free connection instead of raising when full.
+
+    Its socket timeout is ``FLASHSALE_REDIS_SOCKET_TIMEOUT_MS``; the settings refuse block and
+    wait times that would not fit in it.
+    """
     assert settings.redis_url, "redis_url must be resolved before building clients"
+    timeout = settings.redis_socket_timeout_ms / 1000
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_pool_size, timeout=10
+        settings.redis_url,
+        max_connections=pool_size or settings.redis_pool_size,
+        timeout=10,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        client_name=name,
     )
     return aioredis.Redis(connection_pool=pool)
