@@ -10,12 +10,13 @@ Per partition, the worker reads the archive's final events (``ReservationConfirm
 ``ReservationCancelled``, ``ReservationExpired``) after its own checkpoint
 (``prune_checkpoints``) and below a bound: every consumer group of the stream acknowledged
 everything below it (so the archive holds every event there, except parked ones), and it is
-``keep_seconds`` old (stream ids are the times of the events). It removes those reservations with
-``core/lua/prune_reservations.lua`` in calls of at most ``batch`` ids (only a hash that says
-final goes), then advances the checkpoint. The counters, the holders (the per-buyer
-quantities that enforce the limit) and the stream are not touched, and no event is appended:
-pruning changes no domain state. A reservation whose final event was parked on the
-dead-letter stream is not archived below the bound and stays in Redis.
+``keep_seconds`` old (stream ids are the times of the events). It removes those
+reservations with ``core/lua/prune_reservations.lua`` in calls of at most ``batch`` ids
+(only a hash that says final goes), then advances the checkpoint. The counters, the
+holders (the per-buyer quantities that enforce the limit) and the stream are not touched,
+and no event is appended: pruning changes no domain state. A reservation whose final
+event was parked on the dead-letter stream is not archived below the bound and stays in
+Redis.
 
 Every step is safe to repeat: a round that dies before its checkpoint moves prunes the same
 ids again, which changes nothing, and two daemons pruning at once only repeat each other.
