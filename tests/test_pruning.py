@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from api.app import create_app
+from api.app import ORDERS_POOL, create_app
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
 from consumers.pruning import checkpoint_of, prune_reservations
@@ -344,6 +344,18 @@ async def test_the_api_answers_pruned_reservations_as_before(
     # Nothing the API did after pruning brought a reservation back or logged an event.
     for name, sale in (("confirmed", "keep"), ("cancelled", "keep"), ("expired", "short")):
         assert not await in_redis(gateway, redis_client, sale, ids[name])
+
+
+async def test_a_pruned_read_without_postgresql_is_503_not_404(
+    pool: asyncpg.Pool, settings: Settings, redis_client: aioredis.Redis
+):
+    app = create_app(settings, redis_client)
+    server = TestServer(app)
+    async with server, session_for(server) as session:
+        await app[ORDERS_POOL].close()  # PostgreSQL out of reach for this process
+        status, body = await call(session, "GET", "/v1/reservations/0-feedbeef", ADMIN)
+    # Redis does not know it; whether it was pruned only PostgreSQL can say.
+    assert (status, body["code"]) == (503, "unavailable")
 
 
 @pytest.mark.skip(reason="needs verify's pruned rule (merging)")
