@@ -9,31 +9,35 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from redis.exceptions import RedisError
 
 from api.auth import AuthError, buyer_id, is_admin, require_admin
 from api.metrics import ApiMetrics
 from api.openapi import SPEC
 from api.problems import from_error, problem
-from consumers.health import Health, read_health
+from consumers.health import CachedHealth
 from core.errors import (
     FlashsaleError,
     IdempotencyKeyReused,
     InfrastructureError,
     NotReplicated,
     RejectedError,
+    ReservationClosed,
+    ReservationExpired,
     ReservationNotFound,
     ReservationOutcomeUnknown,
     SaleNotFound,
 )
 from core.gateway import RedisGateway
-from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus
+from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus, ReservationView
 from core.settings import Settings
+from projections.db import open_pool
+from projections.orders import final_order
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +45,10 @@ SETTINGS = web.AppKey("settings", Settings)
 GATEWAY = web.AppKey("gateway", RedisGateway)
 METRICS = web.AppKey("metrics", ApiMetrics)
 INFLIGHT = web.AppKey("inflight", list)
+HEALTH = web.AppKey("health", CachedHealth)
+ORDERS_POOL = web.AppKey("orders_pool", asyncpg.Pool)
+# Connections to PostgreSQL per API process: only reads of pruned reservations use them.
+ORDERS_POOL_SIZE = 2
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SALE_ID = re.compile(SALE_ID_PATTERN)
@@ -230,7 +238,8 @@ async def reserve(request: web.Request) -> web.Response:
         metrics.inflight.dec()
     if placed.replayed:
         metrics.reservations.labels("replayed").inc()
-        view = placed.view
+        # Redis's view of it, read with the placement; else, once final and pruned, orders'.
+        view = placed.view or await find_reservation(request.app, placed.reservation_id)
         if view is None:
             raise ReservationNotFound("the reservation of this Idempotency-Key is gone")
         if view.qty != body.qty or view.sale_id != sale_id:
@@ -251,13 +260,23 @@ async def reserve(request: web.Request) -> web.Response:
     )
 
 
+async def find_reservation(app: web.Application, rid: str) -> ReservationView | None:
+    """A reservation as Redis holds it, else, once final and pruned from Redis, as
+    PostgreSQL's ``orders`` holds it; None when neither knows it."""
+    view = await app[GATEWAY].get_reservation(rid)
+    pool = app.get(ORDERS_POOL)
+    if view is None and pool is not None:
+        view = await final_order(pool, rid)
+    return view
+
+
 async def get_reservation(request: web.Request) -> web.Response:
     """GET /v1/reservations/{reservation_id}: its buyer (or an admin) reads it."""
     settings = request.app[SETTINGS]
     admin = is_admin(request, settings.admin_token)
     user_id = None if admin else buyer_id(request, settings.jwt_secret)
     rid = reservation_id_of(request)
-    view = await request.app[GATEWAY].get_reservation(rid)
+    view = await find_reservation(request.app, rid)
     if view is None or (user_id is not None and view.user_id != user_id):
         raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
     return web.json_response(view.model_dump(mode="json"))
@@ -278,10 +297,28 @@ async def my_reservations(request: web.Request) -> web.Response:
 
 
 async def _reservation_answer(request: web.Request, rid: str, changed: bool) -> web.Response:
-    view = await request.app[GATEWAY].get_reservation(rid)
-    if view is None:  # pragma: no cover - reservations are never deleted
+    view = await find_reservation(request.app, rid)
+    if view is None:  # pragma: no cover - final reservations stay in orders
         raise ReservationNotFound(f"no reservation {rid[:80]!r}")
     return web.json_response(view.model_dump(mode="json") | {"changed": changed})
+
+
+async def _pruned_transition(
+    request: web.Request, rid: str, user_id: str | None, wanted: ReservationStatus
+) -> bool:
+    """Answer a confirm/cancel of a reservation Redis does not know as its script would have
+    answered before the reservation was pruned: False when it already is ``wanted``,
+    ``ReservationExpired`` or ``ReservationClosed`` for another final state, and
+    ``ReservationNotFound`` when ``orders`` has no final reservation of this buyer either."""
+    view = await find_reservation(request.app, rid)
+    mine = view is not None and (user_id is None or view.user_id == user_id)
+    if view is None or not mine or view.status == "pending":
+        raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
+    if view.status == wanted:
+        return False
+    if view.status == "expired":
+        raise ReservationExpired()
+    raise ReservationClosed()
 
 
 async def confirm_reservation(request: web.Request) -> web.Response:
@@ -290,7 +327,10 @@ async def confirm_reservation(request: web.Request) -> web.Response:
     admin = is_admin(request, settings.admin_token)
     user_id = None if admin else buyer_id(request, settings.jwt_secret)
     rid = reservation_id_of(request)
-    changed = await request.app[GATEWAY].confirm(rid, user_id)
+    try:
+        changed = await request.app[GATEWAY].confirm(rid, user_id)
+    except ReservationNotFound:
+        changed = await _pruned_transition(request, rid, user_id, "confirmed")
     request.app[METRICS].transitions.labels("confirmed" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)
 
@@ -299,7 +339,10 @@ async def cancel_reservation(request: web.Request) -> web.Response:
     """POST /v1/reservations/{reservation_id}/cancel: its buyer gives the stock back."""
     user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)
     rid = reservation_id_of(request)
-    changed = await request.app[GATEWAY].cancel(rid, user_id)
+    try:
+        changed = await request.app[GATEWAY].cancel(rid, user_id)
+    except ReservationNotFound:
+        changed = await _pruned_transition(request, rid, user_id, "cancelled")
     request.app[METRICS].transitions.labels("cancelled" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)
 
@@ -352,16 +395,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text exposition; consumer lag and dead letters are read on each scrape."""
-    health: Health | None
-    try:
-        health = await read_health(request.app[GATEWAY].client, request.app[SETTINGS].partitions)
-    except RedisError as e:
-        log.warning("consumer_health_unavailable", error=str(e))
-        health = None
-    request.app[METRICS].observe_consumers(health)
+    """Prometheus text exposition; consumer lag and dead letters as last read (see
+    ``FLASHSALE_METRICS_HEALTH_INTERVAL_MS``)."""
+    request.app[METRICS].observe_consumers(await request.app[HEALTH].get())
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Consumer health for /metrics, on a one-connection Redis client of its own."""
+    settings = app[SETTINGS]
+    client = redis_client_for(settings, pool_size=1, name="flashsale-metrics")
+    interval = settings.metrics_health_interval_ms / 1000
+    app[HEALTH] = CachedHealth(client, settings.partitions, interval)
+    yield
+    await client.aclose()
 
 
 async def openapi_view(request: web.Request) -> web.Response:
@@ -399,7 +447,19 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
         if own:
             await redis_client.aclose()
 
+    async def orders_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Off the purchase path: only reads of reservations pruned from Redis use it.
+        if settings.database_url is None:
+            yield
+            return
+        pool = await open_pool(settings.database_url, ORDERS_POOL_SIZE)
+        app[ORDERS_POOL] = pool
+        yield
+        await pool.close()
+
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(health_ctx)
+    app.cleanup_ctx.append(orders_ctx)
     app.router.add_post("/v1/sales", create_sale)
     app.router.add_get("/v1/sales/{sale_id}", get_sale)
     app.router.add_post("/v1/sales/{sale_id}/reservations", reserve)
@@ -416,10 +476,22 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     return app
 
 
-def redis_client_for(settings: Settings) -> aioredis.Redis:
-    """A Redis client whose pool waits for a free connection instead of raising when full."""
+def redis_client_for(
+    settings: Settings, pool_size: int | None = None, name: str | None = None
+) -> aioredis.Redis:
+    """A Redis client whose pool waits for a free connection instead of raising when full.
+
+    Its socket timeout is ``FLASHSALE_REDIS_SOCKET_TIMEOUT_MS``; the settings refuse block and
+    wait times that would not fit in it.
+    """
     assert settings.redis_url, "redis_url must be resolved before building clients"
+    timeout = settings.redis_socket_timeout_ms / 1000
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_pool_size, timeout=10
+        settings.redis_url,
+        max_connections=pool_size or settings.redis_pool_size,
+        timeout=10,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        client_name=name,
     )
     return aioredis.Redis(connection_pool=pool)

@@ -1,10 +1,11 @@
-"""The ``flashsale`` command: up, demo, serve, consume, replay, status, dlq."""
+"""The ``flashsale`` command: up, demo, serve, consume, token, replay, status, dlq."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -19,9 +20,11 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from api.app import create_app, redis_client_for
+from api.auth import USER_ID, issue_token
 from api.operate import add_commands, run_operation
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
+from consumers.pruning import PruningWorker
 from consumers.retention import RetentionWorker
 from core.durability import check_durability
 from core.errors import ConfigurationError, FlashsaleError
@@ -91,6 +94,53 @@ def resolved(settings: Settings, embedded: bool) -> Iterator[Settings]:
         )
 
 
+def refuse_default_secrets(settings: Settings, names: list[str] | None = None) -> None:
+    """Raise unless the admin token and JWT secret (or just ``names``) are set and not the
+    public built-in values, which would let anyone create sales and mint buyer tokens."""
+    unset = [n for n in settings.default_secrets() if names is None or n in names]
+    if unset:
+        raise ConfigurationError(
+            f"refusing to run with the public default {' and '.join(unset)}: "
+            "set FLASHSALE_ADMIN_TOKEN (8+ characters) and FLASHSALE_JWT_SECRET "
+            "(16+ characters) to secret values"
+        )
+
+
+def with_run_secrets(settings: Settings) -> Settings:
+    """``settings`` with random secrets for this run in place of the built-in defaults,
+    and a note on stderr saying how to use them."""
+    unset = settings.default_secrets()
+    if not unset:
+        return settings
+    update: dict[str, str] = {}
+    if "FLASHSALE_ADMIN_TOKEN" in unset:
+        update["admin_token"] = secrets.token_urlsafe(24)
+        print(
+            f"admin token for this run: {update['admin_token']}  "
+            "(set FLASHSALE_ADMIN_TOKEN to choose it)",
+            file=sys.stderr,
+        )
+    if "FLASHSALE_JWT_SECRET" in unset:
+        update["jwt_secret"] = secrets.token_urlsafe(32)
+        print(
+            f"buyer tokens for this run: FLASHSALE_JWT_SECRET={update['jwt_secret']} "
+            "flashsale token USER_ID",
+            file=sys.stderr,
+        )
+    return settings.model_copy(update=update)
+
+
+def _token(settings: Settings, user_id: str, ttl: int) -> int:
+    """Print a buyer JWT for ``user_id`` signed with the configured secret."""
+    refuse_default_secrets(settings, ["FLASHSALE_JWT_SECRET"])
+    if not USER_ID.fullmatch(user_id):
+        raise ConfigurationError("USER_ID must be 1-128 characters of [A-Za-z0-9_.@+-]")
+    if ttl < 1:
+        raise ConfigurationError("--ttl must be at least 1 second")
+    print(issue_token(settings.jwt_secret, user_id, ttl))
+    return 0
+
+
 def stop_on_signals() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM."""
     stop = asyncio.Event()
@@ -146,8 +196,9 @@ def expiry_worker_for(services: Services) -> ExpiryWorker:
 async def run_consumers(
     services: Services, stop: asyncio.Event, *, retention: bool = False, **overrides: int
 ) -> None:
-    """The projector and the expiry worker (and, with ``retention``, the stream trimmer,
-    unless ``FLASHSALE_RETENTION_INTERVAL_MS`` is 0), side by side, until ``stop`` is set."""
+    """The projector and the expiry worker (and, with ``retention``, the stream trimmer and
+    the reservation pruner, unless ``FLASHSALE_RETENTION_INTERVAL_MS`` /
+    ``FLASHSALE_PRUNE_INTERVAL_MS`` is 0), side by side, until ``stop`` is set."""
     s = services.settings
     workers = [
         projector_for(services, **overrides).run(stop),
@@ -158,6 +209,15 @@ async def run_consumers(
             services.redis, services.pool, s.partitions, s.retention_interval_ms / 1000
         )
         workers.append(trimmer.run(stop))
+    if retention and s.prune_interval_ms:
+        pruner = PruningWorker(
+            services.gateway,
+            services.pool,
+            s.prune_interval_ms / 1000,
+            s.prune_after_seconds,
+            s.prune_batch,
+        )
+        workers.append(pruner.run(stop))
     await asyncio.gather(*workers)
 
 
@@ -237,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--port", type=int, default=None, help="HTTP port (FLASHSALE_PORT)")
+    token = sub.add_parser(
+        "token", help="print a buyer JWT signed with FLASHSALE_JWT_SECRET (tests, demos)"
+    )
+    token.add_argument("user_id", metavar="USER_ID", help="the buyer (the token's sub)")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     demo = sub.add_parser("demo", help="run a simulated flash sale on embedded servers")
     demo.add_argument("--stock", type=int, default=200)
     demo.add_argument("--buyers", type=int, default=5000)
@@ -277,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     configure_logging(level, settings.log_json)
     try:
+        if args.command == "token":
+            return _token(settings, args.user_id, args.ttl)
+        if args.command in ("serve", "consume"):
+            refuse_default_secrets(settings)
+        if args.command in ("up", "demo"):
+            settings = with_run_secrets(settings)
         if args.command == "demo":
             from api.demo import run_demo
 
@@ -296,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FlashsaleError, LauncherError, RedisError, OSError, asyncpg.PostgresError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

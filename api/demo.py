@@ -21,6 +21,7 @@ import aiohttp
 
 from api.auth import issue_token
 from api.cli import Services, open_services, run_consumers, running_api
+from core.launcher import death_signal_setter
 from core.settings import Settings
 from projections.replay import verify
 
@@ -154,8 +155,15 @@ async def fire_from_another_process(
         "api.loadgen",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        preexec_fn=death_signal_setter(),  # and must die with the demo if it is killed
     )
-    out, _ = await child.communicate(plan)
+    try:
+        out, _ = await child.communicate(plan)
+    finally:
+        # Interrupted (Ctrl-C, SIGTERM, an error here): the child must not fire on alone.
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
     if child.returncode != 0:
         raise RuntimeError(f"load generator failed with exit code {child.returncode}")
     answer = json.loads(out)

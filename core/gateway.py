@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -729,6 +730,39 @@ class RedisGateway:
             return bool(await self.client.ping())
         except RedisError:
             return False
+
+    @functools.cached_property
+    def _prune_reservations(self) -> AsyncScript:
+        # Registered on first use: pruning runs in the consumer daemon, off the purchase
+        # path, and EVALSHA loads the script on its first NOSCRIPT.
+        return self.client.register_script(load_lua("prune_reservations"))
+
+    async def prune_reservations(
+        self, sale_id: str, reservations: list[tuple[str, str]]
+    ) -> tuple[int, int]:
+        """Remove final reservations of ``sale_id`` from Redis: ``(reservation_id, user_id)``
+        pairs, one script call (keep the batch small: it holds Redis for its length).
+
+        Only reservations whose hash says confirmed, cancelled or expired are removed;
+        pending ones stay. Returns ``(gone, kept)``: ids now absent from Redis, ids left
+        pending. Safe to repeat.
+        """
+        if not reservations:
+            return 0, 0
+        keys = self.keys_for_sale(sale_id)
+        script_keys = [keys.reservations(sale_id)]
+        for reservation_id, user_id in reservations:
+            script_keys += [
+                keys.reservation(reservation_id),
+                keys.user_reservations(sale_id, user_id),
+            ]
+        try:
+            gone, kept = await self._prune_reservations(
+                keys=script_keys, args=[rid for rid, _ in reservations]
+            )
+        except RedisError as e:
+            raise InfrastructureError(f"redis pruning failed: {e}") from e
+        return int(gone), int(kept)
 
 
 def sale_status(fields: dict[str, int], now_ms: int) -> SaleStatus:
