@@ -39,8 +39,9 @@ T = TypeVar("T")
 
 # Errors after which a command may or may not have run: its reply was lost.
 LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
-# How long a state-changing script remembers an operation id's outcome: far longer than
-# any retry of the same call, short enough that the records take little memory.
+# How long create, close, stock adjustment and expiry remember an operation id's outcome:
+# far longer than any retry of the same call, short enough that the records take little
+# memory. (Confirm and cancel keep theirs in the reservation's hash.)
 OPERATION_TTL_SECONDS = 300
 
 
@@ -436,9 +437,8 @@ class RedisGateway:
                 keys.sale(view.sale_id),
                 keys.deadlines,
                 keys.events,
-                keys.operation(operation),
             ],
-            [operation, reservation_id, user_id or "", OPERATION_TTL_SECONDS],
+            [operation, reservation_id, user_id or ""],
         )
         return result[1] == "1"
 
@@ -459,9 +459,8 @@ class RedisGateway:
                 keys.holders(view.sale_id),
                 keys.deadlines,
                 keys.events,
-                keys.operation(operation),
             ],
-            [operation, reservation_id, user_id, OPERATION_TTL_SECONDS],
+            [operation, reservation_id, user_id],
         )
         self.sold_out_hints.forget(view.sale_id)
         return result[1] == "1"

@@ -6,11 +6,9 @@
 -- KEYS[3]  holders hash         fs:{pN}:sale:<sale_id>:users
 -- KEYS[4]  deadlines zset       fs:{pN}:deadlines
 -- KEYS[5]  partition stream     fs:{pN}:events
--- KEYS[6]  operation string     fs:{pN}:op:<event_id>  (set when cancelled, kept ARGV[4] s)
--- ARGV[1]  event_id (also the operation id)
+-- ARGV[1]  event_id (also the operation id, kept in the reservation's "ended_by")
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to
--- ARGV[4]  operation time-to-live in seconds
 --
 -- Safe to run again with the same arguments: a call that cancelled the reservation in an
 -- earlier run (its reply was lost) answers {"ok", "1"} again and changes nothing.
@@ -20,12 +18,13 @@
 --          {"err", reason}  nothing changed; reason in reservation_not_found,
 --                           reservation_expired, reservation_closed (it was confirmed)
 
-local r = redis.call('HMGET', KEYS[1], 'status', 'sale_id', 'user_id', 'qty', 'expires_at')
+local r = redis.call('HMGET', KEYS[1],
+    'status', 'sale_id', 'user_id', 'qty', 'expires_at', 'ended_by')
 if not r[1] or r[3] ~= ARGV[3] then
     return {'err', 'reservation_not_found'}
 end
 if r[1] == 'cancelled' then
-    if redis.call('EXISTS', KEYS[6]) == 1 then return {'ok', '1'} end
+    if r[6] == ARGV[1] then return {'ok', '1'} end
     return {'ok', '0'}
 end
 if r[1] == 'expired' then return {'err', 'reservation_expired'} end
@@ -38,7 +37,7 @@ if now >= tonumber(r[5]) then
 end
 
 local qty = tonumber(r[4])
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', now)
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', now, 'ended_by', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'held', -qty)
 redis.call('HINCRBY', KEYS[2], 'remaining', qty)
 redis.call('HINCRBY', KEYS[2], 'released', qty)
@@ -46,7 +45,6 @@ if redis.call('HINCRBY', KEYS[3], r[3], -qty) <= 0 then
     redis.call('HDEL', KEYS[3], r[3])
 end
 redis.call('ZREM', KEYS[4], ARGV[2])
-redis.call('SET', KEYS[6], '1', 'EX', tonumber(ARGV[4]))
 redis.call('XADD', KEYS[5], '*', 'event', cjson.encode({
     type = 'ReservationCancelled', v = 1, event_id = ARGV[1], sale_id = r[2],
     occurred_at = now, reservation_id = ARGV[2], user_id = r[3], qty = qty,

@@ -4,11 +4,9 @@
 -- KEYS[2]  sale hash            fs:{pN}:sale:<sale_id>
 -- KEYS[3]  deadlines zset       fs:{pN}:deadlines
 -- KEYS[4]  partition stream     fs:{pN}:events
--- KEYS[5]  operation string     fs:{pN}:op:<event_id>  (set when confirmed, kept ARGV[4] s)
--- ARGV[1]  event_id (also the operation id)
+-- ARGV[1]  event_id (also the operation id, kept in the reservation's "ended_by")
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to, or "" (an admin confirms any)
--- ARGV[4]  operation time-to-live in seconds
 --
 -- Safe to run again with the same arguments: a call that confirmed the reservation in an
 -- earlier run (its reply was lost) answers {"ok", "1"} again and changes nothing.
@@ -19,12 +17,13 @@
 --                           reservation_expired (expired, or pending past its deadline:
 --                           the expiry worker returns the stock), reservation_closed
 
-local r = redis.call('HMGET', KEYS[1], 'status', 'sale_id', 'user_id', 'qty', 'expires_at')
+local r = redis.call('HMGET', KEYS[1],
+    'status', 'sale_id', 'user_id', 'qty', 'expires_at', 'ended_by')
 if not r[1] or (ARGV[3] ~= '' and r[3] ~= ARGV[3]) then
     return {'err', 'reservation_not_found'}
 end
 if r[1] == 'confirmed' then
-    if redis.call('EXISTS', KEYS[5]) == 1 then return {'ok', '1'} end
+    if r[6] == ARGV[1] then return {'ok', '1'} end
     return {'ok', '0'}
 end
 if r[1] == 'expired' then return {'err', 'reservation_expired'} end
@@ -37,11 +36,10 @@ if now >= tonumber(r[5]) then
 end
 
 local qty = tonumber(r[4])
-redis.call('HSET', KEYS[1], 'status', 'confirmed', 'confirmed_at', now)
+redis.call('HSET', KEYS[1], 'status', 'confirmed', 'confirmed_at', now, 'ended_by', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'held', -qty)
 redis.call('HINCRBY', KEYS[2], 'confirmed', qty)
 redis.call('ZREM', KEYS[3], ARGV[2])
-redis.call('SET', KEYS[5], '1', 'EX', tonumber(ARGV[4]))
 redis.call('XADD', KEYS[4], '*', 'event', cjson.encode({
     type = 'ReservationConfirmed', v = 1, event_id = ARGV[1], sale_id = r[2],
     occurred_at = now, reservation_id = ARGV[2], user_id = r[3], qty = qty,
