@@ -41,6 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.typing import StreamIdT
 
 from consumers.deadletter import park, parked_record
+from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from core.events import parse_event
 from core.keys import CONSUMER_GROUP, PartitionKeys
@@ -54,10 +55,6 @@ Position = tuple[int, str]
 _MAX_BACKOFF_S = 5.0
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def default_consumer_name() -> str:
     """A name unique to this process: host and pid."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -65,12 +62,17 @@ def default_consumer_name() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A raw stream entry delivered to this consumer, and how often it was delivered."""
+    """A raw stream entry delivered to this consumer, and how often it was delivered.
+
+    ``undecodable`` says why the entry's bytes are not text (then ``fields`` holds them
+    decoded losslessly, to be parked as they were).
+    """
 
     partition: int
     stream_id: str
     fields: dict[str, str]
     deliveries: int = 1
+    undecodable: str | None = None
 
     @property
     def position(self) -> Position:
@@ -128,18 +130,20 @@ class Projector:
         entries: Sequence[RawEntry],
         counts: dict[str, int] | None = None,
     ) -> list[Delivery]:
-        partition = self.streams[_text(stream)]
+        partition = self.streams[text(stream)]
         deliveries: list[Delivery] = []
         for entry_id, fields in entries:
             if fields is None:  # a deleted entry still pending comes back as None
                 continue
-            stream_id = _text(entry_id)
+            stream_id = text(entry_id)
+            decoded, undecodable = decode_fields(fields)
             deliveries.append(
                 Delivery(
                     partition=partition,
                     stream_id=stream_id,
-                    fields={_text(k): _text(v) for k, v in fields.items()},
+                    fields=decoded,
                     deliveries=(counts or {}).get(stream_id, 1),
+                    undecodable=undecodable,
                 )
             )
         return deliveries
@@ -167,7 +171,7 @@ class Projector:
                 pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
             replies = await pipe.execute()
         return {
-            _text(row["message_id"]): int(row["times_delivered"])
+            text(row["message_id"]): int(row["times_delivered"])
             for reply in replies
             for row in reply
         }
@@ -187,8 +191,8 @@ class Projector:
                     start_id=start,
                     count=self.batch,
                 )
-                next_start, entries = _text(reply[0]), reply[1]
-                ids = [_text(entry_id) for entry_id, fields in entries if fields is not None]
+                next_start, entries = text(reply[0]), reply[1]
+                ids = [text(entry_id) for entry_id, fields in entries if fields is not None]
                 counts = await self._delivery_counts(stream, ids)
                 deliveries.extend(self._deliveries(stream, entries, counts))
                 if next_start == "0-0":
@@ -222,9 +226,12 @@ class Projector:
                 )
                 give_up.append((d, error))
                 continue
+            if d.undecodable:
+                give_up.append((d, d.undecodable))
+                continue
             try:
                 event = parse_event(d.fields.get("event", ""))
-            except ValueError as e:
+            except Exception as e:
                 # Parsing is pure, so it fails the same way on every delivery: the entry
                 # is poison, not a transient fault.
                 give_up.append((d, describe(e)))
