@@ -157,6 +157,7 @@ def projector_for(services: Services, **overrides: int) -> Projector:
         services.redis,
         services.pool,
         s.partitions,
+        consumer=s.consumer_name,
         batch=overrides.get("batch", s.consumer_batch),
         block_ms=overrides.get("block_ms", s.consumer_block_ms),
         claim_idle_ms=overrides.get("claim_idle_ms", s.claim_idle_ms),

@@ -132,6 +132,24 @@ class StreamChunk:
 
     first_id: str | None
     entries: list[tuple[str, dict[str, str]]]
+    # Ids of the entries whose bytes are not UTF-8 (their fields show them as \xff escapes):
+    # no events, the projector parks them.
+    undecodable: frozenset[str] = frozenset()
+
+
+def _entry_fields(raw: dict[Any, Any]) -> tuple[dict[str, str], bool]:
+    """A stream entry's fields as text, and whether they all were UTF-8; bytes that are
+    not come out as ``\\xff`` escapes (anyone can write anything into a stream)."""
+    try:
+        return {_text(k): _text(v) for k, v in raw.items()}, True
+    except UnicodeDecodeError:
+        return {_readable(k): _readable(v) for k, v in raw.items()}, False
+
+
+def _readable(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,7 +650,8 @@ class RedisGateway:
     async def read_stream(
         self, partition: int, after: str = "0-0", until: str = "+", chunk: int = 10_000
     ) -> AsyncIterator[tuple[str, dict[str, str]]]:
-        """Yield ``(stream_id, fields)`` of a partition's stream after ``after``, in order."""
+        """Yield ``(stream_id, fields)`` of a partition's stream after ``after``, in order
+        (bytes that are not UTF-8 come out as ``\\xff`` escapes)."""
         stream = PartitionKeys(partition).events
         start = f"({after}"
         while True:
@@ -643,7 +662,7 @@ class RedisGateway:
             batch = batch or []
             for entry_id, fields in batch:
                 if entry_id is not None and fields is not None:
-                    yield _text(entry_id), {_text(k): _text(v) for k, v in fields.items()}
+                    yield _text(entry_id), _entry_fields(fields)[0]
             if len(batch) < chunk:
                 return
             start = f"({_text(batch[-1][0] or '')}"
@@ -653,7 +672,8 @@ class RedisGateway:
     ) -> StreamChunk:
         """Up to ``count`` entries of a partition's stream after ``after`` (up to ``until``),
         and the stream's first id, read atomically (MULTI), so a trim that happens while a
-        reader walks the stream shows up as a first id above the reader's position."""
+        reader walks the stream shows up as a first id above the reader's position. Entries
+        whose bytes are not UTF-8 are listed in ``undecodable``."""
         stream = PartitionKeys(partition).events
         try:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -662,12 +682,19 @@ class RedisGateway:
                 first, batch = await pipe.execute()
         except RedisError as e:
             raise InfrastructureError(f"redis read failed: {e}") from e
-        entries = [
-            (_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
-            for entry_id, fields in batch or []
-            if entry_id is not None and fields is not None
-        ]
-        return StreamChunk(first_id=_text(first[0][0]) if first else None, entries=entries)
+        entries: list[tuple[str, dict[str, str]]] = []
+        undecodable: set[str] = set()
+        for entry_id, raw in batch or []:
+            if entry_id is not None and raw is not None:
+                fields, utf8 = _entry_fields(raw)
+                entries.append((_text(entry_id), fields))
+                if not utf8:
+                    undecodable.add(entries[-1][0])
+        return StreamChunk(
+            first_id=_text(first[0][0]) if first else None,
+            entries=entries,
+            undecodable=frozenset(undecodable),
+        )
 
     async def repair_sale(self, repair: SaleRepair) -> str | None:
         """Write a sale's folded state into Redis, fenced on the log position it reflects.

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     consumer_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_block_ms: int = Field(default=1000, ge=1)
-    claim_idle_ms: int = Field(default=30_000, ge=0)
+    claim_idle_ms: int = Field(default=5_000, ge=0)
     max_deliveries: int = Field(
         default=5,
         ge=1,
@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     )
     prune_batch: int = Field(
         default=100, ge=1, le=1000, description="Reservations removed per Lua script call."
+    )
+    consumer_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="This consumer's stable name in its group (unique per running process);"
+        " unset: host-pid. A process restarted under its name resumes its pending entries.",
     )
 
     @model_validator(mode="after")

@@ -103,7 +103,16 @@ class VerifyReport:
 
     def to_table(self) -> str:
         """The report for people: one line when clean, else a log | redis | postgres table
-        ("=" where a store agrees with the log, "-" where it does not hold the field)."""
+        ("=" where a store agrees with the log, "-" where it does not hold the field), and
+        a last line counting the log entries that are no event, if any."""
+        return self._table() + (
+            f"\n{self.malformed} log entries are no event (not UTF-8 or not parseable),"
+            " skipped: the projector parked them (flashsale dlq list)"
+            if self.malformed
+            else ""
+        )
+
+    def _table(self) -> str:
         if self.clean:
             return f"clean: {self.sales} sales, {self.events} events agree in log, Redis, PG" + (
                 f" ({self.lagging} events not projected yet)" if self.lagging else ""
