@@ -37,7 +37,7 @@ from core.gateway import RedisGateway
 from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus, ReservationView
 from core.settings import Settings
 from projections.db import open_pool
-from projections.orders import final_order
+from projections.orders import final_order, final_orders_of
 
 log = structlog.get_logger(__name__)
 
@@ -282,13 +282,36 @@ async def get_reservation(request: web.Request) -> web.Response:
     return web.json_response(view.model_dump(mode="json"))
 
 
+async def reservations_of(
+    app: web.Application, sale_id: str, user_id: str
+) -> list[ReservationView] | None:
+    """Every reservation ``user_id`` placed in ``sale_id``, oldest first: Redis's, and the
+    final ones pruned from it as PostgreSQL's ``orders`` holds them (Redis's view wins for
+    an id both hold); None when the sale does not exist. ``InfrastructureError`` when
+    PostgreSQL is out of reach: only it can say what was pruned."""
+    placed = await app[GATEWAY].placed_reservations(sale_id, user_id)
+    pool = app.get(ORDERS_POOL)
+    if placed is None or pool is None:
+        return None if placed is None else [view for _, view in placed]
+    # Read after Redis: a reservation pruned since then was final and projected before it
+    # left Redis, so orders holds it; one placed since then is pending and left out.
+    in_redis = {view.reservation_id for _, view in placed}
+    pruned = [
+        pair
+        for pair in await final_orders_of(pool, sale_id, user_id)
+        if pair[1].reservation_id not in in_redis
+    ]
+    merged = sorted([*placed, *pruned], key=lambda pair: (pair[0], pair[1].reservation_id))
+    return [view for _, view in merged]
+
+
 async def my_reservations(request: web.Request) -> web.Response:
     """GET /v1/sales/{sale_id}/reservations/mine (buyer): every reservation the buyer placed
-    in the sale, whatever its status, oldest first; how a buyer whose answer was lost finds
-    out what they hold."""
+    in the sale, whatever its status, oldest first, pruned ones included; how a buyer whose
+    answer was lost finds out what they hold."""
     user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)
     sale_id = sale_id_of(request)
-    views = await request.app[GATEWAY].reservations_of(sale_id, user_id)
+    views = await reservations_of(request.app, sale_id, user_id)
     if views is None:
         raise SaleNotFound(f"no sale {sale_id!r}")
     return web.json_response(

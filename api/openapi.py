@@ -114,7 +114,8 @@ SPEC: dict[str, Any] = {
                     "sale_id": {"type": "string"},
                     "reservations": {
                         "type": "array",
-                        "description": "oldest first, whatever their status",
+                        "description": "oldest first (placement time, then id), whatever"
+                        " their status, pruned ones included",
                         "items": {"$ref": "#/components/schemas/Reservation"},
                     },
                 },
@@ -185,6 +186,12 @@ SPEC: dict[str, Any] = {
         "/v1/sales/{sale_id}/reservations/mine": {
             "get": {
                 "summary": "The caller's reservations in a sale, whatever their status (buyer).",
+                "description": (
+                    "Redis's reservations merged with the final ones already pruned from it,"
+                    " read from PostgreSQL's orders (Redis's view wins for an id in both),"
+                    " oldest first. 503 unavailable while PostgreSQL is out of reach: only it"
+                    " can say which were pruned, and a partial list would look complete."
+                ),
                 "security": _BUYER,
                 "parameters": [SALE_ID],
                 "responses": {

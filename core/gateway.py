@@ -554,11 +554,20 @@ class RedisGateway:
         return result[1] == "1"
 
     async def reservations_of(self, sale_id: str, user_id: str) -> list[ReservationView] | None:
-        """Every reservation ``user_id`` placed in ``sale_id``, whatever its status, oldest
-        first; None when the sale does not exist. Retried after a lost reply (a read)."""
+        """Every reservation ``user_id`` placed in ``sale_id`` that Redis still holds, whatever
+        its status, oldest first; None when the sale does not exist."""
+        placed = await self.placed_reservations(sale_id, user_id)
+        return None if placed is None else [view for _, view in placed]
+
+    async def placed_reservations(
+        self, sale_id: str, user_id: str
+    ) -> list[tuple[int, ReservationView]] | None:
+        """Like :meth:`reservations_of`, each with its placement time (epoch ms), the order
+        they come in (then by id), so a caller can merge them with pruned ones. Retried
+        after a lost reply (a read)."""
         keys = self.keys_for_sale(sale_id)
 
-        async def read() -> list[ReservationView] | None:
+        async def read() -> list[tuple[int, ReservationView]] | None:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.exists(keys.sale(sale_id))
                 pipe.smembers(keys.user_reservations(sale_id, user_id))
@@ -570,9 +579,15 @@ class RedisGateway:
                 for rid in ids:
                     pipe.hgetall(keys.reservation(rid))
                 rows = await pipe.execute() if ids else []
-            found = [(rid, raw) for rid, raw in zip(ids, rows, strict=True) if raw]
-            found.sort(key=lambda pair: (int(pair[1].get(b"created_at", 0)), pair[0]))
-            return [_reservation_view(rid, raw) for rid, raw in found]
+            # An id whose hash pruning removed a moment ago (it drops the id from the set next)
+            # is skipped: the caller finds it among the pruned ones.
+            placed = [
+                (int(raw.get(b"created_at", 0)), _reservation_view(rid, raw))
+                for rid, raw in zip(ids, rows, strict=True)
+                if raw
+            ]
+            placed.sort(key=lambda pair: (pair[0], pair[1].reservation_id))
+            return placed
 
         return await self._retrying(read, "redis read")
 

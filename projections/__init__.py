@@ -2,7 +2,7 @@
 
 from projections.fold import SaleState, fold
 from projections.log import LogReader
-from projections.orders import final_order
+from projections.orders import final_order, final_orders_of
 from projections.projector import LogEntry, project
 from projections.rebuild import RebuildReport, rebuild
 from projections.repair import RepairReport, repair_redis
@@ -18,6 +18,7 @@ __all__ = [
     "SaleState",
     "VerifyReport",
     "final_order",
+    "final_orders_of",
     "fold",
     "migrate",
     "project",

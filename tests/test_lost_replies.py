@@ -361,8 +361,9 @@ async def test_a_lost_reply_under_wait_replicas_is_retried_and_covered_by_wait()
 
 
 async def test_a_buyer_lists_their_own_reservations_of_a_sale_whatever_their_status(
-    settings: Settings, gateway: RedisGateway, redis_client: aioredis.Redis
+    settings: Settings, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ):
+    # ``pool`` empties PostgreSQL: the list also reads the buyer's pruned ones from orders.
     await open_sale(gateway, stock=10, per_user_limit=3)
     await open_sale(gateway, "sale-2", stock=10, per_user_limit=3)
     first = await gateway.reserve("sale-1", "ann", 1, None)
