@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.auth import AuthError, buyer_id, is_admin, require_admin
+from api.connections import postgres_pool_for, redis_client_for
 from api.metrics import ApiMetrics
 from api.openapi import SPEC
 from api.problems import from_error, problem
@@ -36,7 +37,6 @@ from core.errors import (
 from core.gateway import RedisGateway
 from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationStatus, ReservationView
 from core.settings import Settings
-from projections.db import open_pool
 from projections.orders import final_order, final_orders_of
 
 log = structlog.get_logger(__name__)
@@ -475,7 +475,7 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
         if settings.database_url is None:
             yield
             return
-        pool = await open_pool(settings.database_url, ORDERS_POOL_SIZE)
+        pool = await postgres_pool_for(settings, ORDERS_POOL_SIZE)
         app[ORDERS_POOL] = pool
         yield
         await pool.close()
@@ -497,24 +497,3 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/openapi.json", openapi_view)
     return app
-
-
-def redis_client_for(
-    settings: Settings, pool_size: int | None = None, name: str | None = None
-) -> aioredis.Redis:
-    """A Redis client whose pool waits for a free connection instead of raising when full.
-
-    Its socket timeout is ``FLASHSALE_REDIS_SOCKET_TIMEOUT_MS``; the settings refuse block and
-    wait times that would not fit in it.
-    """
-    assert settings.redis_url, "redis_url must be resolved before building clients"
-    timeout = settings.redis_socket_timeout_ms / 1000
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=pool_size or settings.redis_pool_size,
-        timeout=10,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        client_name=name,
-    )
-    return aioredis.Redis(connection_pool=pool)

@@ -19,8 +19,9 @@ from aiohttp import web
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from api.app import create_app, redis_client_for
+from api.app import create_app
 from api.auth import USER_ID, issue_token
+from api.connections import postgres_pool_for, redis_client_for
 from api.operate import add_commands, run_operation
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
@@ -32,7 +33,6 @@ from core.gateway import RedisGateway
 from core.launcher import LauncherError, embedded_servers
 from core.logs import configure_logging
 from core.settings import Settings
-from projections.db import open_pool
 from projections.rebuild import rebuild
 from projections.repair import repair_redis
 from projections.replay import ProgressLine, verify
@@ -66,7 +66,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     """Redis client and migrated PostgreSQL pool for ``settings``."""
     assert settings.database_url
     client = redis_client_for(settings)
-    pool = await open_pool(settings.database_url, settings.pg_pool_size)
+    pool = await postgres_pool_for(settings)
     gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
     try:
         await gateway.load_scripts()

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.app import redis_client_for
+from api.connections import redis_client_for
 from core.settings import DEFAULT_ADMIN_TOKEN, DEFAULT_JWT_SECRET, Settings
 from tests.daemons import cli, env_for, running, start, stop_all, terminate
 
