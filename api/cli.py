@@ -19,10 +19,10 @@ from aiohttp import web
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from api.app import create_app
-from api.auth import USER_ID, issue_token
 from api.connections import postgres_pool_for, redis_client_for
 from api.operate import add_commands, run_operation
+from api.web.app import create_app
+from api.web.auth import USER_ID, issue_token
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
 from consumers.pruning import PruningWorker

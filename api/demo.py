@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-from api.auth import issue_token
 from api.cli import Services, open_services, run_consumers, running_api
+from api.web.auth import issue_token
 from core.launcher import death_signal_setter
 from core.settings import Settings
 from projections.replay import verify

@@ -17,9 +17,9 @@ import uuid
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from api.app import create_app
-from api.auth import issue_token
 from api.demo import fire_from_another_process
+from api.web.app import create_app
+from api.web.auth import issue_token
 from core.errors import RejectedError
 from core.gateway import RedisGateway
 from core.launcher import embedded_servers

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from api.app import create_app
+from api.web.app import create_app
 from consumers.deadletter import list_parked, retry_parked
 from consumers.faults import is_transient
 from consumers.projector import Projector

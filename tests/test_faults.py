@@ -31,8 +31,8 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from api.app import create_app
-from api.auth import issue_token
+from api.web.app import create_app
+from api.web.auth import issue_token
 from core.durability import check_durability
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream

@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.app import create_app
+from api.web.app import create_app
 from consumers.projector import Projector
 from core.events import ReservationPlaced
 from core.gateway import RedisGateway

@@ -16,7 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from api.app import ORDERS_POOL, create_app
+from api.web.app import create_app
+from api.web.state import ORDERS_POOL
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
 from consumers.pruning import checkpoint_of, prune_reservations

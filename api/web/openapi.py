@@ -6,7 +6,7 @@ from typing import Any
 
 from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationView, SaleView
 
-# The same patterns as the path and header checks in ``api.app`` (a test keeps them equal).
+# The same patterns as the path and header checks in ``api.web.requests`` (a test keeps them equal).
 RESERVATION_ID_PATTERN = r"^[0-9]{1,4}-[A-Za-z0-9]{1,128}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
