@@ -25,10 +25,10 @@ import importlib
 
 import redis.asyncio as aioredis
 
+from api.cli.launcher import embedded_servers
 from consumers.projector import Projector
 from consumers.retention import trim_streams
 from core.gateway import RedisGateway
-from core.launcher import embedded_servers
 from core.models import NewSale
 from projections.db import open_pool
 

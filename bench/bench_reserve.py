@@ -17,12 +17,12 @@ import uuid
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from api.demo import fire_from_another_process
+from api.cli.demo import fire_from_another_process
+from api.cli.launcher import embedded_servers
 from api.web.app import create_app
 from api.web.auth import issue_token
 from core.errors import RejectedError
 from core.gateway import RedisGateway
-from core.launcher import embedded_servers
 from core.models import NewSale
 from core.settings import Settings
 
@@ -80,7 +80,7 @@ async def http_rate(settings: Settings, client: aioredis.Redis, attempts: int) -
         plan = [[issue_token(settings.jwt_secret, f"u{i}"), ""] for i in range(attempts)]
         url = f"http://127.0.0.1:{port}/v1/sales/{sale_id}/reservations"
         results, elapsed = await fire_from_another_process(url, plan)
-        # Each result is (status, outcome code, seconds, reservation id): see api.demo.Result.
+        # Each result is (status, outcome code, seconds, reservation id): see api.cli.demo.Result.
         statuses = sorted({status for status, _, _, _ in results})
         latencies = sorted(seconds for _, _, seconds, _ in results)
         print(

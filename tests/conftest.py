@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from api.cli.launcher import ServerUrls, embedded_servers
 from core.gateway import RedisGateway
-from core.launcher import ServerUrls, embedded_servers
 from core.settings import Settings
 from projections.db import open_pool
 

@@ -81,7 +81,7 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
 
 
 def _loadgen_children(parent: int) -> list[int]:
-    """Pids of ``python -m api.loadgen`` processes whose parent is ``parent``."""
+    """Pids of ``python -m api.cli.loadgen`` processes whose parent is ``parent``."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -90,7 +90,7 @@ def _loadgen_children(parent: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rpartition(") ")[2].split()
-        if int(fields[1]) == parent and fields[0] != "Z" and b"api.loadgen" in cmdline:
+        if int(fields[1]) == parent and fields[0] != "Z" and b"api.cli.loadgen" in cmdline:
             found.append(int(proc.name))
     return found
 

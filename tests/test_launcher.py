@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import redis
 
-from core.launcher import (
+from api.cli.launcher import (
     EmbeddedPostgres,
     EmbeddedRedis,
     LauncherError,
@@ -266,7 +266,7 @@ def test_servers_die_with_their_parent() -> None:
     script = textwrap.dedent(
         """
         import time
-        from core.launcher import EmbeddedPostgres, EmbeddedRedis
+        from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis
 
         redis, postgres = EmbeddedRedis(), EmbeddedPostgres()
         redis.start()

@@ -27,11 +27,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api.cli.launcher import EmbeddedRedis
 from api.web.app import create_app
 from consumers.projector import Projector
 from core.events import ReservationPlaced
 from core.gateway import RedisGateway
-from core.launcher import EmbeddedRedis
 from core.settings import Settings
 from projections.replay import verify
 from tests.daemons import caught_up, eventually

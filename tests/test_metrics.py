@@ -14,10 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from api.cli.launcher import EmbeddedRedis
 from api.web.app import create_app
 from api.web.state import GATEWAY, HEALTH
 from core.keys import CONSUMER_GROUP, PartitionKeys
-from core.launcher import EmbeddedRedis
 from core.settings import Settings
 
 PARTITIONS = 4
