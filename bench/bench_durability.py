@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from api.cli.launcher import EmbeddedRedis
 from core.gateway import RedisGateway
-from core.launcher import EmbeddedRedis
 from core.models import NewSale
 
 AOF_ALWAYS = ["--appendonly", "yes", "--appendfsync", "always"]

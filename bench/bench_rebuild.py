@@ -26,13 +26,13 @@ from datetime import UTC, datetime
 import asyncpg
 import redis.asyncio as aioredis
 
+from api.cli.launcher import embedded_servers
+from api.cli.replay import ProgressLine
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
-from core.launcher import embedded_servers
 from core.settings import Settings
 from projections.db import open_pool
 from projections.rebuild import rebuild
-from projections.replay import ProgressLine
 
 BASE_MS = 1_700_000_000_000
 OUTCOMES = (

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import time
 import uuid
 
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from api.app import create_app
-from api.auth import issue_token
-from api.demo import fire_from_another_process
+from api.cli.demo import fire_from_another_process
+from api.cli.launcher import embedded_servers
+from api.web.app import create_app
+from api.web.auth import issue_token
 from core.errors import RejectedError
 from core.gateway import RedisGateway
-from core.launcher import embedded_servers
 from core.models import NewSale
 from core.settings import Settings
 
@@ -79,8 +80,9 @@ async def http_rate(settings: Settings, client: aioredis.Redis, attempts: int) -
         plan = [[issue_token(settings.jwt_secret, f"u{i}"), ""] for i in range(attempts)]
         url = f"http://127.0.0.1:{port}/v1/sales/{sale_id}/reservations"
         results, elapsed = await fire_from_another_process(url, plan)
-        statuses = sorted({s for s, _, _ in results})
-        latencies = sorted(t for _, _, t in results)
+        # Each result is (status, outcome code, seconds, reservation id): see api.cli.demo.Result.
+        statuses = sorted({status for status, _, _, _ in results})
+        latencies = sorted(seconds for _, _, seconds, _ in results)
         print(
             f"http ({label}): {attempts / elapsed:,.0f} req/s over {attempts} requests,"
             f" p50 {latencies[len(latencies) // 2] * 1000:.1f} ms,"
@@ -92,7 +94,17 @@ async def http_rate(settings: Settings, client: aioredis.Redis, attempts: int) -
 async def main(clients: int, seconds: float, attempts: int) -> None:
     env = Settings()
     with embedded_servers(env.redis_url, env.database_url) as urls:
-        settings = env.model_copy(update={"redis_url": urls.redis_url, "max_inflight": 10**6})
+        # The app is built here, not by `serve`, so nothing refuses the public default
+        # secrets: replace them anyway, as `up` and `demo` do.
+        settings = env.model_copy(
+            update={
+                "redis_url": urls.redis_url,
+                "database_url": urls.database_url,
+                "max_inflight": 10**6,
+                "admin_token": secrets.token_urlsafe(24),
+                "jwt_secret": secrets.token_urlsafe(32),
+            }
+        )
         client = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
                 urls.redis_url, max_connections=clients
@@ -111,8 +123,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--http-requests", type=int, default=10_000)
+    parser.add_argument(
+        "--http-requests", type=int, default=10_000, help="HTTP attempts per case (at least 1)"
+    )
     args = parser.parse_args()
+    if args.http_requests < 1:
+        parser.error("--http-requests must be at least 1")
     import uvloop
 
     uvloop.run(main(args.clients, args.seconds, args.http_requests))

@@ -2,8 +2,8 @@
 
 Run:  .venv/bin/python -m bench.bench_verify [--reservations 1000000]
 
-Opens one sale on fresh embedded servers and fills it with real reservations (the reserve
-script, pipelined EVALSHA in batches, one user each), then runs each tool with Redis's
+Opens one sale on fresh embedded servers and fills it with real reservations (the gateway's
+reserve, 200 at a time concurrently, one user each), then runs each tool with Redis's
 SLOWLOG recording every command over 1 ms, and prints per tool its total time, the
 slowest commands SLOWLOG saw and the highest mean time per call (INFO commandstats). Redis
 runs at a raised CPU priority (``--no-renice``: not), so that a busy shared machine pauses
@@ -23,18 +23,17 @@ import contextlib
 import os
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
 import core
+from api.cli.launcher import embedded_servers
 from consumers.health import read_health
 from consumers.retention import trim_streams
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys
-from core.launcher import embedded_servers
 from core.models import NewSale
 from core.settings import Settings
 from projections.db import open_pool
@@ -50,38 +49,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def fill(gateway: RedisGateway, reservations: int, batch: int = 2000) -> None:
-    """Open the sale and place ``reservations`` reservations of one unit, one user each."""
+async def fill(gateway: RedisGateway, reservations: int, batch: int = 200) -> None:
+    """Open the sale and place ``reservations`` reservations of one unit, one user each,
+    through the gateway, ``batch`` at a time concurrently."""
     await gateway.create_sale(
         NewSale(sale_id=SALE, stock=reservations, per_user_limit=1, hold_seconds=86_400)
     )
-    keys = gateway.keys_for_sale(SALE)
-    script = gateway._reserve  # the production script, as the gateway runs it
     await gateway.load_scripts()
     started = time.perf_counter()
     for start in range(0, reservations, batch):
-        async with gateway.client.pipeline(transaction=False) as pipe:
-            for n in range(start, min(start + batch, reservations)):
-                rid = f"{keys.partition}-{uuid.uuid4().hex}"
-                pipe.evalsha(
-                    script.sha,
-                    7,
-                    keys.sale(SALE),
-                    keys.holders(SALE),
-                    keys.idempotency(SALE, f"u{n}", ""),
-                    keys.reservation(rid),
-                    keys.reservations(SALE),
-                    keys.deadlines,
-                    keys.events,
-                    uuid.uuid4().hex,
-                    SALE,
-                    f"u{n}",
-                    1,
-                    rid,
-                    3600,
-                    "",
-                )
-            await pipe.execute()
+        users = (f"u{n}" for n in range(start, min(start + batch, reservations)))
+        await asyncio.gather(*(gateway.reserve(SALE, user, 1, None) for user in users))
     print(
         f"placed {reservations:,} reservations in {time.perf_counter() - started:.1f} s",
         file=sys.stderr,
@@ -135,7 +113,11 @@ def _command(raw: Any, scripts: dict[str, str]) -> str:
 
 async def run(settings: Settings, reservations: int, args_nice: bool) -> None:
     """Fill the sale, then measure each tool."""
-    client = aioredis.Redis.from_url(settings.redis_url or "")
+    client = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url or "", max_connections=50
+        )
+    )
     pool = await open_pool(settings.database_url or "", 4)
     gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
     scripts = {

@@ -1,5 +1,5 @@
 """flashsale consumers: the consumer-group daemons that project the event streams, the
-dead-letter stream, stream retention and consumer health."""
+dead-letter stream, stream retention, reservation pruning and consumer health."""
 
 from consumers.deadletter import (
     ParkedEntry,
@@ -13,6 +13,7 @@ from consumers.expiry import ExpiryWorker
 from consumers.faults import is_transient
 from consumers.health import GroupHealth, Health, read_health
 from consumers.projector import Delivery, Projector
+from consumers.pruning import PruneResult, PruningWorker, prune_reservations
 from consumers.retention import RetentionWorker, TrimResult, trim_streams
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "Health",
     "ParkedEntry",
     "Projector",
+    "PruneResult",
+    "PruningWorker",
     "RetentionWorker",
     "RetryOutcome",
     "TrimResult",
@@ -29,6 +32,7 @@ __all__ = [
     "drop_parked",
     "is_transient",
     "list_parked",
+    "prune_reservations",
     "read_health",
     "retry_parked",
     "trim_streams",

@@ -24,6 +24,7 @@ import structlog
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
+from consumers.entries import decode_fields, readable, text, to_bytes
 from consumers.faults import describe, is_transient
 from core.events import parse_event
 from core.keys import PartitionKeys, dead_letter_stream
@@ -32,10 +33,6 @@ from projections.projector import LogEntry, parse_stream_id, project
 log = structlog.get_logger(__name__)
 
 FIELD_PREFIX = "field:"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 RawEntries = list[tuple[bytes | str | None, dict[bytes | str, bytes | str] | None]] | None
@@ -51,7 +48,12 @@ def _parse_all(entries: RawEntries) -> list[ParkedEntry]:
 
 @dataclass(frozen=True, slots=True)
 class ParkedEntry:
-    """One entry of the dead-letter stream."""
+    """One entry of the dead-letter stream.
+
+    ``undecodable`` is true when the original entry's bytes are not UTF-8 (they are kept as
+    they were; ``fields`` shows them with ``\\xff`` escapes): such an entry can only be
+    dropped.
+    """
 
     id: str
     stream: str
@@ -61,6 +63,7 @@ class ParkedEntry:
     error: str
     deliveries: int
     fields: dict[str, str]
+    undecodable: bool = False
 
     @property
     def parked_at(self) -> datetime:
@@ -95,11 +98,14 @@ def parked_record(
 
 
 def parse_parked(entry_id: bytes | str, raw: Mapping[bytes | str, bytes | str]) -> ParkedEntry:
-    """A dead-letter entry read back (tolerates entries parked by older versions)."""
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    """A dead-letter entry read back (tolerates entries parked by older versions, and bytes
+    that are not UTF-8)."""
+    fields, undecodable = decode_fields(raw)
+    if undecodable:
+        fields = {readable(k): readable(v) for k, v in fields.items()}
     deliveries = fields.get("deliveries", "")
     return ParkedEntry(
-        id=_text(entry_id),
+        id=text(entry_id),
         stream=fields.get("stream", ""),
         stream_id=fields.get("stream_id", ""),
         group=fields.get("group", ""),
@@ -109,19 +115,23 @@ def parse_parked(entry_id: bytes | str, raw: Mapping[bytes | str, bytes | str]) 
         fields={
             k.removeprefix(FIELD_PREFIX): v for k, v in fields.items() if k.startswith(FIELD_PREFIX)
         },
+        undecodable=undecodable is not None,
     )
 
 
 async def park(client: aioredis.Redis, record: Mapping[str, str]) -> str:
-    """Append a record made by :func:`parked_record`; return its dead-letter id."""
-    fields: dict[FieldT, EncodableT] = dict(record.items())
-    parked_id = _text(await client.xadd(dead_letter_stream(), fields))
+    """Append a record made by :func:`parked_record`; return its dead-letter id.
+
+    Fields read from bytes that are not UTF-8 are written back as those bytes.
+    """
+    fields: dict[FieldT, EncodableT] = {to_bytes(k): to_bytes(v) for k, v in record.items()}
+    parked_id = text(await client.xadd(dead_letter_stream(), fields))
     log.warning(
         "event_dead_lettered",
         parked_id=parked_id,
         stream_id=record.get("stream_id"),
         deliveries=record.get("deliveries"),
-        error=record.get("error"),
+        error=readable(record.get("error", "")),
     )
     return parked_id
 
@@ -144,7 +154,7 @@ async def list_parked(client: aioredis.Redis, ids: Sequence[str] = ()) -> list[P
         parked += _parse_all(chunk)
         if len(chunk) < 1000:
             return parked
-        start = f"({_text(chunk[-1][0] or '')}"
+        start = f"({text(chunk[-1][0] or '')}"
 
 
 async def count_parked(client: aioredis.Redis) -> int:
@@ -174,6 +184,9 @@ async def _redrive(
         return RetryOutcome(
             entry.id, entry.stream_id, "failed", f"{entry.stream!r} is not a partition stream"
         )
+    if entry.undecodable:
+        detail = "its bytes are not UTF-8, so it is no event: drop it (flashsale dlq drop)"
+        return RetryOutcome(entry.id, entry.stream_id, "failed", detail)
     try:
         event = parse_event(entry.fields.get("event", ""))
         parse_stream_id(entry.stream_id)

@@ -1,20 +1,26 @@
 """Consumer health read from Redis: lag and pending entries per group and partition, the
 age of the oldest unacknowledged entry, and the dead-letter count.
 
-Shown by ``flashsale status`` and exported on the API's ``/metrics`` (computed per scrape).
+Shown by ``flashsale status`` and exported on the API's ``/metrics``, where
+:class:`CachedHealth` reads it at most once per interval, however many scrapes arrive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+import structlog
+from redis.exceptions import RedisError, ResponseError
 
 from core.keys import PartitionKeys, dead_letter_stream
 from projections.projector import parse_stream_id
+
+log = structlog.get_logger(__name__)
 
 _LAG_COUNT_CHUNK = 10_000
 
@@ -148,3 +154,41 @@ async def read_health(client: aioredis.Redis, partitions: int) -> Health:
             )
     dead_letters = int(await client.xlen(dead_letter_stream()))
     return Health(groups=groups, stream_lengths=lengths, dead_letters=dead_letters)
+
+
+class CachedHealth:
+    """Consumer health read at most once per ``interval`` seconds, shared by all callers.
+
+    Concurrent callers wait for the one read in progress instead of starting their own. A
+    failed read (Redis unreachable) is remembered as ``None`` for the interval too, so a
+    flood of scrapes cannot turn into a flood of connection attempts. Give it a client of
+    its own, so that scrapes never take connections from the purchase path.
+    """
+
+    def __init__(self, client: aioredis.Redis, partitions: int, interval: float) -> None:
+        self.client = client
+        self.partitions = partitions
+        self.interval = interval
+        self.reads = 0
+        self._lock = asyncio.Lock()
+        self._read_at: float | None = None
+        self._health: Health | None = None
+
+    def _fresh(self) -> bool:
+        return self._read_at is not None and time.monotonic() - self._read_at < self.interval
+
+    async def get(self) -> Health | None:
+        """The last health read, refreshed first when older than the interval."""
+        if self._fresh():
+            return self._health
+        async with self._lock:
+            if self._fresh():  # another caller read it while this one waited
+                return self._health
+            self.reads += 1
+            try:
+                self._health = await read_health(self.client, self.partitions)
+            except (RedisError, OSError) as e:
+                log.warning("consumer_health_unavailable", error=str(e))
+                self._health = None
+            self._read_at = time.monotonic()
+            return self._health

@@ -17,10 +17,14 @@ dead-letter stream. What happens on a failure depends on whose fault it is
   ``claim_idle_ms``; the try that makes ``max_deliveries`` parks it with the error.
 - An entry left pending by a consumer that died or stalled is reclaimed (XAUTOCLAIM) once
   idle for ``claim_idle_ms``; an entry already delivered ``max_deliveries`` times, which
-  keeps taking its consumers down, is parked instead of tried again.
+  keeps taking its consumers down, is parked instead of tried again. A consumer that comes
+  back under the name it had (``FLASHSALE_CONSUMER_NAME``) first resumes the entries still
+  pending on that name, at once, without waiting for them to go idle.
 
 On stop (SIGTERM) the projector reads nothing more, finishes the batch in hand, or if that
-cannot go through, releases it (marks it idle, so another consumer reclaims it at once).
+cannot go through, releases it: marks it idle, so another consumer reclaims it at once,
+and takes back the delivery it counted, since nothing failed (so restarts during an outage
+never add up to ``max_deliveries``).
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
-from redis.typing import StreamIdT
+from redis.typing import KeyT, StreamIdT
 
 from consumers.deadletter import park, parked_record
+from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from core.events import parse_event
 from core.keys import CONSUMER_GROUP, PartitionKeys
@@ -54,10 +59,6 @@ Position = tuple[int, str]
 _MAX_BACKOFF_S = 5.0
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def default_consumer_name() -> str:
     """A name unique to this process: host and pid."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -65,12 +66,17 @@ def default_consumer_name() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A raw stream entry delivered to this consumer, and how often it was delivered."""
+    """A raw stream entry delivered to this consumer, and how often it was delivered.
+
+    ``undecodable`` says why the entry's bytes are not text (then ``fields`` holds them
+    decoded losslessly, to be parked as they were).
+    """
 
     partition: int
     stream_id: str
     fields: dict[str, str]
     deliveries: int = 1
+    undecodable: str | None = None
 
     @property
     def position(self) -> Position:
@@ -90,7 +96,7 @@ class Projector:
         consumer: str | None = None,
         batch: int = 500,
         block_ms: int = 1000,
-        claim_idle_ms: int = 30_000,
+        claim_idle_ms: int = 5_000,
         max_deliveries: int = 5,
         group: str = CONSUMER_GROUP,
     ) -> None:
@@ -110,8 +116,9 @@ class Projector:
 
     @property
     def claim_every(self) -> float:
-        """Seconds between reclaim passes: half the idle threshold, within 0.05 s .. 5 s."""
-        return min(5.0, max(0.05, self.claim_idle_ms / 2000))
+        """Seconds between reclaim passes: a quarter of the idle threshold, within
+        0.05 s .. 5 s (so a dead consumer's entries wait at most 1.25 idle thresholds)."""
+        return min(5.0, max(0.05, self.claim_idle_ms / 4000))
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every stream (idempotent)."""
@@ -128,18 +135,20 @@ class Projector:
         entries: Sequence[RawEntry],
         counts: dict[str, int] | None = None,
     ) -> list[Delivery]:
-        partition = self.streams[_text(stream)]
+        partition = self.streams[text(stream)]
         deliveries: list[Delivery] = []
         for entry_id, fields in entries:
             if fields is None:  # a deleted entry still pending comes back as None
                 continue
-            stream_id = _text(entry_id)
+            stream_id = text(entry_id)
+            decoded, undecodable = decode_fields(fields)
             deliveries.append(
                 Delivery(
                     partition=partition,
                     stream_id=stream_id,
-                    fields={_text(k): _text(v) for k, v in fields.items()},
+                    fields=decoded,
                     deliveries=(counts or {}).get(stream_id, 1),
+                    undecodable=undecodable,
                 )
             )
         return deliveries
@@ -158,6 +167,29 @@ class Projector:
             deliveries.extend(self._deliveries(stream, entries))
         return deliveries
 
+    async def read_own(self, after: dict[str, str]) -> list[Delivery]:
+        """Entries pending on this consumer's own name after ``after`` (per stream), with
+        their delivery counts: what an earlier process under the same name took and never
+        acknowledged. Moves ``after`` on; a stream with nothing more leaves it."""
+        streams: dict[KeyT, StreamIdT] = {}
+        streams.update(after)
+        reply: Any = await self.client.xreadgroup(
+            self.group, self.consumer, streams, count=self.batch
+        )
+        deliveries: list[Delivery] = []
+        for stream, entries in reply or []:
+            name = text(stream)
+            if not entries:
+                after.pop(name, None)
+                continue
+            after[name] = text(entries[-1][0])
+            ids = [text(entry_id) for entry_id, fields in entries if fields is not None]
+            counts = await self._delivery_counts(name, ids)
+            deliveries.extend(self._deliveries(stream, entries, counts))
+        if deliveries:
+            log.info("entries_resumed", consumer=self.consumer, count=len(deliveries))
+        return deliveries
+
     async def _delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
         """How many times each pending entry was delivered (XPENDING, one per id)."""
         if not ids:
@@ -167,7 +199,7 @@ class Projector:
                 pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
             replies = await pipe.execute()
         return {
-            _text(row["message_id"]): int(row["times_delivered"])
+            text(row["message_id"]): int(row["times_delivered"])
             for reply in replies
             for row in reply
         }
@@ -187,8 +219,8 @@ class Projector:
                     start_id=start,
                     count=self.batch,
                 )
-                next_start, entries = _text(reply[0]), reply[1]
-                ids = [_text(entry_id) for entry_id, fields in entries if fields is not None]
+                next_start, entries = text(reply[0]), reply[1]
+                ids = [text(entry_id) for entry_id, fields in entries if fields is not None]
                 counts = await self._delivery_counts(stream, ids)
                 deliveries.extend(self._deliveries(stream, entries, counts))
                 if next_start == "0-0":
@@ -222,9 +254,12 @@ class Projector:
                 )
                 give_up.append((d, error))
                 continue
+            if d.undecodable:
+                give_up.append((d, d.undecodable))
+                continue
             try:
                 event = parse_event(d.fields.get("event", ""))
-            except ValueError as e:
+            except Exception as e:
                 # Parsing is pure, so it fails the same way on every delivery: the entry
                 # is poison, not a transient fault.
                 give_up.append((d, describe(e)))
@@ -371,8 +406,25 @@ class Projector:
 
     async def _release(self, in_hand: list[Delivery]) -> None:
         """Hand a batch that could not go through back to the group: mark its entries
-        idle for ``claim_idle_ms``, so the next reclaim pass of any consumer takes them."""
-        await self._touch(in_hand, idle_ms=self.claim_idle_ms)
+        idle for ``claim_idle_ms``, so the next reclaim pass of any consumer takes them,
+        and set their delivery counts back by the one this consumer's delivery counted:
+        it did not fail, so the next one must not bring the entries nearer to parking."""
+        by_count: dict[tuple[str, int], list[StreamIdT]] = {}
+        for d in in_hand:
+            key = (PartitionKeys(d.partition).events, max(d.deliveries - 1, 0))
+            by_count.setdefault(key, []).append(d.stream_id)
+        with contextlib.suppress(RedisError):
+            for (stream, count), ids in by_count.items():
+                await self.client.xclaim(
+                    stream,
+                    self.group,
+                    self.consumer,
+                    0,
+                    ids,
+                    idle=self.claim_idle_ms,
+                    retrycount=count,
+                    justid=True,
+                )
         log.info("batch_released", consumer=self.consumer, size=len(in_hand))
 
     async def run(self, stop: asyncio.Event, claim_every: float | None = None) -> None:
@@ -391,8 +443,11 @@ class Projector:
         next_claim = 0.0
         in_hand: list[Delivery] = []
         backoff = 0.1
+        resume = dict.fromkeys(self.streams, "0")  # this name's own pending entries first
         while not stop.is_set():
             try:
+                if not in_hand and resume:
+                    in_hand = await self.read_own(resume)
                 if not in_hand and time.monotonic() >= next_claim:
                     in_hand = await self.claim_stale()
                     # A full claim means more stale entries may be waiting (a dead consumer

@@ -6,8 +6,8 @@ An entry may go once
 
 - every consumer group of the stream has acknowledged it: it is below the group's lowest
   pending entry and at or below its last delivered id; and
-- the archive holds it (same position, same ``event_id``) or it cannot be parsed at all
-  (such an entry is no event; its bytes are kept on the dead-letter stream).
+- the archive holds it (same position, same ``event_id``) or it cannot be decoded or
+  parsed at all (such an entry is no event; its bytes are kept on the dead-letter stream).
 
 Each partition is trimmed with ``XTRIM MINID`` at the first entry that fails either test,
 never with a blind MAXLEN. The newest entry always stays, so the stream's last position
@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from consumers.entries import decode_fields, text
 from consumers.faults import is_transient
 from core.events import parse_event
 from core.keys import PartitionKeys
@@ -42,10 +43,6 @@ SELECT stream_id, event_id FROM events
 WHERE partition = $1
   AND (stream_ms, stream_seq) >= ($2, $3) AND (stream_ms, stream_seq) <= ($4, $5)
 """
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _id(position: Position) -> str:
@@ -67,6 +64,18 @@ class TrimResult:
     trimmed: int
     kept_from: str | None
     stopped_by: str
+    malformed: int = 0  # entries walked that were no event (not UTF-8, or not parseable)
+
+
+def _event_id(raw: dict[bytes | str, bytes | str]) -> str | None:
+    """The ``event_id`` of an entry, or None when the entry is no event."""
+    fields, undecodable = decode_fields(raw)
+    if undecodable:
+        return None
+    try:
+        return parse_event(fields.get("event", "")).event_id
+    except Exception:
+        return None
 
 
 async def acknowledged_below(client: aioredis.Redis, stream: str) -> Position | None:
@@ -82,12 +91,12 @@ async def acknowledged_below(client: aioredis.Redis, stream: str) -> Position | 
         return None
     bound: Position | None = None
     for group in groups:
-        last = parse_stream_id(_text(group["last-delivered-id"]))
+        last = parse_stream_id(text(group["last-delivered-id"]))
         group_bound = (last[0], last[1] + 1)  # everything delivered, nothing pending ...
         if int(group["pending"]):
-            summary = await client.xpending(stream, _text(group["name"]))
+            summary = await client.xpending(stream, text(group["name"]))
             if summary["min"] is not None:  # ... or up to the lowest pending entry
-                group_bound = min(group_bound, parse_stream_id(_text(summary["min"])))
+                group_bound = min(group_bound, parse_stream_id(text(summary["min"])))
         bound = group_bound if bound is None else min(bound, group_bound)
     return bound
 
@@ -102,25 +111,27 @@ async def trim_partition(
         return TrimResult(partition, 0, None, "no groups")
     newest = await client.xrevrange(stream, "+", "-", count=1)
     if newest:
-        bound = min(bound, parse_stream_id(_text(newest[0][0] or "")))
+        bound = min(bound, parse_stream_id(text(newest[0][0] or "")))
     keep_from: Position | None = None
     stopped_by = "consumers"
+    malformed = 0
     start = "-"
     while keep_from is None:
         entries = await client.xrange(stream, start, f"({_id(bound)}", count=chunk) or []
         if not entries:
             break
-        ids = [_text(entry_id or "") for entry_id, _ in entries]
+        ids = [text(entry_id or "") for entry_id, _ in entries]
         first, last = parse_stream_id(ids[0]), parse_stream_id(ids[-1])
         async with pool.acquire() as conn:
             rows = await conn.fetch(_ARCHIVED, partition, *first, *last)
         archived = {r["stream_id"]: r["event_id"] for r in rows}
         for entry_id, (_, raw) in zip(ids, entries, strict=True):
-            fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
-            try:
-                event_id = parse_event(fields.get("event", "")).event_id
-            except ValueError:
-                continue  # not an event: the projector parked it and the group acknowledged it
+            event_id = _event_id(raw or {})
+            if event_id is None:
+                # Not an event: the projector parked it and the group acknowledged it.
+                malformed += 1
+                log.warning("retention_skipped_malformed", partition=partition, stream_id=entry_id)
+                continue
             if archived.get(entry_id) != event_id:
                 keep_from = parse_stream_id(entry_id)
                 stopped_by = "archive"
@@ -130,11 +141,11 @@ async def trim_partition(
         start = f"({ids[-1]}"
     minid = keep_from or bound
     if minid <= (0, 1):  # no group has had anything delivered yet
-        return TrimResult(partition, 0, None, stopped_by)
+        return TrimResult(partition, 0, None, stopped_by, malformed)
     trimmed = int(await client.xtrim(stream, minid=_id(minid), approximate=False))
     if trimmed:
         log.info("stream_trimmed", partition=partition, trimmed=trimmed, kept_from=_id(minid))
-    return TrimResult(partition, trimmed, _id(minid), stopped_by)
+    return TrimResult(partition, trimmed, _id(minid), stopped_by, malformed)
 
 
 async def trim_streams(

@@ -109,6 +109,22 @@ class NotReplicated(InfrastructureError):
         self.wanted = wanted
 
 
+class ReservationOutcomeUnknown(InfrastructureError):
+    """Redis kept losing the replies to a placement: ``reservation_id`` may or may not be held.
+
+    The buyer can look it up by that id (or list their reservations in the sale).
+    """
+
+    code = "unavailable"
+
+    def __init__(self, reservation_id: str, cause: str) -> None:
+        super().__init__(
+            f"redis did not answer ({cause}); reservation {reservation_id} may be held: "
+            "look it up before trying again"
+        )
+        self.reservation_id = reservation_id
+
+
 REJECTIONS: dict[str, type[RejectedError]] = {
     cls.code: cls
     for cls in (

@@ -8,15 +8,24 @@ aware datetimes. Stored events are never rewritten: an older ``v`` is upcast on 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, TypeAdapter
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def from_ms(ms: int) -> datetime:
+    """The moment ``ms`` milliseconds after the epoch, exactly: no float of seconds on the
+    way, which cannot hold every millisecond of far-future times."""
+    return EPOCH + timedelta(milliseconds=ms)
+
 
 def _from_ms(value: Any) -> Any:
+    # Events written before times were kept whole may hold a rounded float (1.2345e+14).
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value / 1000, tz=UTC)
+        return from_ms(round(value))
     return value
 
 

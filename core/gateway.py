@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -15,23 +17,26 @@ from typing import Any, Protocol, TypeVar
 import redis.asyncio as aioredis
 import structlog
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import (
     REJECTIONS,
     InfrastructureError,
     NotReplicated,
     ReservationNotFound,
+    ReservationOutcomeUnknown,
     SaleExists,
     SoldOut,
 )
-from core.events import to_ms
+from core.events import from_ms, to_ms
 from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of, partition_of_reservation
 from core.models import NewSale, ReservationView, SaleStatus, SaleView
 
 log = structlog.get_logger(__name__)
 
-_V = TypeVar("_V")
+T = TypeVar("T")
 
 # Bounds on the work of one Redis command of a sale snapshot or repair, each about half a
 # millisecond of Redis time or less (see bench/bench_verify.py): items per HSCAN/SSCAN;
@@ -44,6 +49,13 @@ FENCE_LIMIT = 200
 REPAIR_CHUNK = 200
 SNAPSHOT_ROUNDS = 8
 
+# Errors after which a command may or may not have run: its reply was lost.
+LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
+# How long create, close, stock adjustment and expiry remember an operation id's outcome:
+# far longer than any retry of the same call, short enough that the records take little
+# memory. (Confirm and cancel keep theirs in the reservation's hash.)
+OPERATION_TTL_SECONDS = 300
+
 
 def load_lua(name: str) -> str:
     """Source of ``core/lua/<name>.lua``."""
@@ -55,10 +67,10 @@ def _text(value: Any) -> str:
 
 
 def _from_ms(value: Any) -> datetime:
-    return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+    return from_ms(int(value))
 
 
-def _keep(mapping: dict[str, _V], key: str, value: _V | None) -> None:
+def _keep(mapping: dict[str, T], key: str, value: T | None) -> None:
     """Set ``mapping[key]``, or remove the key when ``value`` is None."""
     if value is None:
         mapping.pop(key, None)
@@ -75,13 +87,44 @@ def _record(r: ReservationRecord) -> tuple[Any, ...]:
     return (r.reservation_id, r.status, r.qty, r.user_id, r.created_at_ms, r.expires_at_ms, ended)
 
 
+def _reservation_view(reservation_id: str, raw: dict[Any, Any]) -> ReservationView:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    return ReservationView(
+        reservation_id=reservation_id,
+        sale_id=fields["sale_id"],
+        user_id=fields["user_id"],
+        qty=int(fields["qty"]),
+        status=fields["status"],
+        expires_at=_from_ms(fields["expires_at"]),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """Outcome of a successful reserve call."""
+    """Outcome of a successful reserve call.
+
+    ``replayed``: the Idempotency-Key was used by an earlier request, and ``view`` is that
+    request's reservation as it is now (None if it is gone); otherwise ``expires_at`` is the
+    new placement's deadline.
+    """
 
     reservation_id: str
     replayed: bool
     expires_at: datetime | None
+    view: ReservationView | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the gateway retries a call whose reply was lost, with the same ids each time.
+
+    At most ``attempts`` tries, sleeping ``backoff`` seconds (doubled each time) between
+    them, and no new try once ``deadline`` seconds have passed since the first.
+    """
+
+    attempts: int = 4
+    backoff: float = 0.02
+    deadline: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +209,24 @@ class StreamChunk:
 
     first_id: str | None
     entries: list[tuple[str, dict[str, str]]]
+    # Ids of the entries whose bytes are not UTF-8 (their fields show them as \xff escapes):
+    # no events, the projector parks them.
+    undecodable: frozenset[str] = frozenset()
+
+
+def _entry_fields(raw: dict[Any, Any]) -> tuple[dict[str, str], bool]:
+    """A stream entry's fields as text, and whether they all were UTF-8; bytes that are
+    not come out as ``\\xff`` escapes (anyone can write anything into a stream)."""
+    try:
+        return {_text(k): _text(v) for k, v in raw.items()}, True
+    except UnicodeDecodeError:
+        return {_readable(k): _readable(v) for k, v in raw.items()}, False
+
+
+def _readable(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +304,10 @@ class RedisGateway:
         *,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.client = client
+        self.retry = retry or RetryPolicy()
         self.partitions = partitions
         self.idempotency_ttl = idempotency_ttl
         # Replicas that must acknowledge a placement (Redis WAIT) before reserve returns.
@@ -290,36 +353,66 @@ class RedisGateway:
         """Every partition's event stream, in partition order."""
         return [PartitionKeys(p).events for p in range(self.partitions)]
 
-    async def _run(
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run ``call`` until it answers, again after a lost reply, within ``self.retry``.
+
+        Only for calls that are safe to repeat: reads, and scripts run with the same ids.
+        Raises ``InfrastructureError`` when Redis fails otherwise or the budget runs out.
+        """
+        started = time.monotonic()
+        delay = self.retry.backoff
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except LOST_REPLY as e:
+                spent = time.monotonic() - started
+                if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
+                    raise InfrastructureError(
+                        f"{what}: no reply from redis after {attempt} attempts: {e}"
+                    ) from e
+                log.warning("redis_reply_lost", what=what, attempt=attempt, error=str(e))
+            except RedisError as e:
+                raise InfrastructureError(f"{what} failed: {e}") from e
+            await asyncio.sleep(delay)
+            delay *= 2
+            attempt += 1
+
+    async def _call(
         self,
         script: AsyncScript,
         keys: list[str],
         args: list[Any],
         client: aioredis.Redis | None = None,
     ) -> list[str]:
-        try:
-            reply = await script(keys=keys, args=args, client=client)
-        except RedisError as e:
-            raise InfrastructureError(f"redis script failed: {e}") from e
+        """One run of a script; raises the script's rejection, lets Redis errors through."""
+        reply = await script(keys=keys, args=args, client=client)
         result = [_text(item) for item in reply]
         if result[0] == "err":
             raise REJECTIONS[result[1]]()
         return result
 
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> list[str]:
+        """Run a script, again with the same arguments after a lost reply (every
+        state-changing script answers a repeated run with its first outcome)."""
+        return await self._retrying(lambda: self._call(script, keys, args), "redis script")
+
     async def create_sale(self, sale: NewSale) -> SaleView:
         """Open a sale; raises ``SaleExists`` if the id is taken."""
         keys = self.keys_for_sale(sale.sale_id)
+        operation = uuid.uuid4().hex
         await self._run(
             self._create_sale,
-            [keys.sale(sale.sale_id), keys.events],
+            [keys.sale(sale.sale_id), keys.events, keys.operation(operation)],
             [
-                uuid.uuid4().hex,
+                operation,
                 sale.sale_id,
                 sale.stock,
                 sale.per_user_limit,
                 to_ms(sale.starts_at) if sale.starts_at else "",
                 to_ms(sale.ends_at) if sale.ends_at else "",
                 sale.hold_seconds,
+                OPERATION_TTL_SECONDS,
             ],
         )
         log.info("sale_created", sale_id=sale.sale_id, stock=sale.stock)
@@ -337,6 +430,10 @@ class RedisGateway:
         that Redis just called sold out is answered ``SoldOut`` from memory for a short
         while (see ``SoldOutHints``), except for requests with an Idempotency-Key, whose
         retry must find the reservation it may already have.
+
+        The reservation id is chosen here, so a call whose reply was lost is run again with
+        the same id and answers the placement it made. When Redis stays silent beyond the
+        retry budget, ``ReservationOutcomeUnknown`` names the id, for the buyer to look up.
         """
         if idempotency_key is None and self.sold_out_hints.says_sold_out(sale_id, qty):
             raise SoldOut()
@@ -349,9 +446,21 @@ class RedisGateway:
         except SoldOut:
             self.sold_out_hints.remember(sale_id, qty)
             raise
-        replayed = result[3] == "1"
-        expires_at = None if replayed else _from_ms(result[2])
-        return Placed(reservation_id=result[1], replayed=replayed, expires_at=expires_at)
+        except NotReplicated:
+            raise
+        except InfrastructureError as e:
+            log.warning("reservation_outcome_unknown", reservation_id=reservation_id, error=str(e))
+            raise ReservationOutcomeUnknown(reservation_id, str(e)) from e
+        if result[3] == "1":
+            try:
+                view = await self.get_reservation(result[1])
+            except InfrastructureError as e:
+                raise ReservationOutcomeUnknown(result[1], str(e)) from e
+            # A key naming this call's own id was stored by an earlier run of this call.
+            if result[1] != reservation_id or view is None:
+                return Placed(reservation_id=result[1], replayed=True, expires_at=None, view=view)
+            return Placed(reservation_id=result[1], replayed=False, expires_at=view.expires_at)
+        return Placed(reservation_id=result[1], replayed=False, expires_at=_from_ms(result[2]))
 
     async def _reserve_script(
         self,
@@ -370,6 +479,7 @@ class RedisGateway:
             keys.reservations(sale_id),
             keys.deadlines,
             keys.events,
+            keys.user_reservations(sale_id, user_id),
         ]
         args: list[Any] = [
             uuid.uuid4().hex,
@@ -379,9 +489,12 @@ class RedisGateway:
             reservation_id,
             self.idempotency_ttl,
             "1" if idempotency_key else "",
+            "1" if self.wait_replicas else "",
         ]
         if self.wait_replicas:
-            return await self._reserve_replicated(script_keys, args)
+            return await self._retrying(
+                lambda: self._reserve_replicated(script_keys, args), "redis reserve and WAIT"
+            )
         return await self._run(self._reserve, script_keys, args)
 
     async def _reserve_replicated(self, keys: list[str], args: list[Any]) -> list[str]:
@@ -389,18 +502,13 @@ class RedisGateway:
 
         Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
         the primary all the same. WAIT covers the writes of its own connection only, so
-        both run on one; a replayed Idempotency-Key writes nothing, so the key is written
-        again as it is (same value, same time-to-live), which puts the connection past the
-        first placement's write and makes WAIT cover that too.
+        both run on one; an answer that places nothing (a replayed Idempotency-Key, or a
+        repeated run of this call) rewrites a value as it is (ARGV[8]), which puts the
+        connection past the first placement's write and makes WAIT cover that too.
         """
-        try:
-            async with self.client.client() as conn:
-                result = await self._run(self._reserve, keys, args, client=conn)
-                if result[3] == "1":
-                    await conn.set(keys[2], result[1], keepttl=True, xx=True)
-                acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
-        except RedisError as e:
-            raise InfrastructureError(f"redis WAIT failed: {e}") from e
+        async with self.client.client() as conn:
+            result = await self._call(self._reserve, keys, args, client=conn)
+            acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
         if acknowledged < self.wait_replicas:
             log.warning(
                 "reservation_not_replicated",
@@ -419,6 +527,7 @@ class RedisGateway:
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        operation = uuid.uuid4().hex
         result = await self._run(
             self._confirm,
             [
@@ -427,7 +536,7 @@ class RedisGateway:
                 keys.deadlines,
                 keys.events,
             ],
-            [uuid.uuid4().hex, reservation_id, user_id or ""],
+            [operation, reservation_id, user_id or ""],
         )
         return result[1] == "1"
 
@@ -439,6 +548,7 @@ class RedisGateway:
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        operation = uuid.uuid4().hex
         result = await self._run(
             self._cancel,
             [
@@ -448,7 +558,7 @@ class RedisGateway:
                 keys.deadlines,
                 keys.events,
             ],
-            [uuid.uuid4().hex, reservation_id, user_id],
+            [operation, reservation_id, user_id],
         )
         self.sold_out_hints.forget(view.sale_id)
         return result[1] == "1"
@@ -465,19 +575,21 @@ class RedisGateway:
         Returns ``(expired, still_due)``; call again at once while ``still_due`` > 0.
         """
         keys = PartitionKeys(partition)
-        try:
-            expired, left = await self._expire(
-                keys=[keys.deadlines, keys.events],
-                args=[
-                    uuid.uuid4().hex,
-                    limit,
-                    keys.reservation_prefix,
-                    keys.sale_prefix,
-                    HOLDERS_SUFFIX,
-                ],
-            )
-        except RedisError as e:
-            raise InfrastructureError(f"redis expiry failed: {e}") from e
+        operation = uuid.uuid4().hex
+        script_keys = [keys.deadlines, keys.events, keys.operation(operation)]
+        args: list[Any] = [
+            limit,
+            keys.reservation_prefix,
+            keys.sale_prefix,
+            HOLDERS_SUFFIX,
+            OPERATION_TTL_SECONDS,
+        ]
+
+        async def run() -> list[Any]:
+            reply: list[Any] = await self._expire(keys=script_keys, args=args)
+            return reply
+
+        expired, left = await self._retrying(run, "redis expiry")
         return int(expired), int(left)
 
     async def adjust_stock(self, sale_id: str, delta: int, idempotency_key: str | None) -> bool:
@@ -487,19 +599,22 @@ class RedisGateway:
         Raises ``SaleNotFound`` or ``NotEnoughUnsoldStock``.
         """
         keys = self.keys_for_sale(sale_id)
+        operation = uuid.uuid4().hex
         result = await self._run(
             self._adjust_stock,
             [
                 keys.sale(sale_id),
                 keys.stock_idempotency(sale_id, idempotency_key or ""),
                 keys.events,
+                keys.operation(operation),
             ],
             [
-                uuid.uuid4().hex,
+                operation,
                 sale_id,
                 delta,
                 self.idempotency_ttl,
                 "1" if idempotency_key else "",
+                OPERATION_TTL_SECONDS,
             ],
         )
         self.sold_out_hints.forget(sale_id)
@@ -509,19 +624,62 @@ class RedisGateway:
     async def close_sale(self, sale_id: str) -> bool:
         """Close a sale early; False when it was already closed. Raises ``SaleNotFound``."""
         keys = self.keys_for_sale(sale_id)
+        operation = uuid.uuid4().hex
         result = await self._run(
-            self._close_sale, [keys.sale(sale_id), keys.events], [uuid.uuid4().hex, sale_id]
+            self._close_sale,
+            [keys.sale(sale_id), keys.events, keys.operation(operation)],
+            [operation, sale_id, OPERATION_TTL_SECONDS],
         )
         log.info("sale_closed", sale_id=sale_id, changed=result[1] == "1")
         return result[1] == "1"
 
+    async def reservations_of(self, sale_id: str, user_id: str) -> list[ReservationView] | None:
+        """Every reservation ``user_id`` placed in ``sale_id`` that Redis still holds, whatever
+        its status, oldest first; None when the sale does not exist."""
+        placed = await self.placed_reservations(sale_id, user_id)
+        return None if placed is None else [view for _, view in placed]
+
+    async def placed_reservations(
+        self, sale_id: str, user_id: str
+    ) -> list[tuple[int, ReservationView]] | None:
+        """Like :meth:`reservations_of`, each with its placement time (epoch ms), the order
+        they come in (then by id), so a caller can merge them with pruned ones. Retried
+        after a lost reply (a read)."""
+        keys = self.keys_for_sale(sale_id)
+
+        async def read() -> list[tuple[int, ReservationView]] | None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.exists(keys.sale(sale_id))
+                pipe.smembers(keys.user_reservations(sale_id, user_id))
+                exists, members = await pipe.execute()
+            if not exists:
+                return None
+            ids = sorted(_text(m) for m in members)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for rid in ids:
+                    pipe.hgetall(keys.reservation(rid))
+                rows = await pipe.execute() if ids else []
+            # An id whose hash pruning removed a moment ago (it drops the id from the set next)
+            # is skipped: the caller finds it among the pruned ones.
+            placed = [
+                (int(raw.get(b"created_at", 0)), _reservation_view(rid, raw))
+                for rid, raw in zip(ids, rows, strict=True)
+                if raw
+            ]
+            placed.sort(key=lambda pair: (pair[0], pair[1].reservation_id))
+            return placed
+
+        return await self._retrying(read, "redis read")
+
     async def get_sale(self, sale_id: str) -> SaleView | None:
         """Current counters of a sale, or None if it does not exist."""
-        keys = self.keys_for_sale(sale_id)
-        try:
-            raw = await self.client.hgetall(keys.sale(sale_id))
-        except RedisError as e:
-            raise InfrastructureError(f"redis read failed: {e}") from e
+        key = self.keys_for_sale(sale_id).sale(sale_id)
+
+        async def read() -> dict[Any, Any]:
+            raw: dict[Any, Any] = await self.client.hgetall(key)
+            return raw
+
+        raw = await self._retrying(read, "redis read")
         if not raw:
             return None
         fields = {_text(k): int(v) for k, v in raw.items()}
@@ -544,21 +702,14 @@ class RedisGateway:
         partition = partition_of_reservation(reservation_id)
         if partition is None or partition >= self.partitions:
             return None
-        try:
-            raw = await self.client.hgetall(PartitionKeys(partition).reservation(reservation_id))
-        except RedisError as e:
-            raise InfrastructureError(f"redis read failed: {e}") from e
-        if not raw:
-            return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        return ReservationView(
-            reservation_id=reservation_id,
-            sale_id=fields["sale_id"],
-            user_id=fields["user_id"],
-            qty=int(fields["qty"]),
-            status=fields["status"],
-            expires_at=_from_ms(fields["expires_at"]),
-        )
+        key = PartitionKeys(partition).reservation(reservation_id)
+
+        async def read() -> dict[Any, Any]:
+            raw: dict[Any, Any] = await self.client.hgetall(key)
+            return raw
+
+        raw = await self._retrying(read, "redis read")
+        return _reservation_view(reservation_id, raw) if raw else None
 
     async def snapshot_sale(
         self,
@@ -752,7 +903,8 @@ class RedisGateway:
     async def read_stream(
         self, partition: int, after: str = "0-0", until: str = "+", chunk: int = 10_000
     ) -> AsyncIterator[tuple[str, dict[str, str]]]:
-        """Yield ``(stream_id, fields)`` of a partition's stream after ``after``, in order."""
+        """Yield ``(stream_id, fields)`` of a partition's stream after ``after``, in order
+        (bytes that are not UTF-8 come out as ``\\xff`` escapes)."""
         stream = PartitionKeys(partition).events
         start = f"({after}"
         while True:
@@ -763,7 +915,7 @@ class RedisGateway:
             batch = batch or []
             for entry_id, fields in batch:
                 if entry_id is not None and fields is not None:
-                    yield _text(entry_id), {_text(k): _text(v) for k, v in fields.items()}
+                    yield _text(entry_id), _entry_fields(fields)[0]
             if len(batch) < chunk:
                 return
             start = f"({_text(batch[-1][0] or '')}"
@@ -773,7 +925,8 @@ class RedisGateway:
     ) -> StreamChunk:
         """Up to ``count`` entries of a partition's stream after ``after`` (up to ``until``),
         and the stream's first id, read atomically (MULTI), so a trim that happens while a
-        reader walks the stream shows up as a first id above the reader's position."""
+        reader walks the stream shows up as a first id above the reader's position. Entries
+        whose bytes are not UTF-8 are listed in ``undecodable``."""
         stream = PartitionKeys(partition).events
         try:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -782,12 +935,19 @@ class RedisGateway:
                 first, batch = await pipe.execute()
         except RedisError as e:
             raise InfrastructureError(f"redis read failed: {e}") from e
-        entries = [
-            (_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
-            for entry_id, fields in batch or []
-            if entry_id is not None and fields is not None
-        ]
-        return StreamChunk(first_id=_text(first[0][0]) if first else None, entries=entries)
+        entries: list[tuple[str, dict[str, str]]] = []
+        undecodable: set[str] = set()
+        for entry_id, raw in batch or []:
+            if entry_id is not None and raw is not None:
+                fields, utf8 = _entry_fields(raw)
+                entries.append((_text(entry_id), fields))
+                if not utf8:
+                    undecodable.add(entries[-1][0])
+        return StreamChunk(
+            first_id=_text(first[0][0]) if first else None,
+            entries=entries,
+            undecodable=frozenset(undecodable),
+        )
 
     async def repair_sale(self, repair: SaleRepair, chunk: int = REPAIR_CHUNK) -> str | None:
         """Write a sale's folded state into Redis, fenced on the log position it reflects.
@@ -873,6 +1033,39 @@ class RedisGateway:
             return bool(await self.client.ping())
         except RedisError:
             return False
+
+    @functools.cached_property
+    def _prune_reservations(self) -> AsyncScript:
+        # Registered on first use: pruning runs in the consumer daemon, off the purchase
+        # path, and EVALSHA loads the script on its first NOSCRIPT.
+        return self.client.register_script(load_lua("prune_reservations"))
+
+    async def prune_reservations(
+        self, sale_id: str, reservations: list[tuple[str, str]]
+    ) -> tuple[int, int]:
+        """Remove final reservations of ``sale_id`` from Redis: ``(reservation_id, user_id)``
+        pairs, one script call (keep the batch small: it holds Redis for its length).
+
+        Only reservations whose hash says confirmed, cancelled or expired are removed;
+        pending ones stay. Returns ``(gone, kept)``: ids now absent from Redis, ids left
+        pending. Safe to repeat.
+        """
+        if not reservations:
+            return 0, 0
+        keys = self.keys_for_sale(sale_id)
+        script_keys = [keys.reservations(sale_id)]
+        for reservation_id, user_id in reservations:
+            script_keys += [
+                keys.reservation(reservation_id),
+                keys.user_reservations(sale_id, user_id),
+            ]
+        try:
+            gone, kept = await self._prune_reservations(
+                keys=script_keys, args=[rid for rid, _ in reservations]
+            )
+        except RedisError as e:
+            raise InfrastructureError(f"redis pruning failed: {e}") from e
+        return int(gone), int(kept)
 
 
 def sale_status(fields: dict[str, int], now_ms: int) -> SaleStatus:

@@ -56,6 +56,10 @@ class PartitionKeys:
         """Set of the reservation ids of a sale."""
         return f"{PREFIX}:{self.tag}:sale:{sale_id}:reservations"
 
+    def user_reservations(self, sale_id: str, user_id: str) -> str:
+        """Set of the reservation ids one buyer placed in a sale."""
+        return f"{PREFIX}:{self.tag}:sale:{sale_id}:user:{user_id}"
+
     @property
     def reservation_prefix(self) -> str:
         """Prefix of every reservation hash of the partition (for Lua that iterates them)."""
@@ -72,6 +76,11 @@ class PartitionKeys:
     def stock_idempotency(self, sale_id: str, key: str) -> str:
         """String marking an admin's stock adjustment Idempotency-Key as applied."""
         return f"{PREFIX}:{self.tag}:idem-stock:{sale_id}:{key}"
+
+    def operation(self, operation_id: str) -> str:
+        """String recording a sale operation's first outcome for a short while, so that a
+        retried script call with the same operation id answers the same."""
+        return f"{PREFIX}:{self.tag}:op:{operation_id}"
 
 
 def partition_of_reservation(reservation_id: str) -> int | None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_ADMIN_TOKEN = "change-me-admin"
+DEFAULT_JWT_SECRET = "change-me-jwt-secret-at-least-32-bytes"
+# A blocking command (XREADGROUP BLOCK, WAIT) must come back this long before the socket
+# timeout, or the client gives up on a healthy connection and drops the reply.
+SOCKET_HEADROOM_MS = 1000
 
 
 class Settings(BaseSettings):
@@ -19,13 +25,26 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="PostgreSQL URL; unset means start an embedded server."
     )
-    admin_token: str = Field(default="change-me-admin", min_length=8)
-    jwt_secret: str = Field(default="change-me-jwt-secret-at-least-32-bytes", min_length=16)
+    admin_token: str = Field(
+        default=DEFAULT_ADMIN_TOKEN,
+        min_length=8,
+        description="Bearer token of admin routes; the public default only for `up` and `demo`.",
+    )
+    jwt_secret: str = Field(
+        default=DEFAULT_JWT_SECRET,
+        min_length=16,
+        description="HS256 secret of buyer JWTs; the public default only for `up` and `demo`.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     partitions: int = Field(default=16, ge=1, le=1024)
     max_body_bytes: int = Field(default=16 * 1024, ge=256)
     redis_pool_size: int = Field(default=200, ge=1)
+    redis_socket_timeout_ms: int = Field(
+        default=10_000,
+        ge=100,
+        description="How long a Redis command may wait for its reply before the client gives up.",
+    )
     pg_pool_size: int = Field(default=4, ge=1)
     max_inflight: int = Field(default=2000, ge=1, description="Reservations in flight before 429.")
     sold_out_hint_ms: int = Field(
@@ -34,7 +53,7 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     consumer_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_block_ms: int = Field(default=1000, ge=1)
-    claim_idle_ms: int = Field(default=30_000, ge=0)
+    claim_idle_ms: int = Field(default=5_000, ge=0)
     max_deliveries: int = Field(
         default=5,
         ge=1,
@@ -55,5 +74,56 @@ class Settings(BaseSettings):
     )
     expiry_interval_ms: int = Field(default=250, ge=10, description="Expiry sweep period.")
     expiry_batch: int = Field(default=200, ge=1, le=10_000)
+    metrics_health_interval_ms: int = Field(
+        default=5000,
+        ge=0,
+        description="/metrics reads consumer health from Redis at most this often.",
+    )
     log_level: str = "info"
     log_json: bool = False
+    prune_interval_ms: int = Field(
+        default=30_000,
+        ge=0,
+        description="How often the consumer daemon prunes final reservations from Redis; 0: never.",
+    )
+    prune_after_seconds: int = Field(
+        default=300,
+        ge=0,
+        description="Keep a final reservation in Redis this long after its final event.",
+    )
+    prune_batch: int = Field(
+        default=100, ge=1, le=1000, description="Reservations removed per Lua script call."
+    )
+    consumer_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="This consumer's stable name in its group (unique per running process);"
+        " unset: host-pid. A process restarted under its name resumes its pending entries.",
+    )
+
+    @model_validator(mode="after")
+    def _blocking_commands_fit_the_socket_timeout(self) -> Self:
+        """Refuse a block or wait time the Redis socket timeout would cut short."""
+        limit = self.redis_socket_timeout_ms - SOCKET_HEADROOM_MS
+        for name, value in (
+            ("consumer_block_ms", self.consumer_block_ms),
+            ("wait_timeout_ms", self.wait_timeout_ms),
+        ):
+            if value > limit:
+                raise ValueError(
+                    f"FLASHSALE_{name.upper()}={value} must be at most "
+                    f"FLASHSALE_REDIS_SOCKET_TIMEOUT_MS - {SOCKET_HEADROOM_MS} = {limit}: "
+                    "raise the socket timeout or lower the block/wait time"
+                )
+        return self
+
+    def default_secrets(self) -> list[str]:
+        """The environment variables of secrets still at their public built-in values."""
+        return [
+            f"FLASHSALE_{name.upper()}"
+            for name, default in (
+                ("admin_token", DEFAULT_ADMIN_TOKEN),
+                ("jwt_secret", DEFAULT_JWT_SECRET),
+            )
+            if getattr(self, name) == default
+        ]

@@ -2,6 +2,7 @@
 
 from projections.fold import SaleState, fold
 from projections.log import LogReader
+from projections.orders import final_order, final_orders_of
 from projections.projector import LogEntry, project
 from projections.rebuild import RebuildReport, rebuild
 from projections.repair import RepairReport, repair_redis
@@ -16,6 +17,8 @@ __all__ = [
     "RepairReport",
     "SaleState",
     "VerifyReport",
+    "final_order",
+    "final_orders_of",
     "fold",
     "migrate",
     "project",

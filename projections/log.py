@@ -54,6 +54,8 @@ class LogChunk:
     """Consecutive events of one partition, in log order.
 
     ``last_id`` is the position read up to (unparseable entries included), to resume from.
+    ``malformed`` counts the entries that are no event (bytes that are not UTF-8, or that do
+    not parse): the projector parks those, and readers skip them.
     ``unarchived`` lists the entries of a stream chunk that the archive did not hold when
     read; it is filled only when the reader was asked to check.
     """
@@ -74,6 +76,15 @@ def read_event(raw: str) -> AnyEvent:
     except ValueError:
         return parse_event(raw)
     return event if event.v == CURRENT_VERSION else parse_event(raw)
+
+
+def _event_or_none(raw: str) -> AnyEvent | None:
+    """:func:`read_event`, or None for anything that is no event (never raises: one bad
+    entry must not stop a reader)."""
+    try:
+        return read_event(raw)
+    except Exception:
+        return None
 
 
 def _successor(position: tuple[int, int]) -> tuple[int, int]:
@@ -122,9 +133,10 @@ class LogReader:
             if head.entries:
                 chunk = LogChunk(partition, [], head.entries[-1][0], "stream")
                 for stream_id, fields in head.entries:
-                    try:
-                        event = read_event(fields.get("event", ""))
-                    except ValueError:
+                    event = None
+                    if stream_id not in head.undecodable:
+                        event = _event_or_none(fields.get("event", ""))
+                    if event is None:
                         # The projector parks such entries on the dead-letter stream.
                         chunk.malformed += 1
                         continue
@@ -151,9 +163,8 @@ class LogReader:
                 return
             chunk = LogChunk(partition, [], rows[-1]["stream_id"], "archive")
             for row in rows:
-                try:
-                    event = read_event(row["payload"])
-                except ValueError:
+                event = _event_or_none(row["payload"])
+                if event is None:
                     chunk.malformed += 1
                     continue
                 if event.event_id not in seen:

@@ -14,10 +14,9 @@ The log is read by ``projections.log``: the archive for what the streams no long
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, astuple, dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import asyncpg
 
@@ -106,7 +105,16 @@ class VerifyReport:
 
     def to_table(self) -> str:
         """The report for people: one line when clean, else a log | redis | postgres table
-        ("=" where a store agrees with the log, "-" where it does not hold the field)."""
+        ("=" where a store agrees with the log, "-" where it does not hold the field), and
+        a last line counting the log entries that are no event, if any."""
+        return self._table() + (
+            f"\n{self.malformed} log entries are no event (not UTF-8 or not parseable),"
+            " skipped: the projector parked them (flashsale dlq list)"
+            if self.malformed
+            else ""
+        )
+
+    def _table(self) -> str:
         if self.clean:
             return f"clean: {self.sales} sales, {self.events} events agree in log, Redis, PG" + (
                 f" ({self.lagging} events not projected yet)" if self.lagging else ""
@@ -359,52 +367,3 @@ async def verify(
             state = fold(e.event for e in in_pg).get(name)
             report.differences.extend(await compare_postgres(conn, name, state))
     return report
-
-
-class ProgressLine:
-    """Progress of a long replay command on stderr: phase, count done (of the total when
-    known), rate and time left. On a terminal the line is redrawn in place every half
-    second; elsewhere (a log file, CI) a plain line is written every 5 s. Each phase ends
-    with a line of its final count, and ``close`` ends the last one: call it before
-    printing anything else, so that nothing, an error least of all, hides behind it."""
-
-    def __init__(self, stream: TextIO, interval: float = 0.5) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.interval = interval if self.tty else 5.0
-        self.phase = ""
-        self.started = self.last = 0.0
-        self.done: int = 0
-        self.total: int | None = None
-        self.written: tuple[str, int, int | None] = ("", 0, None)
-
-    def __call__(self, phase: str, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if phase != self.phase:
-            self.close()
-            self.phase, self.started, self.last = phase, now, now
-        self.done, self.total = done, total
-        if now - self.last >= self.interval:
-            self.last = now
-            self._draw(now, final=False)
-
-    def _draw(self, now: float, final: bool) -> None:
-        elapsed = now - self.started
-        rate = self.done / elapsed if elapsed > 0.05 and self.done >= 1000 else 0.0
-        text = f"{self.phase}: {self.done:,}" + (f"/{self.total:,}" if self.total else "")
-        if rate:
-            text += f"  {rate:,.0f}/s"
-        if rate and not final and self.total and self.total > self.done:
-            text += f"  {(self.total - self.done) / rate:,.0f} s left"
-        if self.tty:
-            self.stream.write(f"\r\x1b[K{text}" + ("\n" if final else ""))
-        elif (self.phase, self.done, self.total) != self.written:
-            self.stream.write(text + "\n")
-        self.written = (self.phase, self.done, self.total)
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Write the current phase's final line (idempotent)."""
-        if self.phase:
-            self._draw(time.monotonic(), final=True)
-            self.phase = ""

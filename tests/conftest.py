@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from api.cli.launcher import ServerUrls, embedded_servers
 from core.gateway import RedisGateway
-from core.launcher import ServerUrls, embedded_servers
 from core.settings import Settings
 from projections.db import open_pool
 
@@ -36,6 +36,7 @@ def settings(servers: ServerUrls) -> Settings:
         redis_pool_size=100,
         claim_idle_ms=1000,
         consumer_block_ms=100,
+        metrics_health_interval_ms=0,  # tests scrape, change state, and scrape again
     )
 
 

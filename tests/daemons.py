@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
+from tests.conftest import ADMIN_TOKEN, JWT_SECRET
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -32,13 +33,22 @@ FAST = {
 }
 
 
+# `serve` and `consume` refuse to start on the public default secrets.
+SECRETS = {
+    "FLASHSALE_ADMIN_TOKEN": ADMIN_TOKEN,
+    "FLASHSALE_JWT_SECRET": JWT_SECRET,
+}
+
+
 def env_for(redis_url: str, database_url: str, partitions: int = 4, **extra: str) -> dict[str, str]:
-    """The environment of a ``flashsale`` process: this one's, minus any FLASHSALE_*."""
+    """The environment of a ``flashsale`` process: this one's, minus any FLASHSALE_*, plus
+    the tests' secrets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     env.update(
         FLASHSALE_REDIS_URL=redis_url,
         FLASHSALE_DATABASE_URL=database_url,
         FLASHSALE_PARTITIONS=str(partitions),
+        **SECRETS,
         **FAST,
     )
     env.update(extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from api.auth import LEEWAY_SECONDS, VerifiedTokens
+from api.web.auth import LEEWAY_SECONDS, VerifiedTokens
 
 
 def test_a_cached_token_is_dropped_once_expired():

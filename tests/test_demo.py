@@ -5,26 +5,34 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from core.settings import Settings
+from core.settings import DEFAULT_ADMIN_TOKEN, DEFAULT_JWT_SECRET, Settings
 
 FLASHSALE = str(Path(sys.executable).parent / "flashsale")
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    """The test servers, and no secrets: the demo makes its own."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")},
+        "FLASHSALE_REDIS_URL": settings.redis_url or "",
+        "FLASHSALE_DATABASE_URL": settings.database_url or "",
+        "FLASHSALE_PARTITIONS": "4",
+    }
 
 
 async def test_demo_sells_exactly_the_stock_and_reports_clean(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ):
-    env = {
-        **os.environ,
-        "FLASHSALE_REDIS_URL": settings.redis_url or "",
-        "FLASHSALE_DATABASE_URL": settings.database_url or "",
-        "FLASHSALE_PARTITIONS": "4",
-    }
+    env = _env(settings)
     child = await asyncio.create_subprocess_exec(
         FLASHSALE,
         "demo",
@@ -41,6 +49,15 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
     )
     out, err = await asyncio.wait_for(child.communicate(), timeout=120)
     assert child.returncode == 0, err.decode()[-2000:]
+    # No secrets were set: it made random ones for the run and said how to use them.
+    admin = re.search(r"^admin token for this run: (\S+)", err.decode(), re.M)
+    buyer = re.search(
+        r"^buyer tokens for this run: FLASHSALE_JWT_SECRET=(\S+) flashsale token USER_ID$",
+        err.decode(),
+        re.M,
+    )
+    assert admin and buyer, err.decode()
+    assert admin.group(1) != DEFAULT_ADMIN_TOKEN and buyer.group(1) != DEFAULT_JWT_SECRET
     report = json.loads(out)
     assert report["ok"] is True
     first, second = report["first"], report["second"]
@@ -61,3 +78,60 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
             report["sale_id"],
         )
     assert len({r["user_id"] for r in rows}) == 30
+
+
+def _loadgen_children(parent: int) -> list[int]:
+    """Pids of ``python -m api.cli.loadgen`` processes whose parent is ``parent``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat.rpartition(") ")[2].split()
+        if int(fields[1]) == parent and fields[0] != "Z" and b"api.cli.loadgen" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def _is_gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+async def test_demo_interrupted_leaves_no_load_generator_behind(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    child = await asyncio.create_subprocess_exec(
+        FLASHSALE,
+        "demo",
+        "--stock",
+        "10",
+        "--buyers",
+        "50000",  # a first wave that is still firing when the interrupt comes
+        env=_env(settings),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    loadgen: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (loadgen := _loadgen_children(child.pid)):
+            assert child.returncode is None, "the demo ended before its load generator started"
+            assert time.monotonic() < deadline, "no load generator appeared"
+            await asyncio.sleep(0.05)
+        child.send_signal(signal.SIGINT)  # as Ctrl-C would, but to the demo alone
+        _, err = await asyncio.wait_for(child.communicate(), timeout=60)
+        assert child.returncode == 130, err.decode()[-2000:]
+        assert all(_is_gone(pid) for pid in loadgen), f"load generator {loadgen} still runs"
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        for pid in loadgen:
+            if not _is_gone(pid):
+                os.kill(pid, signal.SIGKILL)

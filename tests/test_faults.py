@@ -31,12 +31,12 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from api.app import create_app
-from api.auth import issue_token
+from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis
+from api.web.app import create_app
+from api.web.auth import issue_token
 from core.durability import check_durability
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
-from core.launcher import EmbeddedPostgres, EmbeddedRedis
 from core.settings import Settings
 from projections.db import open_pool
 from tests.conftest import JWT_SECRET

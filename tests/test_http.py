@@ -21,8 +21,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from api.app import create_app
-from api.auth import issue_token
+from api.web.app import create_app
+from api.web.auth import issue_token
 from core.events import AnyEvent, ReservationPlaced, SaleCreated, parse_event
 from core.gateway import RedisGateway
 from core.settings import Settings

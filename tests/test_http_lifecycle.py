@@ -23,10 +23,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
-from api import app as app_module
-from api.app import create_app
-from api.auth import issue_token
-from api.openapi import SPEC
+from api.web import requests as app_module
+from api.web.app import create_app
+from api.web.auth import issue_token
+from api.web.openapi import SPEC
 from consumers.expiry import ExpiryWorker
 from core.events import ReservationCancelled, ReservationConfirmed, StockAdjusted
 from core.gateway import RedisGateway

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,7 +21,7 @@ import asyncpg
 import pytest
 import redis
 
-from core.launcher import (
+from api.cli.launcher import (
     EmbeddedPostgres,
     EmbeddedRedis,
     LauncherError,
@@ -101,11 +102,52 @@ def shared_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _redis_refuses_without_password(port: int) -> None:
+    anonymous = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.get("greeting")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, password="wrong-password").ping()
+    finally:
+        anonymous.close()
+
+
+async def _postgres_refuses_without_password(server: EmbeddedPostgres) -> None:
+    for url in (
+        f"postgresql://postgres@127.0.0.1:{server.port}/postgres",
+        f"postgresql://postgres:wrong@127.0.0.1:{server.port}/postgres",
+    ):
+        with pytest.raises(
+            (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
+        ):
+            await asyncpg.connect(url, passfile="/nonexistent")
+    # Nor through its unix socket, and the socket's directory is closed to other users.
+    with pytest.raises(
+        (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
+    ):
+        await asyncpg.connect(
+            host=str(server.data_dir),
+            port=server.port,
+            user="postgres",
+            database="postgres",
+            passfile="/nonexistent",
+        )
+    assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
+
+
+def _no_password_in_command_lines(pid: int, password: str) -> None:
+    assert password not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+
+
 def test_redis_serves_commands_and_stop_removes_everything() -> None:
     server = EmbeddedRedis()
     url = server.start()
-    assert url == f"redis://127.0.0.1:{server.port}/0"
+    assert url == f"redis://:{server.password}@127.0.0.1:{server.port}/0"
+    assert len(server.password) >= 32
     pid, data_dir = server.pid, server.data_dir
+    _redis_refuses_without_password(server.port)
+    _no_password_in_command_lines(pid, server.password)
 
     client = redis.Redis.from_url(url)
     try:
@@ -144,12 +186,13 @@ def test_redis_restart_after_kill_keeps_port_and_aof_data() -> None:
         assert _is_gone(old_pid)
         assert server.data_dir.is_dir()
 
-        assert server.restart() == url
+        assert server.restart() == url  # same port, same password
         assert server.port == port
         assert server.pid != old_pid
         client = redis.Redis.from_url(url)
         assert client.get("stock") == b"7"
         client.close()
+        _redis_refuses_without_password(port)
     finally:
         server.stop()
 
@@ -157,8 +200,11 @@ def test_redis_restart_after_kill_keeps_port_and_aof_data() -> None:
 def test_postgres_serves_queries_and_stop_removes_everything() -> None:
     server = EmbeddedPostgres()
     url = server.start()
-    assert url == f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+    assert url == f"postgresql://postgres:{server.password}@127.0.0.1:{server.port}/postgres"
     pid, data_dir = server.pid, server.data_dir
+    asyncio.run(_postgres_refuses_without_password(server))
+    _no_password_in_command_lines(pid, server.password)
+    assert not list(data_dir.glob("*password*"))  # initdb's password file is gone
 
     async def exercise() -> list[str]:
         connection = await asyncpg.connect(url)
@@ -186,15 +232,16 @@ def test_postgres_restart_after_kill_keeps_port() -> None:
         port, old_pid = server.port, server.pid
         server.kill()
         assert _is_gone(old_pid)
-        assert server.restart() == url
+        assert server.restart() == url  # same port, same password
         assert server.port == port
         assert asyncio.run(_select_one(url)) == 1
+        asyncio.run(_postgres_refuses_without_password(server))
     finally:
         server.stop()
 
 
 def test_embedded_servers_starts_only_the_missing_server(redis_server: EmbeddedRedis) -> None:
-    own_url = f"redis://127.0.0.1:{redis_server.port}/0"
+    own_url = f"redis://:{redis_server.password}@127.0.0.1:{redis_server.port}/0"
     # Other tests' session servers may be running too: compare with what runs before.
     redis_before = _redis_children()
     postgres_before = _child_commands().count("postgres")
@@ -219,7 +266,7 @@ def test_servers_die_with_their_parent() -> None:
     script = textwrap.dedent(
         """
         import time
-        from core.launcher import EmbeddedPostgres, EmbeddedRedis
+        from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis
 
         redis, postgres = EmbeddedRedis(), EmbeddedPostgres()
         redis.start()

@@ -37,7 +37,7 @@ from core.settings import Settings
 from projections.fold import fold
 from projections.projector import LogEntry, project
 from projections.replay import Difference, read_log, verify
-from tests.daemons import logged, running, wait_exit, wait_started
+from tests.daemons import SECRETS, logged, running, wait_exit, wait_started
 from tests.helpers import open_sale, pg_rows
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
@@ -504,6 +504,7 @@ def consume_env(settings: Settings, **extra: str) -> dict[str, str]:
         FLASHSALE_CLAIM_IDLE_MS="500",
         FLASHSALE_CONSUMER_BLOCK_MS="100",
         FLASHSALE_LOG_JSON="true",
+        **SECRETS,
         **extra,
     )
     return env

@@ -35,6 +35,7 @@ from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream, partiti
 from core.settings import Settings
 from projections.fold import fold
 from projections.projector import LogEntry, parse_stream_id, project
+from tests.daemons import SECRETS
 from tests.helpers import open_sale, pg_rows
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
@@ -529,6 +530,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
         FLASHSALE_REDIS_URL=settings.redis_url or "",
         FLASHSALE_DATABASE_URL=settings.database_url or "",
         FLASHSALE_PARTITIONS=str(settings.partitions),
+        **SECRETS,
         **extra,
     )
     return env

@@ -3,9 +3,9 @@ the right answer when the sale changes while it is read in chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from core.gateway import FENCE_LIMIT, RedisGateway, load_lua
+from api.cli.launcher import EmbeddedRedis
+from core.gateway import FENCE_LIMIT, RedisGateway
 from core.keys import PartitionKeys
-from core.launcher import EmbeddedRedis
 from core.models import NewSale
 from core.settings import Settings
 from projections.fold import fold
@@ -51,37 +51,24 @@ def slowlog_redis() -> Iterator[str]:
 
 @pytest.fixture
 async def big_client(slowlog_redis: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(slowlog_redis)
+    client = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(slowlog_redis, max_connections=50)
+    )
     await client.flushdb()
     yield client
     await client.aclose()
 
 
-async def fill(gateway: RedisGateway, sale_id: str, count: int, batch: int = 2000) -> None:
-    """Open ``sale_id`` and place ``count`` one-unit reservations (one user each) with the
-    reserve script, pipelined."""
+async def fill(gateway: RedisGateway, sale_id: str, count: int, batch: int = 200) -> None:
+    """Open ``sale_id`` and place ``count`` one-unit reservations (one user each) through
+    the gateway, ``batch`` at a time concurrently."""
     await gateway.create_sale(
         NewSale(sale_id=sale_id, stock=count + 100, per_user_limit=1, hold_seconds=3600)
     )
-    client, keys = gateway.client, gateway.keys_for_sale(sale_id)
-    sha = await client.script_load(load_lua("reserve"))
+    await gateway.load_scripts()
     for start in range(0, count, batch):
-        async with client.pipeline(transaction=False) as pipe:
-            for n in range(start, min(start + batch, count)):
-                rid = f"{keys.partition}-{uuid.uuid4().hex}"
-                pipe.evalsha(
-                    sha,
-                    7,
-                    keys.sale(sale_id),
-                    keys.holders(sale_id),
-                    keys.idempotency(sale_id, f"u{n}", ""),
-                    keys.reservation(rid),
-                    keys.reservations(sale_id),
-                    keys.deadlines,
-                    keys.events,
-                    *(uuid.uuid4().hex, sale_id, f"u{n}", 1, rid, 3600, ""),
-                )
-            await pipe.execute()
+        users = (f"u{n}" for n in range(start, min(start + batch, count)))
+        await asyncio.gather(*(gateway.reserve(sale_id, user, 1, None) for user in users))
 
 
 def _text(value: bytes | str) -> str:

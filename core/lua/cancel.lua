@@ -6,20 +6,27 @@
 -- KEYS[3]  holders hash         fs:{pN}:sale:<sale_id>:users
 -- KEYS[4]  deadlines zset       fs:{pN}:deadlines
 -- KEYS[5]  partition stream     fs:{pN}:events
--- ARGV[1]  event_id
+-- ARGV[1]  event_id (also the operation id, kept in the reservation's "ended_by")
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to
+--
+-- Safe to run again with the same arguments: a call that cancelled the reservation in an
+-- earlier run (its reply was lost) answers {"ok", "1"} again and changes nothing.
 --
 -- Returns  {"ok", "1"}  pending -> cancelled; ReservationCancelled appended
 --          {"ok", "0"}  already cancelled: nothing changed
 --          {"err", reason}  nothing changed; reason in reservation_not_found,
 --                           reservation_expired, reservation_closed (it was confirmed)
 
-local r = redis.call('HMGET', KEYS[1], 'status', 'sale_id', 'user_id', 'qty', 'expires_at')
+local r = redis.call('HMGET', KEYS[1],
+    'status', 'sale_id', 'user_id', 'qty', 'expires_at', 'ended_by')
 if not r[1] or r[3] ~= ARGV[3] then
     return {'err', 'reservation_not_found'}
 end
-if r[1] == 'cancelled' then return {'ok', '0'} end
+if r[1] == 'cancelled' then
+    if r[6] == ARGV[1] then return {'ok', '1'} end
+    return {'ok', '0'}
+end
 if r[1] == 'expired' then return {'err', 'reservation_expired'} end
 if r[1] ~= 'pending' then return {'err', 'reservation_closed'} end
 
@@ -30,7 +37,7 @@ if now >= tonumber(r[5]) then
 end
 
 local qty = tonumber(r[4])
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', now)
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', now, 'ended_by', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'held', -qty)
 redis.call('HINCRBY', KEYS[2], 'remaining', qty)
 redis.call('HINCRBY', KEYS[2], 'released', qty)

@@ -4,9 +4,12 @@
 -- KEYS[2]  sale hash            fs:{pN}:sale:<sale_id>
 -- KEYS[3]  deadlines zset       fs:{pN}:deadlines
 -- KEYS[4]  partition stream     fs:{pN}:events
--- ARGV[1]  event_id
+-- ARGV[1]  event_id (also the operation id, kept in the reservation's "ended_by")
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to, or "" (an admin confirms any)
+--
+-- Safe to run again with the same arguments: a call that confirmed the reservation in an
+-- earlier run (its reply was lost) answers {"ok", "1"} again and changes nothing.
 --
 -- Returns  {"ok", "1"}  pending -> confirmed; ReservationConfirmed appended
 --          {"ok", "0"}  already confirmed: nothing changed
@@ -14,11 +17,15 @@
 --                           reservation_expired (expired, or pending past its deadline:
 --                           the expiry worker returns the stock), reservation_closed
 
-local r = redis.call('HMGET', KEYS[1], 'status', 'sale_id', 'user_id', 'qty', 'expires_at')
+local r = redis.call('HMGET', KEYS[1],
+    'status', 'sale_id', 'user_id', 'qty', 'expires_at', 'ended_by')
 if not r[1] or (ARGV[3] ~= '' and r[3] ~= ARGV[3]) then
     return {'err', 'reservation_not_found'}
 end
-if r[1] == 'confirmed' then return {'ok', '0'} end
+if r[1] == 'confirmed' then
+    if r[6] == ARGV[1] then return {'ok', '1'} end
+    return {'ok', '0'}
+end
 if r[1] == 'expired' then return {'err', 'reservation_expired'} end
 if r[1] ~= 'pending' then return {'err', 'reservation_closed'} end
 
@@ -29,7 +36,7 @@ if now >= tonumber(r[5]) then
 end
 
 local qty = tonumber(r[4])
-redis.call('HSET', KEYS[1], 'status', 'confirmed', 'confirmed_at', now)
+redis.call('HSET', KEYS[1], 'status', 'confirmed', 'confirmed_at', now, 'ended_by', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'held', -qty)
 redis.call('HINCRBY', KEYS[2], 'confirmed', qty)
 redis.call('ZREM', KEYS[3], ARGV[2])

@@ -2,19 +2,44 @@
 --
 -- KEYS[1]  sale hash            fs:{pN}:sale:<sale_id>
 -- KEYS[2]  partition stream     fs:{pN}:events
--- ARGV[1]  event_id
+-- KEYS[3]  operation string     fs:{pN}:op:<event_id>  (this call's outcome, kept ARGV[8] s)
+-- ARGV[1]  event_id (also the operation id)
 -- ARGV[2]  sale_id
 -- ARGV[3]  stock (integer >= 0)
 -- ARGV[4]  per_user_limit (integer >= 1)
 -- ARGV[5]  starts_at in ms since the epoch, or "" for now
 -- ARGV[6]  ends_at in ms since the epoch, or "" for none
 -- ARGV[7]  hold_seconds (payment window)
+-- ARGV[8]  operation time-to-live in seconds
+--
+-- Safe to run again with the same arguments: a call whose sale was created by an earlier
+-- run of it (its reply was lost) answers that creation again and changes nothing.
 --
 -- Returns  {"ok", stream_entry_id, starts_at_ms}
---          {"err", "sale_exists"} when the sale already exists (nothing changes)
+--          {"err", "sale_exists"} when another call created the sale (nothing changes)
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
+    local first = redis.call('GET', KEYS[3])
+    if first then
+        return {'ok', first, redis.call('HGET', KEYS[1], 'starts_at')}
+    end
     return {'err', 'sale_exists'}
+end
+
+-- cjson writes numbers with 14 significant digits, which rounds times of 10^14 ms (year
+-- 5138) and later; sale windows reach year 9999, so every number here is written whole.
+-- (The other scripts' numbers are Redis's clock and small counts, far below that.)
+local function encode(event)
+    local parts = {}
+    for name, value in pairs(event) do
+        if type(value) == 'number' then
+            value = string.format('%d', value)
+        else
+            value = cjson.encode(value)
+        end
+        parts[#parts + 1] = cjson.encode(name) .. ':' .. value
+    end
+    return '{' .. table.concat(parts, ',') .. '}'
 end
 
 local t = redis.call('TIME')
@@ -36,5 +61,6 @@ local event = {
     hold_seconds = tonumber(ARGV[7]),
 }
 if ends_at > 0 then event.ends_at = ends_at end
-local id = redis.call('XADD', KEYS[2], '*', 'event', cjson.encode(event))
-return {'ok', id, tostring(starts_at)}
+local id = redis.call('XADD', KEYS[2], '*', 'event', encode(event))
+redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[8]))
+return {'ok', id, string.format('%d', starts_at)}

@@ -7,6 +7,7 @@
 -- KEYS[5]  reservations set     fs:{pN}:sale:<sale_id>:reservations
 -- KEYS[6]  deadlines zset       fs:{pN}:deadlines
 -- KEYS[7]  partition stream     fs:{pN}:events
+-- KEYS[8]  buyer's reservations fs:{pN}:sale:<sale_id>:user:<user_id>  (set of ids)
 -- ARGV[1]  event_id
 -- ARGV[2]  sale_id
 -- ARGV[3]  user_id
@@ -14,16 +15,30 @@
 -- ARGV[5]  reservation_id to use if a new reservation is placed
 -- ARGV[6]  idempotency key time-to-live in seconds
 -- ARGV[7]  "1" when the request carried an Idempotency-Key, else ""
+-- ARGV[8]  "1" when the caller WAITs for replicas on this connection next, else ""
 --
--- Returns  {"ok", reservation_id, expires_at_ms, "0"}   a new reservation was placed
+-- Safe to run again with the same arguments (a client retrying a call whose reply was
+-- lost): a reservation id that is already placed answers that placement again and changes
+-- nothing. Under ARGV[8], an answer that places nothing rewrites one field or key with the
+-- value it has, so that the caller's WAIT also covers the earlier write it reports.
+--
+-- Returns  {"ok", reservation_id, expires_at_ms, "0"}   a new reservation was placed (or
+--                                                       was by an earlier run of this call)
 --          {"ok", reservation_id, "", "1"}              the Idempotency-Key was seen before:
 --                                                       the first reservation, nothing changed
 --          {"err", reason}  reason in sale_not_found, sale_not_active, limit_reached, sold_out;
 --                           nothing changed
 
+local placed = redis.call('HMGET', KEYS[4], 'expires_at', 'user_id')
+if placed[1] then
+    if ARGV[8] == '1' then redis.call('HSET', KEYS[4], 'user_id', placed[2]) end
+    return {'ok', ARGV[5], placed[1], '0'}
+end
+
 if ARGV[7] == '1' then
     local previous = redis.call('GET', KEYS[3])
     if previous then
+        if ARGV[8] == '1' then redis.call('SET', KEYS[3], previous, 'KEEPTTL') end
         return {'ok', previous, '', '1'}
     end
 end
@@ -57,6 +72,7 @@ redis.call('HINCRBY', KEYS[2], ARGV[3], qty)
 redis.call('HSET', KEYS[4], 'sale_id', ARGV[2], 'user_id', ARGV[3], 'qty', qty,
     'status', 'pending', 'created_at', now, 'expires_at', expires_at)
 redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('SADD', KEYS[8], ARGV[5])
 redis.call('ZADD', KEYS[6], expires_at, ARGV[5])
 if ARGV[7] == '1' then
     redis.call('SET', KEYS[3], ARGV[5], 'EX', tonumber(ARGV[6]))

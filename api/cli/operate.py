@@ -15,12 +15,11 @@ from dataclasses import asdict
 import asyncpg
 import redis.asyncio as aioredis
 
-from api.app import redis_client_for
+from api.connections import postgres_pool_for, redis_client_for
 from consumers.deadletter import ParkedEntry, drop_parked, list_parked, retry_parked
 from consumers.health import read_health
 from core.errors import ConfigurationError
 from core.settings import Settings
-from projections.db import open_pool
 
 _ERROR_CHARS = 70
 _REDRIVEN = ("projected", "already_projected")
@@ -60,7 +59,7 @@ async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
 async def _postgres(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     if not settings.database_url:
         raise ConfigurationError("set FLASHSALE_DATABASE_URL")
-    pool = await open_pool(settings.database_url, 2)
+    pool = await postgres_pool_for(settings, 2)
     try:
         yield pool
     finally:

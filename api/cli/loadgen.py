@@ -46,7 +46,7 @@ async def fire(
 
 
 def main() -> None:
-    """Entry point: ``python -m api.loadgen < plan.json > results.json``."""
+    """Entry point: ``python -m api.cli.loadgen < plan.json > results.json``."""
     plan = json.load(sys.stdin)
     started = time.perf_counter()
     results = asyncio.run(fire(plan["url"], plan["attempts"], int(plan.get("connections", 256))))

@@ -1,9 +1,16 @@
 """Start throwaway Redis and PostgreSQL servers from pip-installed binaries.
 
 Used when no Redis or database URL is configured. Each server listens on a free port on
-127.0.0.1 and keeps its data in a fresh temporary directory. It goes away again through
-:meth:`stop`, at interpreter exit, or, when the parent is killed outright, through the
-kernel: every server is started with ``PR_SET_PDEATHSIG`` set to SIGKILL.
+127.0.0.1 and keeps its data in a fresh temporary directory (mode 0700). Both require a
+password, random per run (one per launching process, so that a replica started here can
+authenticate to its primary) and carried in the URL they return: any local user can reach
+127.0.0.1, and a PostgreSQL superuser can run programs as the server's account. The
+password never appears on a command line (which every user can read in ``ps``): Redis
+reads it from a mode-0600 config file, ``initdb`` from a password file deleted after use.
+
+A server goes away again through :meth:`stop`, at interpreter exit, or, when the parent
+is killed outright, through the kernel: every server is started with
+``PR_SET_PDEATHSIG`` set to SIGKILL.
 
 That death signal fires when the *thread* that started the server exits, not the whole
 process. Start servers from the main thread, or from a thread that lives as long as the
@@ -21,6 +28,7 @@ import importlib.util
 import os
 import platform
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -42,6 +50,7 @@ __all__ = [
     "EmbeddedRedis",
     "LauncherError",
     "ServerUrls",
+    "death_signal_setter",
     "embedded_servers",
 ]
 
@@ -56,6 +65,7 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _UNPRIVILEGED_USER = "nobody"
 _PG_SUPERUSER = "postgres"
 _PG_DATABASE = "postgres"
+_RUN_PASSWORD = secrets.token_hex(24)  # hex: safe in URLs, config files and RESP
 _MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "aarch64": "arm64"}
 
 
@@ -194,7 +204,7 @@ def _runnable_pg_install(package: Path, cache_root: Path) -> Path:
     return cache / package.name / "pginstall"
 
 
-def _death_signal_setter() -> Callable[[], None] | None:
+def death_signal_setter() -> Callable[[], None] | None:
     """Return a ``preexec_fn`` that makes the child get SIGKILL when its parent dies.
 
     It runs in the child after the uid change (which would clear the death signal).
@@ -231,7 +241,7 @@ def _popen(
             extra_groups=[] if account else None,
             # Own process group: a terminal's Ctrl-C reaches only us, and we stop the servers.
             process_group=0,
-            preexec_fn=_death_signal_setter(),
+            preexec_fn=death_signal_setter(),
         )
 
 
@@ -261,6 +271,16 @@ class _EmbeddedServer:
         self._port: int | None = None
         self._root: Path | None = None
         self._account: _Account | None = None
+        #: What clients must authenticate with; in the URL that start() returns.
+        self.password = _RUN_PASSWORD
+
+    def _write_secret(self, path: Path, text: str) -> None:
+        """Write a file only the server's account can read."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        if self._account is not None:
+            os.chown(path, self._account.uid, self._account.gid)
 
     @property
     def pid(self) -> int:
@@ -383,10 +403,13 @@ class EmbeddedRedis(_EmbeddedServer):
         self._binary: Path | None = None
 
     def start(self) -> str:
-        """Start the server on a free port and return ``redis://127.0.0.1:PORT/0``."""
+        """Start the server on a free port; return ``redis://:PASSWORD@127.0.0.1:PORT/0``."""
         self._binary = _redis_binary()
         self._begin("flashsale-redis-")
         try:
+            self._write_secret(
+                self._config_path, f"requirepass {self.password}\nmasterauth {self.password}\n"
+            )
             self._launch()
         except BaseException:
             self.stop()
@@ -400,10 +423,15 @@ class EmbeddedRedis(_EmbeddedServer):
         )
         return self._url()
 
+    @property
+    def _config_path(self) -> Path:
+        return self.data_dir / "redis.conf"
+
     def _command(self) -> list[str]:
         assert self._binary is not None
         return [
             str(self._binary),
+            str(self._config_path),  # the password, kept off the command line
             "--port", str(self.port),
             "--bind", _HOST,
             "--save", "",
@@ -417,13 +445,19 @@ class EmbeddedRedis(_EmbeddedServer):
         # A raw PING: while an AOF is loading the server answers -LOADING, not +PONG.
         try:
             with socket.create_connection((_HOST, self.port), timeout=1.0) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                replies = b""
+                while replies.count(b"\r\n") < 2:
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        return False
+                    replies += chunk
+                return replies.split(b"\r\n")[1].startswith(b"+PONG")
         except OSError:
             return False
 
     def _url(self) -> str:
-        return f"redis://{_HOST}:{self.port}/0"
+        return f"redis://:{self.password}@{_HOST}:{self.port}/0"
 
 
 class EmbeddedPostgres(_EmbeddedServer):
@@ -443,7 +477,8 @@ class EmbeddedPostgres(_EmbeddedServer):
         self._bin: Path | None = None
 
     def start(self) -> str:
-        """Create a cluster, start it on a free port, return ``postgresql://...`` for it."""
+        """Create a cluster, start it on a free port, return its ``postgresql://`` URL (with
+        the superuser's password)."""
         root = self._begin("flashsale-postgres-")
         try:
             self._bin = self._prepare(root) / "bin"
@@ -480,11 +515,21 @@ class EmbeddedPostgres(_EmbeddedServer):
 
     def _initdb(self) -> None:
         assert self._bin is not None
+        password_file = self.data_dir / "superuser.password"
+        self._write_secret(password_file, self.password)
+        try:
+            self._run_initdb(password_file)
+        finally:
+            password_file.unlink(missing_ok=True)
+
+    def _run_initdb(self, password_file: Path) -> None:
+        assert self._bin is not None
         command = [
             str(self._bin / "initdb"),
             "-D", str(self._pgdata),
             "-U", _PG_SUPERUSER,
-            "--auth=trust",
+            "--auth=scram-sha-256",
+            f"--pwfile={password_file}",
             "--encoding=utf8",
             # Fixed locale: the inherited one may not be installed, and C sorts fastest.
             "--locale=C",
@@ -536,7 +581,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         return result.returncode == 0
 
     def _url(self) -> str:
-        return f"postgresql://{_PG_SUPERUSER}@{_HOST}:{self.port}/{_PG_DATABASE}"
+        return f"postgresql://{_PG_SUPERUSER}:{self.password}@{_HOST}:{self.port}/{_PG_DATABASE}"
 
 
 @contextlib.contextmanager

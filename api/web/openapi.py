@@ -6,7 +6,7 @@ from typing import Any
 
 from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationView, SaleView
 
-# The same patterns as the path and header checks in ``api.app`` (a test keeps them equal).
+# The same patterns as the path and header checks in ``api.web.requests`` (a test keeps them equal).
 RESERVATION_ID_PATTERN = r"^[0-9]{1,4}-[A-Za-z0-9]{1,128}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
@@ -107,6 +107,19 @@ SPEC: dict[str, Any] = {
                     "expires_at": {"type": "string", "format": "date-time"},
                 },
             },
+            "MyReservations": {
+                "type": "object",
+                "required": ["sale_id", "reservations"],
+                "properties": {
+                    "sale_id": {"type": "string"},
+                    "reservations": {
+                        "type": "array",
+                        "description": "oldest first (placement time, then id), whatever"
+                        " their status, pruned ones included",
+                        "items": {"$ref": "#/components/schemas/Reservation"},
+                    },
+                },
+            },
             "ReservationChange": _with_changed(
                 "Reservation", "The reservation after a confirm or cancel call."
             ),
@@ -164,7 +177,26 @@ SPEC: dict[str, Any] = {
                 "requestBody": _body("ReservationRequest", required=False),
                 "responses": {
                     "202": _json("Placed", "reservation held"),
+                    # 503 unavailable after Redis stayed silent: the problem carries the
+                    # reservation_id that was tried (and a Location); look it up first.
                     **_problems(400, 401, 404, 409, 413, 415, 422, 429, 503),
+                },
+            }
+        },
+        "/v1/sales/{sale_id}/reservations/mine": {
+            "get": {
+                "summary": "The caller's reservations in a sale, whatever their status (buyer).",
+                "description": (
+                    "Redis's reservations merged with the final ones already pruned from it,"
+                    " read from PostgreSQL's orders (Redis's view wins for an id in both),"
+                    " oldest first. 503 unavailable while PostgreSQL is out of reach: only it"
+                    " can say which were pruned, and a partial list would look complete."
+                ),
+                "security": _BUYER,
+                "parameters": [SALE_ID],
+                "responses": {
+                    "200": _json("MyReservations", "the buyer's reservations"),
+                    **_problems(401, 404, 503),
                 },
             }
         },

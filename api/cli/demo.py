@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-from api.auth import issue_token
-from api.cli import Services, open_services, run_consumers, running_api
+from api.cli.launcher import death_signal_setter
+from api.cli.processes import Services, open_services, run_consumers, running_api
+from api.web.auth import issue_token
 from core.settings import Settings
 from projections.replay import verify
 
@@ -146,16 +147,23 @@ class DemoReport:
 async def fire_from_another_process(
     url: str, attempts: list[list[str]], connections: int = 256
 ) -> tuple[list[Result], float]:
-    """Run :mod:`api.loadgen` in a child process; return its results and its firing time."""
+    """Run :mod:`api.cli.loadgen` in a child process; return its results and its firing time."""
     plan = json.dumps({"url": url, "attempts": attempts, "connections": connections}).encode()
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "api.loadgen",
+        "api.cli.loadgen",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        preexec_fn=death_signal_setter(),  # and must die with the demo if it is killed
     )
-    out, _ = await child.communicate(plan)
+    try:
+        out, _ = await child.communicate(plan)
+    finally:
+        # Interrupted (Ctrl-C, SIGTERM, an error here): the child must not fire on alone.
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
     if child.returncode != 0:
         raise RuntimeError(f"load generator failed with exit code {child.returncode}")
     answer = json.loads(out)

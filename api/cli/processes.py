@@ -1,0 +1,186 @@
+"""Process wiring of the ``flashsale`` command line: the connections a process shares, the
+embedded servers started for missing URLs, the HTTP API and the consumer daemons run side by
+side, and SIGINT/SIGTERM ending them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from api.cli.launcher import embedded_servers
+from api.connections import postgres_pool_for, redis_client_for
+from api.web.app import create_app
+from consumers.expiry import ExpiryWorker
+from consumers.projector import Projector
+from consumers.pruning import PruningWorker
+from consumers.retention import RetentionWorker
+from core.durability import check_durability
+from core.errors import ConfigurationError
+from core.gateway import RedisGateway
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop where it is installed (Linux, macOS), else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+@dataclass
+class Services:
+    """Connections shared by the parts running in one process."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    gateway: RedisGateway
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Redis client and migrated PostgreSQL pool for ``settings``."""
+    assert settings.database_url
+    client = redis_client_for(settings)
+    pool = await postgres_pool_for(settings)
+    gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+    try:
+        await gateway.load_scripts()
+        yield Services(settings, client, pool, gateway)
+    finally:
+        await pool.close()
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def resolved(settings: Settings, embedded: bool) -> Iterator[Settings]:
+    """Settings with both URLs set, starting embedded servers for missing ones if allowed."""
+    if settings.redis_url and settings.database_url:
+        yield settings
+        return
+    if not embedded:
+        raise ConfigurationError(
+            "set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
+            "(or use `flashsale up`, which starts embedded servers)"
+        )
+    with embedded_servers(settings.redis_url, settings.database_url) as urls:
+        print(f"redis: {urls.redis_url}\npostgres: {urls.database_url}", file=sys.stderr)
+        yield settings.model_copy(
+            update={"redis_url": urls.redis_url, "database_url": urls.database_url}
+        )
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def projector_for(services: Services, **overrides: int) -> Projector:
+    """A projector configured from the settings."""
+    s = services.settings
+    return Projector(
+        services.redis,
+        services.pool,
+        s.partitions,
+        consumer=s.consumer_name,
+        batch=overrides.get("batch", s.consumer_batch),
+        block_ms=overrides.get("block_ms", s.consumer_block_ms),
+        claim_idle_ms=overrides.get("claim_idle_ms", s.claim_idle_ms),
+        max_deliveries=overrides.get("max_deliveries", s.max_deliveries),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_api(services: Services, port: int) -> AsyncIterator[int]:
+    """Serve the HTTP API until the block exits; yields the bound port."""
+    app = create_app(services.settings, services.redis)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, services.settings.host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    log.info("api_listening", host=services.settings.host, port=bound)
+    try:
+        yield bound
+    finally:
+        await runner.cleanup()
+
+
+async def serve(settings: Settings) -> None:
+    """``flashsale serve``: the HTTP API until a signal."""
+    async with open_services(settings) as services:
+        await check_durability(services.redis, settings)
+        async with running_api(services, settings.port):
+            await stop_on_signals().wait()
+
+
+def expiry_worker_for(services: Services) -> ExpiryWorker:
+    """An expiry worker configured from the settings."""
+    s = services.settings
+    return ExpiryWorker(services.gateway, s.expiry_interval_ms / 1000, s.expiry_batch)
+
+
+async def run_consumers(
+    services: Services, stop: asyncio.Event, *, retention: bool = False, **overrides: int
+) -> None:
+    """The projector and the expiry worker (and, with ``retention``, the stream trimmer and
+    the reservation pruner, unless ``FLASHSALE_RETENTION_INTERVAL_MS`` /
+    ``FLASHSALE_PRUNE_INTERVAL_MS`` is 0), side by side, until ``stop`` is set."""
+    s = services.settings
+    workers = [
+        projector_for(services, **overrides).run(stop),
+        expiry_worker_for(services).run(stop),
+    ]
+    if retention and s.retention_interval_ms:
+        trimmer = RetentionWorker(
+            services.redis, services.pool, s.partitions, s.retention_interval_ms / 1000
+        )
+        workers.append(trimmer.run(stop))
+    if retention and s.prune_interval_ms:
+        pruner = PruningWorker(
+            services.gateway,
+            services.pool,
+            s.prune_interval_ms / 1000,
+            s.prune_after_seconds,
+            s.prune_batch,
+        )
+        workers.append(pruner.run(stop))
+    await asyncio.gather(*workers)
+
+
+async def consume(settings: Settings) -> None:
+    """``flashsale consume``: the consumer daemons until a signal."""
+    async with open_services(settings) as services:
+        await check_durability(services.redis, settings)
+        await run_consumers(services, stop_on_signals(), retention=True)
+
+
+async def up(settings: Settings) -> None:
+    """``flashsale up``: the HTTP API and the consumer daemons until a signal."""
+    async with open_services(settings) as services:
+        await check_durability(services.redis, settings)
+        async with running_api(services, settings.port) as port:
+            print(
+                f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr
+            )
+            await run_consumers(services, stop_on_signals(), retention=True)

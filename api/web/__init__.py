@@ -1,0 +1,1 @@
+"""The HTTP interface of flashsale: the aiohttp application and its views."""

@@ -1,0 +1,95 @@
+"""The aiohttp application: its state, middleware, connections and routes. Views are thin:
+parse, call the gateway, map errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from api.connections import postgres_pool_for, redis_client_for
+from api.web import reservations, sales, service
+from api.web.metrics import ApiMetrics
+from api.web.problems import problems_middleware
+from api.web.state import GATEWAY, HEALTH, INFLIGHT, METRICS, ORDERS_POOL, SETTINGS
+from consumers.health import CachedHealth
+from core.errors import InfrastructureError
+from core.gateway import RedisGateway
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Connections to PostgreSQL per API process: only reads of pruned reservations use them.
+ORDERS_POOL_SIZE = 2
+
+
+async def health_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Consumer health for /metrics, on a one-connection Redis client of its own."""
+    settings = app[SETTINGS]
+    client = redis_client_for(settings, pool_size=1, name="flashsale-metrics")
+    interval = settings.metrics_health_interval_ms / 1000
+    app[HEALTH] = CachedHealth(client, settings.partitions, interval)
+    yield
+    await client.aclose()
+
+
+def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.Application:
+    """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``."""
+    app = web.Application(
+        middlewares=[problems_middleware], client_max_size=settings.max_body_bytes
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = ApiMetrics()
+    app[INFLIGHT] = [0]
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        own = client is None
+        redis_client = client or redis_client_for(settings)
+        gateway = RedisGateway(
+            redis_client,
+            settings.partitions,
+            settings.idempotency_ttl_seconds,
+            sold_out_hint_seconds=settings.sold_out_hint_ms / 1000,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout_ms=settings.wait_timeout_ms,
+        )
+        try:
+            await gateway.load_scripts()
+        except InfrastructureError as e:
+            # Not fatal: /readyz reports Redis, and scripts load on first use anyway.
+            log.warning("scripts_not_loaded", error=str(e))
+        app[GATEWAY] = gateway
+        yield
+        if own:
+            await redis_client.aclose()
+
+    async def orders_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Off the purchase path: only reads of reservations pruned from Redis use it.
+        if settings.database_url is None:
+            yield
+            return
+        pool = await postgres_pool_for(settings, ORDERS_POOL_SIZE)
+        app[ORDERS_POOL] = pool
+        yield
+        await pool.close()
+
+    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(health_ctx)
+    app.cleanup_ctx.append(orders_ctx)
+    router = app.router
+    router.add_post("/v1/sales", sales.create_sale)
+    router.add_get("/v1/sales/{sale_id}", sales.get_sale)
+    router.add_post("/v1/sales/{sale_id}/reservations", reservations.reserve)
+    router.add_get("/v1/sales/{sale_id}/reservations/mine", reservations.my_reservations)
+    router.add_get("/v1/reservations/{reservation_id}", reservations.get_reservation)
+    router.add_post("/v1/reservations/{reservation_id}/confirm", reservations.confirm_reservation)
+    router.add_post("/v1/reservations/{reservation_id}/cancel", reservations.cancel_reservation)
+    router.add_post("/v1/sales/{sale_id}/stock", sales.adjust_stock)
+    router.add_post("/v1/sales/{sale_id}/close", sales.close_sale)
+    router.add_get("/healthz", service.healthz)
+    router.add_get("/readyz", service.readyz)
+    router.add_get("/metrics", service.metrics_view)
+    router.add_get("/openapi.json", service.openapi_view)
+    return app

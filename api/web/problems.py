@@ -1,0 +1,114 @@
+"""RFC 9457 problem responses; the only place errors become HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from api.web.auth import AuthError
+from api.web.requests import BadRequest
+from api.web.state import METRICS
+from core import errors
+
+log = structlog.get_logger(__name__)
+
+PROBLEM_TYPE = "application/problem+json"
+
+_STATUS_OF: dict[type[errors.FlashsaleError], int] = {
+    errors.SaleNotFound: 404,
+    errors.ReservationNotFound: 404,
+    errors.SaleExists: 409,
+    errors.SaleNotActive: 409,
+    errors.SoldOut: 409,
+    errors.LimitReached: 409,
+    errors.ReservationExpired: 409,
+    errors.ReservationClosed: 409,
+    errors.NotEnoughUnsoldStock: 409,
+    errors.IdempotencyKeyReused: 422,
+    errors.InfrastructureError: 503,
+}
+
+_TITLE_OF: dict[str, str] = {
+    "sale_not_found": "Sale not found",
+    "reservation_not_found": "Reservation not found",
+    "sale_exists": "Sale already exists",
+    "sale_not_active": "Sale is not active",
+    "sold_out": "Sold out",
+    "limit_reached": "Per-user limit reached",
+    "unavailable": "Service temporarily unavailable",
+    "reservation_expired": "Reservation expired",
+    "reservation_closed": "Reservation already closed",
+    "not_enough_unsold_stock": "Not enough unsold stock",
+}
+
+
+def problem(status: int, code: str, title: str, detail: str = "", **extra: Any) -> web.Response:
+    """A problem+json response."""
+    body = {
+        "type": f"https://flashsale.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail or title,
+        "code": code,
+        **extra,
+    }
+    return web.json_response(body, status=status, content_type=PROBLEM_TYPE)
+
+
+def from_error(error: errors.FlashsaleError) -> web.Response:
+    """Map a domain error to its problem response."""
+    status = next((s for cls, s in _STATUS_OF.items() if isinstance(error, cls)), 400)
+    title = _TITLE_OF.get(error.code, error.code.replace("_", " ").capitalize())
+    detail = str(error) or (error.__doc__ or title).strip()
+    headers = {"Retry-After": "1"} if status == 503 else None
+    response = problem(status, error.code, title, detail)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+@web.middleware
+async def problems_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every error into problem+json and record request metrics."""
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except errors.RejectedError as e:
+        response = from_error(e)
+    except errors.FlashsaleError as e:
+        log.warning("request_failed", path=request.path, error=str(e))
+        response = from_error(e)
+    except BadRequest as e:
+        title = e.code.replace("_", " ").capitalize()
+        response = problem(e.status, e.code, title, e.detail, **e.extra)
+    except AuthError as e:
+        code = "unauthorized" if e.status == 401 else "forbidden"
+        response = problem(e.status, code, code.capitalize(), e.detail)
+        if e.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="flashsale"'
+    except web.HTTPRequestEntityTooLarge as e:
+        response = problem(413, "body_too_large", "Request body too large", e.text or "")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = (e.reason or "error").lower().replace(" ", "_")
+        response = problem(e.status, code, e.reason or "Error", e.text or e.reason or "")
+        for name in ("Allow",):
+            if name in e.headers:
+                response.headers[name] = e.headers[name]
+    except Exception:
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        response = problem(500, "internal_error", "Internal error", "unexpected server error")
+    metrics.requests.labels(route_name, str(response.status)).inc()
+    metrics.latency.labels(route_name).observe(time.perf_counter() - started)
+    return response

@@ -1,0 +1,224 @@
+"""Views of reservations: place one, read it (or every one of a buyer in a sale), confirm or
+cancel it. Redis answers first; a final reservation pruned from Redis is read from
+PostgreSQL's ``orders``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.web.auth import buyer_id, is_admin
+from api.web.problems import problem
+from api.web.requests import (
+    idempotency_key_of,
+    read_json,
+    reservation_id_of,
+    sale_id_of,
+    validate,
+)
+from api.web.state import GATEWAY, INFLIGHT, METRICS, ORDERS_POOL, SETTINGS
+from core.errors import (
+    IdempotencyKeyReused,
+    NotReplicated,
+    RejectedError,
+    ReservationClosed,
+    ReservationExpired,
+    ReservationNotFound,
+    ReservationOutcomeUnknown,
+    SaleNotFound,
+)
+from core.models import ReservationStatus, ReservationView
+from projections.orders import final_order, final_orders_of
+
+
+class ReservationRequest(BaseModel):
+    """Body of POST /v1/sales/{sale_id}/reservations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    qty: int = Field(default=1, ge=1, le=10_000, strict=True)
+
+
+class Placement(BaseModel):
+    """Body of the 202 answer to a reservation (times serialized like every other view)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reservation_id: str
+    status: ReservationStatus
+    expires_at: datetime
+
+
+async def reserve(request: web.Request) -> web.Response:
+    """POST /v1/sales/{sale_id}/reservations (buyer): hold stock for the payment window."""
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
+    user_id = buyer_id(request, settings.jwt_secret)
+    key = idempotency_key_of(request)
+    sale_id = sale_id_of(request)
+    body = validate(ReservationRequest, await read_json(request) if request.body_exists else {})
+    inflight = request.app[INFLIGHT]
+    if inflight[0] >= settings.max_inflight:
+        metrics.reservations.labels("turned_away").inc()
+        response = problem(429, "turned_away", "Too many requests", "busy; retry shortly")
+        response.headers["Retry-After"] = "1"
+        return response
+    inflight[0] += 1
+    metrics.inflight.inc()
+    try:
+        placed = await request.app[GATEWAY].reserve(sale_id, user_id, body.qty, key)
+    except RejectedError as e:
+        metrics.reservations.labels(e.code).inc()
+        raise
+    except NotReplicated as e:
+        # The reservation stands in Redis; a retry with the same Idempotency-Key finds it.
+        metrics.reservations.labels(e.code).inc()
+        response = problem(503, e.code, "Not replicated", str(e), reservation_id=e.reservation_id)
+        response.headers["Retry-After"] = "1"
+        response.headers["Location"] = f"/v1/reservations/{e.reservation_id}"
+        return response
+    except ReservationOutcomeUnknown as e:
+        # Redis stayed silent after retries: the buyer looks this id up before trying again.
+        metrics.reservations.labels(e.code).inc()
+        title = "Service temporarily unavailable"
+        response = problem(503, e.code, title, str(e), reservation_id=e.reservation_id)
+        response.headers["Retry-After"] = "1"
+        response.headers["Location"] = f"/v1/reservations/{e.reservation_id}"
+        return response
+    finally:
+        inflight[0] -= 1
+        metrics.inflight.dec()
+    if placed.replayed:
+        metrics.reservations.labels("replayed").inc()
+        # Redis's view of it, read with the placement; else, once final and pruned, orders'.
+        view = placed.view or await find_reservation(request.app, placed.reservation_id)
+        if view is None:
+            raise ReservationNotFound("the reservation of this Idempotency-Key is gone")
+        if view.qty != body.qty or view.sale_id != sale_id:
+            raise IdempotencyKeyReused("this Idempotency-Key was used for another request")
+        answer = Placement(
+            reservation_id=placed.reservation_id, status=view.status, expires_at=view.expires_at
+        )
+    else:
+        metrics.reservations.labels("placed").inc()
+        assert placed.expires_at is not None, "a new placement always has a deadline"
+        answer = Placement(
+            reservation_id=placed.reservation_id, status="pending", expires_at=placed.expires_at
+        )
+    return web.json_response(
+        answer.model_dump(mode="json"),
+        status=202,
+        headers={"Location": f"/v1/reservations/{placed.reservation_id}"},
+    )
+
+
+async def find_reservation(app: web.Application, rid: str) -> ReservationView | None:
+    """A reservation as Redis holds it, else, once final and pruned from Redis, as
+    PostgreSQL's ``orders`` holds it; None when neither knows it."""
+    view = await app[GATEWAY].get_reservation(rid)
+    pool = app.get(ORDERS_POOL)
+    if view is None and pool is not None:
+        view = await final_order(pool, rid)
+    return view
+
+
+async def get_reservation(request: web.Request) -> web.Response:
+    """GET /v1/reservations/{reservation_id}: its buyer (or an admin) reads it."""
+    settings = request.app[SETTINGS]
+    admin = is_admin(request, settings.admin_token)
+    user_id = None if admin else buyer_id(request, settings.jwt_secret)
+    rid = reservation_id_of(request)
+    view = await find_reservation(request.app, rid)
+    if view is None or (user_id is not None and view.user_id != user_id):
+        raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
+    return web.json_response(view.model_dump(mode="json"))
+
+
+async def reservations_of(
+    app: web.Application, sale_id: str, user_id: str
+) -> list[ReservationView] | None:
+    """Every reservation ``user_id`` placed in ``sale_id``, oldest first: Redis's, and the
+    final ones pruned from it as PostgreSQL's ``orders`` holds them (Redis's view wins for
+    an id both hold); None when the sale does not exist. ``InfrastructureError`` when
+    PostgreSQL is out of reach: only it can say what was pruned."""
+    placed = await app[GATEWAY].placed_reservations(sale_id, user_id)
+    pool = app.get(ORDERS_POOL)
+    if placed is None or pool is None:
+        return None if placed is None else [view for _, view in placed]
+    # Read after Redis: a reservation pruned since then was final and projected before it
+    # left Redis, so orders holds it; one placed since then is pending and left out.
+    in_redis = {view.reservation_id for _, view in placed}
+    pruned = [
+        pair
+        for pair in await final_orders_of(pool, sale_id, user_id)
+        if pair[1].reservation_id not in in_redis
+    ]
+    merged = sorted([*placed, *pruned], key=lambda pair: (pair[0], pair[1].reservation_id))
+    return [view for _, view in merged]
+
+
+async def my_reservations(request: web.Request) -> web.Response:
+    """GET /v1/sales/{sale_id}/reservations/mine (buyer): every reservation the buyer placed
+    in the sale, whatever its status, oldest first, pruned ones included; how a buyer whose
+    answer was lost finds out what they hold."""
+    user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)
+    sale_id = sale_id_of(request)
+    views = await reservations_of(request.app, sale_id, user_id)
+    if views is None:
+        raise SaleNotFound(f"no sale {sale_id!r}")
+    return web.json_response(
+        {"sale_id": sale_id, "reservations": [v.model_dump(mode="json") for v in views]}
+    )
+
+
+async def _reservation_answer(request: web.Request, rid: str, changed: bool) -> web.Response:
+    view = await find_reservation(request.app, rid)
+    if view is None:  # pragma: no cover - final reservations stay in orders
+        raise ReservationNotFound(f"no reservation {rid[:80]!r}")
+    return web.json_response(view.model_dump(mode="json") | {"changed": changed})
+
+
+async def _pruned_transition(
+    request: web.Request, rid: str, user_id: str | None, wanted: ReservationStatus
+) -> bool:
+    """Answer a confirm/cancel of a reservation Redis does not know as its script would have
+    answered before the reservation was pruned: False when it already is ``wanted``,
+    ``ReservationExpired`` or ``ReservationClosed`` for another final state, and
+    ``ReservationNotFound`` when ``orders`` has no final reservation of this buyer either."""
+    view = await find_reservation(request.app, rid)
+    mine = view is not None and (user_id is None or view.user_id == user_id)
+    if view is None or not mine or view.status == "pending":
+        raise ReservationNotFound(f"no reservation {rid[:80]!r} of yours")
+    if view.status == wanted:
+        return False
+    if view.status == "expired":
+        raise ReservationExpired()
+    raise ReservationClosed()
+
+
+async def confirm_reservation(request: web.Request) -> web.Response:
+    """POST /v1/reservations/{reservation_id}/confirm: its buyer (or an admin) pays."""
+    settings = request.app[SETTINGS]
+    admin = is_admin(request, settings.admin_token)
+    user_id = None if admin else buyer_id(request, settings.jwt_secret)
+    rid = reservation_id_of(request)
+    try:
+        changed = await request.app[GATEWAY].confirm(rid, user_id)
+    except ReservationNotFound:
+        changed = await _pruned_transition(request, rid, user_id, "confirmed")
+    request.app[METRICS].transitions.labels("confirmed" if changed else "unchanged").inc()
+    return await _reservation_answer(request, rid, changed)
+
+
+async def cancel_reservation(request: web.Request) -> web.Response:
+    """POST /v1/reservations/{reservation_id}/cancel: its buyer gives the stock back."""
+    user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)
+    rid = reservation_id_of(request)
+    try:
+        changed = await request.app[GATEWAY].cancel(rid, user_id)
+    except ReservationNotFound:
+        changed = await _pruned_transition(request, rid, user_id, "cancelled")
+    request.app[METRICS].transitions.labels("cancelled" if changed else "unchanged").inc()
+    return await _reservation_answer(request, rid, changed)

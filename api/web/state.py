@@ -1,0 +1,20 @@
+"""What the application holds for its views: typed keys of the aiohttp application."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+
+from api.web.metrics import ApiMetrics
+from consumers.health import CachedHealth
+from core.gateway import RedisGateway
+from core.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+GATEWAY = web.AppKey("gateway", RedisGateway)
+METRICS = web.AppKey("metrics", ApiMetrics)
+# One counter in a list, so that views can change it in place.
+INFLIGHT = web.AppKey("inflight", list)
+HEALTH = web.AppKey("health", CachedHealth)
+# Present only when a database is configured; only reads of pruned reservations use it.
+ORDERS_POOL = web.AppKey("orders_pool", asyncpg.Pool)

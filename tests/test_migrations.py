@@ -1,0 +1,125 @@
+"""The migration runner against real PostgreSQL, on migrations directories of the tests'
+own, each run in a fresh schema: files apply in version order, once, and a directory where
+two files share a version number is refused before anything is applied."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from core.errors import ConfigurationError
+from core.settings import Settings
+from projections.schema import migrate, migration_files
+
+
+@pytest.fixture
+async def schema_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool whose connections see only a fresh, empty schema (dropped afterwards)."""
+    schema = f"migrations_test_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(settings.database_url)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        pool = await asyncpg.create_pool(
+            settings.database_url, min_size=1, max_size=2, server_settings={"search_path": schema}
+        )
+        try:
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+def write(directory: Path, files: dict[str, str]) -> Path:
+    directory.mkdir(exist_ok=True)
+    for name, sql in files.items():
+        (directory / name).write_text(sql)
+    return directory
+
+
+async def tables(pool: asyncpg.Pool) -> set[str]:
+    rows = await pool.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+    )
+    return {r["table_name"] for r in rows}
+
+
+async def test_migrations_apply_in_version_order_and_once(
+    schema_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # Each needs the one before; 10 sorts before 2 as text.
+    directory = write(
+        tmp_path / "m",
+        {
+            "0010_third.sql": "ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 3;",
+            "0002_second.sql": "ALTER TABLE t ADD COLUMN b int NOT NULL DEFAULT 2;",
+            "0001_first.sql": "CREATE TABLE t (a int);",
+            "README.txt": "not a migration",
+        },
+    )
+    assert await migrate(schema_pool, directory) == [1, 2, 10]
+    assert await migrate(schema_pool, directory) == []
+    recorded = await schema_pool.fetch("SELECT version, name FROM schema_migrations ORDER BY 1")
+    assert [(r["version"], r["name"]) for r in recorded] == [
+        (1, "first"),
+        (2, "second"),
+        (10, "third"),
+    ]
+    columns = await schema_pool.fetch(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = 't' ORDER BY ordinal_position"
+    )
+    assert [r["column_name"] for r in columns] == ["a", "b", "c"]
+
+
+async def test_a_second_file_of_an_applied_version_is_refused_not_skipped(
+    schema_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    directory = write(
+        tmp_path / "m",
+        {"0001_first.sql": "CREATE TABLE t (a int);", "0002_second.sql": "CREATE TABLE u (a int);"},
+    )
+    assert await migrate(schema_pool, directory) == [1, 2]
+    # A later branch numbered its migration 2 too: it would never run.
+    write(directory, {"0002_other.sql": "CREATE TABLE v (a int);", "0003_next.sql": "SELECT 1;"})
+
+    with pytest.raises(ConfigurationError) as refused:
+        await migrate(schema_pool, directory)
+
+    assert "0002_second.sql" in str(refused.value)
+    assert "0002_other.sql" in str(refused.value)
+    versions = await schema_pool.fetch("SELECT version FROM schema_migrations ORDER BY 1")
+    assert [r["version"] for r in versions] == [1, 2]  # not even 3 was applied
+    assert await tables(schema_pool) == {"schema_migrations", "t", "u"}
+
+
+async def test_a_directory_with_two_files_of_one_version_applies_nothing(
+    schema_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    directory = write(
+        tmp_path / "m",
+        {
+            "0001_first.sql": "CREATE TABLE t (a int);",
+            "0002_a.sql": "CREATE TABLE u (a int);",
+            "2_b.sql": "CREATE TABLE v (a int);",
+        },
+    )
+    with pytest.raises(ConfigurationError, match=r"0002_a\.sql, 2_b\.sql"):
+        await migrate(schema_pool, directory)
+    assert await tables(schema_pool) == set()
+
+
+def test_a_sql_file_not_named_by_its_version_is_refused(tmp_path: Path) -> None:
+    directory = write(tmp_path / "m", {"first.sql": "SELECT 1;"})
+    with pytest.raises(ConfigurationError, match=r"first\.sql"):
+        migration_files(directory)
+
+
+def test_the_shipped_migrations_have_distinct_versions() -> None:
+    versions = [version for version, _, _ in migration_files()]
+    assert versions == sorted(set(versions)) and versions[0] == 1
