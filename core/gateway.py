@@ -48,6 +48,7 @@ READ_BATCH = 100
 FENCE_LIMIT = 200
 REPAIR_CHUNK = 200
 SNAPSHOT_ROUNDS = 8
+_SNAPSHOT = "redis snapshot"
 
 # Errors after which a command may or may not have run: its reply was lost.
 LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
@@ -175,23 +176,35 @@ class _StreamLog:
         self.gateway = gateway
 
     async def touched_since(self, sale_id: str, partition: int, after: str) -> Touched:
+        stream = PartitionKeys(partition).events
         touched = Touched(after)
         position = after
-        async for stream_id, fields in self.gateway.read_stream(
-            partition, after, chunk=SNAPSHOT_CHUNK
-        ):
-            position = stream_id
-            try:
-                event = json.loads(fields.get("event", ""))
-            except ValueError:
-                continue
-            if not isinstance(event, dict) or event.get("sale_id") != sale_id:
-                continue
-            if isinstance(event.get("user_id"), str):
-                touched.users.add(event["user_id"])
-            if isinstance(event.get("reservation_id"), str):
-                touched.reservations.add(event["reservation_id"])
-        return Touched(position, touched.users, touched.reservations)
+        while True:
+            # A read: sent again if its reply is lost, like the snapshot's other commands.
+            read = functools.partial(
+                self.gateway.client.xrange,
+                stream,
+                min=f"({position}",
+                max="+",
+                count=SNAPSHOT_CHUNK,
+            )
+            batch = await self.gateway._retrying(read, _SNAPSHOT) or []
+            for entry_id, raw in batch:
+                if entry_id is None or raw is None:
+                    continue
+                position = _text(entry_id)
+                try:
+                    event = json.loads(_entry_fields(raw)[0].get("event", ""))
+                except ValueError:
+                    continue
+                if not isinstance(event, dict) or event.get("sale_id") != sale_id:
+                    continue
+                if isinstance(event.get("user_id"), str):
+                    touched.users.add(event["user_id"])
+                if isinstance(event.get("reservation_id"), str):
+                    touched.reservations.add(event["reservation_id"])
+            if len(batch) < SNAPSHOT_CHUNK:
+                return Touched(position, touched.users, touched.reservations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -736,21 +749,22 @@ class RedisGateway:
         """
         keys = self.keys_for_sale(sale_id)
         tail: SaleLog = sale_log or _StreamLog(self)
-        try:
-            position = await self._last_id(keys.events)
-            holders = await self._scan_holders(keys.holders(sale_id), chunk)
-            reservations: dict[str, tuple[str, int, str]] = {}
-            deadlines: dict[str, int] = {}
-            cursor: int | None = None
-            while cursor != 0:
-                cursor, ids = await self.client.sscan(
-                    keys.reservations(sale_id), cursor or 0, count=chunk
-                )
-                await self._read_reservations(
-                    keys, sale_id, [_text(i) for i in ids], reservations, deadlines
-                )
-        except RedisError as e:
-            raise InfrastructureError(f"redis snapshot failed: {e}") from e
+        # Every command here only reads: one whose reply was lost is simply sent again.
+        position = await self._retrying(lambda: self._last_id(keys.events), _SNAPSHOT)
+        holders = await self._scan_holders(keys.holders(sale_id), chunk)
+        reservations: dict[str, tuple[str, int, str]] = {}
+        deadlines: dict[str, int] = {}
+        cursor = 0
+        while True:
+            scan = functools.partial(
+                self.client.sscan, keys.reservations(sale_id), cursor, count=chunk
+            )
+            cursor, ids = await self._retrying(scan, _SNAPSHOT)
+            await self._read_reservations(
+                keys, sale_id, [_text(i) for i in ids], reservations, deadlines
+            )
+            if cursor == 0:
+                break
         users: set[str] = set()
         rids: set[str] = set()
         settled: SaleSnapshot | None = None
@@ -763,14 +777,8 @@ class RedisGateway:
                 # Too many to re-read atomically: re-read them in chunks, then see what the
                 # log touched meanwhile (fewer, unless the sale outruns the reads).
                 settled = None
-                try:
-                    await self._reread_holders(keys.holders(sale_id), users, holders, chunk)
-                    ordered = sorted(rids)
-                    for start in range(0, len(ordered), chunk):
-                        part = ordered[start : start + chunk]
-                        await self._read_reservations(keys, sale_id, part, reservations, deadlines)
-                except RedisError as e:
-                    raise InfrastructureError(f"redis snapshot failed: {e}") from e
+                await self._reread_holders(keys.holders(sale_id), users, holders, chunk)
+                await self._read_reservations(keys, sale_id, sorted(rids), reservations, deadlines)
                 users, rids = set(), set()
                 continue
             fenced = await self._fence_sale(keys, sale_id, position, users, rids, FENCE_LIMIT)
@@ -807,12 +815,14 @@ class RedisGateway:
 
     async def _scan_holders(self, key: str, chunk: int) -> dict[str, int]:
         holders: dict[str, int] = {}
-        cursor: int | None = None
-        while cursor != 0:
-            cursor, part = await self.client.hscan(key, cursor or 0, count=chunk)
+        cursor = 0
+        while True:
+            scan = functools.partial(self.client.hscan, key, cursor, count=chunk)
+            cursor, part = await self._retrying(scan, _SNAPSHOT)
             assert isinstance(part, dict)
             holders.update((_text(k), int(v)) for k, v in part.items())
-        return holders
+            if cursor == 0:
+                return holders
 
     async def _reread_holders(
         self, key: str, users: set[str], holders: dict[str, int], chunk: int
@@ -820,7 +830,8 @@ class RedisGateway:
         ordered = sorted(users)
         for start in range(0, len(ordered), chunk):
             part = ordered[start : start + chunk]
-            for user, qty in zip(part, await self.client.hmget(key, part), strict=True):
+            got = await self._retrying(functools.partial(self.client.hmget, key, part), _SNAPSHOT)
+            for user, qty in zip(part, got, strict=True):
                 _keep(holders, user, int(qty) if qty else None)
 
     async def _read_reservations(
@@ -835,7 +846,8 @@ class RedisGateway:
         ``READ_BATCH`` per ``read_reservations.lua`` call."""
         for start in range(0, len(ids), READ_BATCH):
             part = ids[start : start + READ_BATCH]
-            flat = await self._read_batch(
+            read = functools.partial(
+                self._read_batch,
                 keys=[
                     keys.reservations(sale_id),
                     keys.deadlines,
@@ -843,6 +855,7 @@ class RedisGateway:
                 ],
                 args=part,
             )
+            flat = await self._retrying(read, _SNAPSHOT)
             got = [_text(x) for x in flat]
             for j, rid in enumerate(part):
                 member, status, qty, user, score = got[5 * j : 5 * j + 5]
@@ -869,20 +882,19 @@ class RedisGateway:
     ):
         """Run ``fence_sale.lua``; None when the stream is ahead of ``position``."""
         ordered = sorted(rids)
-        try:
-            reply = await self._fence(
-                keys=[
-                    keys.sale(sale_id),
-                    keys.holders(sale_id),
-                    keys.reservations(sale_id),
-                    keys.deadlines,
-                    keys.events,
-                    *(keys.reservation(rid) for rid in ordered),
-                ],
-                args=[sale_id, position, tail_limit, len(users), *sorted(users), *ordered],
-            )
-        except RedisError as e:
-            raise InfrastructureError(f"redis snapshot failed: {e}") from e
+        fence = functools.partial(
+            self._fence,
+            keys=[
+                keys.sale(sale_id),
+                keys.holders(sale_id),
+                keys.reservations(sale_id),
+                keys.deadlines,
+                keys.events,
+                *(keys.reservation(rid) for rid in ordered),
+            ],
+            args=[sale_id, position, tail_limit, len(users), *sorted(users), *ordered],
+        )
+        reply = await self._retrying(fence, _SNAPSHOT)
         if _text(reply[0]) != "ok":
             return None
         _, last_id, sale, names, quantities, flat, unread = reply
@@ -974,20 +986,20 @@ class RedisGateway:
             args += [len(pairs), *chain.from_iterable(pairs.items())]
         args += [len(repair.reservations), *chain.from_iterable(map(_record, repair.reservations))]
         args += [len(repair.deadlines), *chain.from_iterable(repair.deadlines.items())]
-        try:
-            reply = await self._repair_sale(
-                keys=[
-                    keys.sale(repair.sale_id),
-                    keys.holders(repair.sale_id),
-                    keys.reservations(repair.sale_id),
-                    keys.deadlines,
-                    keys.events,
-                    *(keys.reservation(r.reservation_id) for r in repair.reservations),
-                ],
-                args=args,
-            )
-        except RedisError as e:
-            raise InfrastructureError(f"redis repair failed: {e}") from e
+        # Safe to send again after a lost reply: the same writes, fenced on the same id.
+        write = functools.partial(
+            self._repair_sale,
+            keys=[
+                keys.sale(repair.sale_id),
+                keys.holders(repair.sale_id),
+                keys.reservations(repair.sale_id),
+                keys.deadlines,
+                keys.events,
+                *(keys.reservation(r.reservation_id) for r in repair.reservations),
+            ],
+            args=args,
+        )
+        reply = await self._retrying(write, "redis repair")
         return None if _text(reply[0]) == "ok" else _text(reply[2])
 
     async def group_progress(

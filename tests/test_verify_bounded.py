@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.cli.launcher import EmbeddedRedis
-from core.gateway import FENCE_LIMIT, RedisGateway
+from core.gateway import FENCE_LIMIT, RedisGateway, SaleRepair
 from core.keys import PartitionKeys
 from core.models import NewSale
 from core.settings import Settings
@@ -23,6 +23,7 @@ from projections.log import LogReader
 from projections.projector import parse_stream_id
 from projections.repair import repair_redis
 from projections.replay import LogTail, compare_redis, read_log, verify
+from tests.test_lost_replies import lossy_client_of
 from tests.test_verify import project_all
 
 SLOW_US = 10_000  # the goal: no command of flashsale over 10 ms
@@ -296,3 +297,35 @@ async def test_many_changes_during_the_read_are_read_again_in_chunks_first(
     state = fold(e.event for p in log.values() for e in p if e.position <= upto)["rush"]
     assert state.held == 20 + FENCE_LIMIT + 50
     assert compare_redis("rush", state, snap) == []
+
+
+async def test_snapshot_and_repair_send_a_command_again_when_its_reply_is_lost(
+    gateway: RedisGateway, redis_client: aioredis.Redis, settings: Settings
+):
+    """A snapshot is many short commands now, so more of them can lose their reply: each
+    one (a read, or a fenced repair part) is sent again, and the answer is unchanged."""
+    await fill(gateway, "lossy", 700)
+    expected = await gateway.snapshot_sale("lossy")
+    sale_key = gateway.keys_for_sale("lossy").sale("lossy")
+    arrays = 0
+
+    def every_third_array(data: bytes) -> bool:
+        # Arrays only: a new connection's own +OK replies must not shift the pattern onto
+        # every retry of the same command.
+        nonlocal arrays
+        if not data.startswith(b"*"):
+            return False
+        arrays += 1
+        return arrays % 3 == 0
+
+    assert settings.redis_url is not None
+    async with lossy_client_of(settings.redis_url, every_third_array) as (client, proxy):
+        lossy = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+        snap = await lossy.snapshot_sale("lossy", chunk=100)
+        assert proxy.dropped > 5
+        assert snap == expected
+        await redis_client.hincrby(sale_key, "remaining", 9)
+        fix = SaleRepair("lossy", snap.last_id, {"remaining": snap.counters["remaining"]})
+        for _ in range(3):  # the reply of at least one of these is lost
+            assert await lossy.repair_sale(fix) is None
+    assert int(await redis_client.hget(sale_key, "remaining") or 0) == 100
