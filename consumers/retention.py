@@ -30,7 +30,7 @@ from consumers.entries import decode_fields, text
 from consumers.faults import is_transient
 from core.events import parse_event
 from core.keys import PartitionKeys
-from projections.projector import parse_stream_id
+from projections.batch import parse_stream_id
 
 log = structlog.get_logger(__name__)
 

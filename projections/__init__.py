@@ -1,13 +1,13 @@
 """flashsale projections: PostgreSQL schema, the projector, the fold and the replay tool."""
 
+from projections.batch import LogEntry, project
 from projections.fold import SaleState, fold
 from projections.log import LogReader
 from projections.orders import final_order, final_orders_of
-from projections.projector import LogEntry, project
 from projections.rebuild import RebuildReport, rebuild
 from projections.repair import RepairReport, repair_redis
-from projections.replay import Difference, VerifyReport, verify
 from projections.schema import migrate
+from projections.verify import Difference, VerifyReport, verify
 
 __all__ = [
     "Difference",

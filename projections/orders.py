@@ -3,7 +3,7 @@
 Final reservations are pruned from Redis once the archive holds their final event
 (:mod:`consumers.pruning`); from then on ``orders`` is where the API finds them. The
 projector's writes to ``orders`` live with the rest of the projection
-(:mod:`projections.projector`).
+(:mod:`projections.batch`).
 """
 
 from __future__ import annotations

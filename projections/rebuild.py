@@ -40,8 +40,8 @@ from core.errors import FlashsaleError
 from core.events import dump_event
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP
+from projections.batch import LogEntry, parse_stream_id
 from projections.log import LogChunk, LogReader
-from projections.projector import LogEntry, parse_stream_id
 from projections.rows import ORDER_COLUMNS, STOCK_COLUMNS, RowFold
 
 log = structlog.get_logger(__name__)

@@ -22,9 +22,9 @@ import asyncpg
 
 from core.gateway import GroupProgress, RedisGateway, SaleSnapshot, Touched
 from core.keys import CONSUMER_GROUP, partition_of
+from projections.batch import LogEntry, parse_stream_id
 from projections.fold import SaleState, fold
 from projections.log import LogReader, read_sale_tail, read_whole_log
-from projections.projector import LogEntry, parse_stream_id
 
 COUNTERS = ("stock", "remaining", "held", "confirmed", "released")
 FINAL = frozenset({"confirmed", "cancelled", "expired"})
