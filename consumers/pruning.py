@@ -25,7 +25,6 @@ ids again, which changes nothing, and two daemons pruning at once only repeat ea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import asyncpg
 import structlog
 
 from consumers.faults import is_transient
+from consumers.periodic import run_periodically
 from consumers.retention import Position, acknowledged_below
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
@@ -157,25 +157,19 @@ class PruningWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Prune until ``stop`` is set; a failed round is logged and the next one tries again."""
         log.info("pruning_started", interval=self.interval, keep_seconds=self.keep_seconds)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
-            if stop.is_set():
-                break
-            try:
-                results = await prune_reservations(
-                    self.gateway, self.pool, self.keep_seconds, self.batch
-                )
-            except Exception as e:
-                # Pruning can always wait for the next round; it must never take the
-                # projector down with it.
-                if is_transient(e) or isinstance(e, InfrastructureError):
-                    log.warning("pruning_retry", error=str(e), error_type=type(e).__name__)
-                else:
-                    log.exception("pruning_error")
-                continue
-            round_pruned = sum(r.pruned for r in results)
-            if round_pruned:
-                log.info("reservations_pruned", count=round_pruned)
-            self.pruned += round_pruned
+        await run_periodically(
+            "pruning",
+            self.prune_once,
+            stop,
+            self.interval,
+            retry=lambda e: is_transient(e) or isinstance(e, InfrastructureError),
+        )
         log.info("pruning_stopped", pruned=self.pruned)
+
+    async def prune_once(self) -> None:
+        """One round over every partition."""
+        results = await prune_reservations(self.gateway, self.pool, self.keep_seconds, self.batch)
+        round_pruned = sum(r.pruned for r in results)
+        if round_pruned:
+            log.info("reservations_pruned", count=round_pruned)
+        self.pruned += round_pruned

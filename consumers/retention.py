@@ -18,7 +18,6 @@ consumer group is left alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 import asyncpg
@@ -28,6 +27,7 @@ from redis.exceptions import ResponseError
 
 from consumers.entries import decode_fields, text
 from consumers.faults import is_transient
+from consumers.periodic import run_periodically
 from core.events import parse_event
 from core.keys import PartitionKeys
 from projections.batch import parse_stream_id
@@ -170,20 +170,10 @@ class RetentionWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Trim until ``stop`` is set; a failed round is logged and the next one tries again."""
         log.info("retention_started", interval=self.interval)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
-            if stop.is_set():
-                break
-            try:
-                results = await trim_streams(self.client, self.pool, self.partitions)
-            except Exception as e:
-                # Trimming can always wait for the next round; it must never take the
-                # projector down with it.
-                if is_transient(e):
-                    log.warning("retention_retry", error=str(e), error_type=type(e).__name__)
-                else:
-                    log.exception("retention_error")
-                continue
-            self.trimmed += sum(r.trimmed for r in results)
+        await run_periodically("retention", self.trim_once, stop, self.interval, retry=is_transient)
         log.info("retention_stopped", trimmed=self.trimmed)
+
+    async def trim_once(self) -> None:
+        """One round over every partition."""
+        results = await trim_streams(self.client, self.pool, self.partitions)
+        self.trimmed += sum(r.trimmed for r in results)
