@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from core.errors import InfrastructureError
 from core.events import CURRENT_VERSION, AnyEvent, parse_event
-from core.gateway import RedisGateway
+from core.gateway import GroupProgress, RedisGateway
 from core.keys import PartitionKeys
 from projections.batch import LogEntry, parse_stream_id
 
@@ -242,3 +242,18 @@ async def read_sale_tail(
     async for chunk in reader.chunks(partition, after, until):
         tail += [e for e in chunk.entries if e.event.sale_id == sale_id]
     return tail
+
+
+def acknowledged(entry: LogEntry, progress: dict[int, GroupProgress]) -> bool:
+    """Whether the projector group has delivered ``entry`` and no longer has it pending.
+
+    An entry the archive lacks is lag while this is false (the projector will still
+    archive it) and lost once it is true: it will never be delivered again. Verify and
+    rebuild both decide on this rule.
+    """
+    group = progress.get(entry.partition)
+    return (
+        group is not None
+        and entry.position <= parse_stream_id(group.last_delivered)
+        and entry.stream_id not in group.pending
+    )

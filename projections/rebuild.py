@@ -41,7 +41,7 @@ from core.events import dump_event
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP
 from projections.batch import LogEntry, parse_stream_id
-from projections.log import LogChunk, LogReader
+from projections.log import LogChunk, LogReader, acknowledged
 from projections.rows import ORDER_COLUMNS, STOCK_COLUMNS, RowFold
 
 log = structlog.get_logger(__name__)
@@ -410,15 +410,7 @@ class Rebuild:
         although the projector group acknowledged them: lost, the projector will never
         deliver them again, so archiving them early changes nothing it does."""
         progress = await self.gateway.group_progress(CONSUMER_GROUP)
-        lost = []
-        for entry in self.unarchived.values():
-            group = progress.get(entry.partition)
-            if (
-                group is not None
-                and entry.position <= parse_stream_id(group.last_delivered)
-                and entry.stream_id not in group.pending
-            ):
-                lost.append(entry)
+        lost = [e for e in self.unarchived.values() if acknowledged(e, progress)]
         if lost:
             async with conn.transaction():
                 self.report.rearchived += await self._rearchive(conn, lost)

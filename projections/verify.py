@@ -24,7 +24,7 @@ from core.gateway import GroupProgress, RedisGateway, SaleSnapshot, Touched
 from core.keys import CONSUMER_GROUP, partition_of
 from projections.batch import LogEntry, parse_stream_id
 from projections.fold import SaleState, fold
-from projections.log import LogReader, read_sale_tail, read_whole_log
+from projections.log import LogReader, acknowledged, read_sale_tail, read_whole_log
 
 COUNTERS = ("stock", "remaining", "held", "confirmed", "released")
 FINAL = frozenset({"confirmed", "cancelled", "expired"})
@@ -293,12 +293,7 @@ def _unprojected(
         if entry.event.event_id in archived:
             projected.append(entry)
             continue
-        group = progress.get(entry.partition)
-        if (
-            group is None
-            or entry.position > parse_stream_id(group.last_delivered)
-            or entry.stream_id in group.pending
-        ):
+        if not acknowledged(entry, progress):
             report.lagging += 1
         else:
             report.differences.append(
