@@ -37,31 +37,13 @@ from consumers.retention import Position, acknowledged_below
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys
+from projections.tables import checkpoints, events
 
 log = structlog.get_logger(__name__)
 
 FINAL_EVENT_TYPES = ["ReservationConfirmed", "ReservationCancelled", "ReservationExpired"]
 
 _PAGE = 1000
-
-_FINAL_EVENTS = """
-SELECT stream_ms, stream_seq, sale_id,
-       payload->>'reservation_id' AS reservation_id, payload->>'user_id' AS user_id
-FROM events
-WHERE partition = $1 AND type = ANY($2::text[])
-  AND (stream_ms, stream_seq) >= ($3, $4) AND (stream_ms, stream_seq) < ($5, $6)
-ORDER BY stream_ms, stream_seq
-LIMIT $7
-"""
-
-_CHECKPOINT = "SELECT stream_ms, stream_seq FROM prune_checkpoints WHERE partition = $1"
-
-_ADVANCE = """
-INSERT INTO prune_checkpoints AS c (partition, stream_ms, stream_seq) VALUES ($1, $2, $3)
-ON CONFLICT (partition) DO UPDATE SET
-    stream_ms = EXCLUDED.stream_ms, stream_seq = EXCLUDED.stream_seq, updated_at = now()
-WHERE (EXCLUDED.stream_ms, EXCLUDED.stream_seq) > (c.stream_ms, c.stream_seq)
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +65,7 @@ class PruneResult:
 async def checkpoint_of(pool: asyncpg.Pool, partition: int) -> Position:
     """The position below which the partition's final reservations were pruned."""
     async with pool.acquire() as conn:
-        row = await conn.fetchrow(_CHECKPOINT, partition)
-    return (0, 0) if row is None else (row["stream_ms"], row["stream_seq"])
+        return await checkpoints.pruned_below(conn, partition)
 
 
 async def prune_partition(
@@ -105,8 +86,8 @@ async def prune_partition(
     pruned = kept = 0
     while start < bound:
         async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                _FINAL_EVENTS, partition, FINAL_EVENT_TYPES, *start, *bound, page
+            rows = await events.reservation_events(
+                conn, partition, FINAL_EVENT_TYPES, start, bound, page
             )
         by_sale: dict[str, dict[str, str]] = {}
         for row in rows:
@@ -119,7 +100,7 @@ async def prune_partition(
                 kept += left
         start = bound if len(rows) < page else (rows[-1]["stream_ms"], rows[-1]["stream_seq"] + 1)
         async with pool.acquire() as conn:
-            await conn.execute(_ADVANCE, partition, *start)
+            await checkpoints.advance_pruned(conn, partition, start)
     if kept:
         log.warning("final_reservations_pending_in_redis", partition=partition, count=kept)
     return PruneResult(partition, pruned, kept, f"{start[0]}-{start[1]}")

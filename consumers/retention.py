@@ -31,18 +31,13 @@ from consumers.periodic import run_periodically
 from core.events import parse_event
 from core.keys import PartitionKeys
 from projections.batch import parse_stream_id
+from projections.tables import events
 
 log = structlog.get_logger(__name__)
 
 Position = tuple[int, int]
 
 _CHUNK = 1000
-
-_ARCHIVED = """
-SELECT stream_id, event_id FROM events
-WHERE partition = $1
-  AND (stream_ms, stream_seq) >= ($2, $3) AND (stream_ms, stream_seq) <= ($4, $5)
-"""
 
 
 def _id(position: Position) -> str:
@@ -123,8 +118,7 @@ async def trim_partition(
         ids = [text(entry_id or "") for entry_id, _ in entries]
         first, last = parse_stream_id(ids[0]), parse_stream_id(ids[-1])
         async with pool.acquire() as conn:
-            rows = await conn.fetch(_ARCHIVED, partition, *first, *last)
-        archived = {r["stream_id"]: r["event_id"] for r in rows}
+            archived = await events.event_ids_at(conn, partition, first, last)
         for entry_id, (_, raw) in zip(ids, entries, strict=True):
             event_id = _event_id(raw or {})
             if event_id is None:

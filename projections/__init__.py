@@ -3,10 +3,10 @@
 from projections.batch import LogEntry, project
 from projections.fold import SaleState, fold
 from projections.log import LogReader
-from projections.orders import final_order, final_orders_of
 from projections.rebuild import RebuildReport, rebuild
 from projections.repair import RepairReport, repair_redis
 from projections.schema import migrate
+from projections.tables.orders import final_order, final_orders_of
 from projections.verify import Difference, VerifyReport, verify
 
 __all__ = [
