@@ -40,7 +40,7 @@ from core.settings import Settings
 from projections.db import open_pool
 from projections.rebuild import rebuild
 from projections.repair import repair_redis
-from projections.replay import verify
+from projections.verify import verify
 
 SALE = "big-sale"
 SLOWER_THAN_US = 1000

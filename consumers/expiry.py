@@ -8,10 +8,10 @@ may run at once without expiring a reservation twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
+from consumers.periodic import run_periodically
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
 
@@ -44,11 +44,13 @@ class ExpiryWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep until ``stop`` is set; Redis outages are logged and retried."""
         log.info("expiry_worker_started", interval=self.interval)
-        while not stop.is_set():
-            try:
-                await self.sweep()
-            except InfrastructureError as e:
-                log.warning("expiry_retry", error=str(e))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
+        await run_periodically(
+            "expiry",
+            self.sweep,
+            stop,
+            self.interval,
+            retry=lambda e: isinstance(e, InfrastructureError),
+            survive_errors=False,
+            first_at_once=True,
+        )
         log.info("expiry_worker_stopped", expired=self.expired)

@@ -49,7 +49,7 @@ from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from core.events import parse_event
 from core.keys import CONSUMER_GROUP, PartitionKeys
-from projections.projector import LogEntry, project
+from projections.batch import LogEntry, project
 
 log = structlog.get_logger(__name__)
 

@@ -25,7 +25,6 @@ ids again, which changes nothing, and two daemons pruning at once only repeat ea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -33,35 +32,18 @@ import asyncpg
 import structlog
 
 from consumers.faults import is_transient
+from consumers.periodic import run_periodically
 from consumers.retention import Position, acknowledged_below
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys
+from projections.tables import checkpoints, events
 
 log = structlog.get_logger(__name__)
 
 FINAL_EVENT_TYPES = ["ReservationConfirmed", "ReservationCancelled", "ReservationExpired"]
 
 _PAGE = 1000
-
-_FINAL_EVENTS = """
-SELECT stream_ms, stream_seq, sale_id,
-       payload->>'reservation_id' AS reservation_id, payload->>'user_id' AS user_id
-FROM events
-WHERE partition = $1 AND type = ANY($2::text[])
-  AND (stream_ms, stream_seq) >= ($3, $4) AND (stream_ms, stream_seq) < ($5, $6)
-ORDER BY stream_ms, stream_seq
-LIMIT $7
-"""
-
-_CHECKPOINT = "SELECT stream_ms, stream_seq FROM prune_checkpoints WHERE partition = $1"
-
-_ADVANCE = """
-INSERT INTO prune_checkpoints AS c (partition, stream_ms, stream_seq) VALUES ($1, $2, $3)
-ON CONFLICT (partition) DO UPDATE SET
-    stream_ms = EXCLUDED.stream_ms, stream_seq = EXCLUDED.stream_seq, updated_at = now()
-WHERE (EXCLUDED.stream_ms, EXCLUDED.stream_seq) > (c.stream_ms, c.stream_seq)
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +65,7 @@ class PruneResult:
 async def checkpoint_of(pool: asyncpg.Pool, partition: int) -> Position:
     """The position below which the partition's final reservations were pruned."""
     async with pool.acquire() as conn:
-        row = await conn.fetchrow(_CHECKPOINT, partition)
-    return (0, 0) if row is None else (row["stream_ms"], row["stream_seq"])
+        return await checkpoints.pruned_below(conn, partition)
 
 
 async def prune_partition(
@@ -105,8 +86,8 @@ async def prune_partition(
     pruned = kept = 0
     while start < bound:
         async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                _FINAL_EVENTS, partition, FINAL_EVENT_TYPES, *start, *bound, page
+            rows = await events.reservation_events(
+                conn, partition, FINAL_EVENT_TYPES, start, bound, page
             )
         by_sale: dict[str, dict[str, str]] = {}
         for row in rows:
@@ -119,7 +100,7 @@ async def prune_partition(
                 kept += left
         start = bound if len(rows) < page else (rows[-1]["stream_ms"], rows[-1]["stream_seq"] + 1)
         async with pool.acquire() as conn:
-            await conn.execute(_ADVANCE, partition, *start)
+            await checkpoints.advance_pruned(conn, partition, start)
     if kept:
         log.warning("final_reservations_pending_in_redis", partition=partition, count=kept)
     return PruneResult(partition, pruned, kept, f"{start[0]}-{start[1]}")
@@ -157,25 +138,19 @@ class PruningWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Prune until ``stop`` is set; a failed round is logged and the next one tries again."""
         log.info("pruning_started", interval=self.interval, keep_seconds=self.keep_seconds)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
-            if stop.is_set():
-                break
-            try:
-                results = await prune_reservations(
-                    self.gateway, self.pool, self.keep_seconds, self.batch
-                )
-            except Exception as e:
-                # Pruning can always wait for the next round; it must never take the
-                # projector down with it.
-                if is_transient(e) or isinstance(e, InfrastructureError):
-                    log.warning("pruning_retry", error=str(e), error_type=type(e).__name__)
-                else:
-                    log.exception("pruning_error")
-                continue
-            round_pruned = sum(r.pruned for r in results)
-            if round_pruned:
-                log.info("reservations_pruned", count=round_pruned)
-            self.pruned += round_pruned
+        await run_periodically(
+            "pruning",
+            self.prune_once,
+            stop,
+            self.interval,
+            retry=lambda e: is_transient(e) or isinstance(e, InfrastructureError),
+        )
         log.info("pruning_stopped", pruned=self.pruned)
+
+    async def prune_once(self) -> None:
+        """One round over every partition."""
+        results = await prune_reservations(self.gateway, self.pool, self.keep_seconds, self.batch)
+        round_pruned = sum(r.pruned for r in results)
+        if round_pruned:
+            log.info("reservations_pruned", count=round_pruned)
+        self.pruned += round_pruned

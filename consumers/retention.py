@@ -18,7 +18,6 @@ consumer group is left alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 import asyncpg
@@ -28,21 +27,17 @@ from redis.exceptions import ResponseError
 
 from consumers.entries import decode_fields, text
 from consumers.faults import is_transient
+from consumers.periodic import run_periodically
 from core.events import parse_event
 from core.keys import PartitionKeys
-from projections.projector import parse_stream_id
+from projections.batch import parse_stream_id
+from projections.tables import events
 
 log = structlog.get_logger(__name__)
 
 Position = tuple[int, int]
 
 _CHUNK = 1000
-
-_ARCHIVED = """
-SELECT stream_id, event_id FROM events
-WHERE partition = $1
-  AND (stream_ms, stream_seq) >= ($2, $3) AND (stream_ms, stream_seq) <= ($4, $5)
-"""
 
 
 def _id(position: Position) -> str:
@@ -123,8 +118,7 @@ async def trim_partition(
         ids = [text(entry_id or "") for entry_id, _ in entries]
         first, last = parse_stream_id(ids[0]), parse_stream_id(ids[-1])
         async with pool.acquire() as conn:
-            rows = await conn.fetch(_ARCHIVED, partition, *first, *last)
-        archived = {r["stream_id"]: r["event_id"] for r in rows}
+            archived = await events.event_ids_at(conn, partition, first, last)
         for entry_id, (_, raw) in zip(ids, entries, strict=True):
             event_id = _event_id(raw or {})
             if event_id is None:
@@ -170,20 +164,10 @@ class RetentionWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Trim until ``stop`` is set; a failed round is logged and the next one tries again."""
         log.info("retention_started", interval=self.interval)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
-            if stop.is_set():
-                break
-            try:
-                results = await trim_streams(self.client, self.pool, self.partitions)
-            except Exception as e:
-                # Trimming can always wait for the next round; it must never take the
-                # projector down with it.
-                if is_transient(e):
-                    log.warning("retention_retry", error=str(e), error_type=type(e).__name__)
-                else:
-                    log.exception("retention_error")
-                continue
-            self.trimmed += sum(r.trimmed for r in results)
+        await run_periodically("retention", self.trim_once, stop, self.interval, retry=is_transient)
         log.info("retention_stopped", trimmed=self.trimmed)
+
+    async def trim_once(self) -> None:
+        """One round over every partition."""
+        results = await trim_streams(self.client, self.pool, self.partitions)
+        self.trimmed += sum(r.trimmed for r in results)

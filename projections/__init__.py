@@ -1,28 +1,8 @@
-"""flashsale projections: PostgreSQL schema, the projector, the fold and the replay tool."""
+"""flashsale projections: the PostgreSQL schema (ordered migrations) and one module per
+table (``projections.tables``), the batch projection, the fold, the log reader and the
+replay tools (verify, repair, rebuild).
 
-from projections.fold import SaleState, fold
-from projections.log import LogReader
-from projections.orders import final_order, final_orders_of
-from projections.projector import LogEntry, project
-from projections.rebuild import RebuildReport, rebuild
-from projections.repair import RepairReport, repair_redis
-from projections.replay import Difference, VerifyReport, verify
-from projections.schema import migrate
+Nothing is re-exported: callers import from the module that defines a name.
+"""
 
-__all__ = [
-    "Difference",
-    "LogEntry",
-    "LogReader",
-    "RebuildReport",
-    "RepairReport",
-    "SaleState",
-    "VerifyReport",
-    "final_order",
-    "final_orders_of",
-    "fold",
-    "migrate",
-    "project",
-    "rebuild",
-    "repair_redis",
-    "verify",
-]
+__all__: list[str] = []

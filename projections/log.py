@@ -19,34 +19,14 @@ from redis.exceptions import RedisError
 
 from core.errors import InfrastructureError
 from core.events import CURRENT_VERSION, AnyEvent, parse_event
-from core.gateway import RedisGateway
+from core.gateway import GroupProgress, RedisGateway
 from core.keys import PartitionKeys
-from projections.projector import LogEntry, parse_stream_id
+from projections.batch import LogEntry, parse_stream_id
+from projections.tables import events
 
 _END = (2**63 - 1, 2**63 - 1)
 
 _events: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
-
-_ARCHIVE_RANGE = """
-SELECT event_id, stream_id, payload::text AS payload FROM events
-WHERE (partition, stream_ms, stream_seq) > ($1, $2, $3)
-  AND (partition, stream_ms, stream_seq) < ($1, $4, $5)
-ORDER BY partition, stream_ms, stream_seq
-LIMIT $6
-"""
-
-# Positions, not event ids: the position index answers alone (an index-only scan).
-_ARCHIVED_POSITIONS = """
-SELECT stream_ms, stream_seq FROM events
-WHERE (partition, stream_ms, stream_seq) >= ($1, $2, $3)
-  AND (partition, stream_ms, stream_seq) <= ($1, $4, $5)
-"""
-
-_ARCHIVE_COUNT = """
-SELECT count(*) FROM events
-WHERE (partition, stream_ms, stream_seq) > ($1, $2, $3)
-  AND (partition, stream_ms, stream_seq) < ($1, $4, $5)
-"""
 
 
 @dataclass
@@ -158,7 +138,7 @@ class LogReader:
         start = parse_stream_id(after)
         while True:
             async with self.pool.acquire() as conn:
-                rows = await conn.fetch(_ARCHIVE_RANGE, partition, *start, *below, self.chunk)
+                rows = await events.read_range(conn, partition, start, below, self.chunk)
             if not rows:
                 return
             chunk = LogChunk(partition, [], rows[-1]["stream_id"], "archive")
@@ -184,8 +164,7 @@ class LogReader:
         assert self.pool is not None
         lo, hi = entries[0], entries[-1]
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_ARCHIVED_POSITIONS, lo.partition, *lo.position, *hi.position)
-        archived = {(r[0], r[1]) for r in rows}
+            archived = await events.archived_positions(conn, lo.partition, lo.position, hi.position)
         return [e for e in entries if e.position not in archived]
 
     async def estimate(self, partition: int) -> int:
@@ -198,7 +177,7 @@ class LogReader:
         if self.pool is not None:
             below = parse_stream_id(head.first_id) if head.first_id else _END
             async with self.pool.acquire() as conn:
-                total += int(await conn.fetchval(_ARCHIVE_COUNT, partition, 0, 0, *below))
+                total += await events.count_below(conn, partition, below)
         return total
 
 
@@ -242,3 +221,18 @@ async def read_sale_tail(
     async for chunk in reader.chunks(partition, after, until):
         tail += [e for e in chunk.entries if e.event.sale_id == sale_id]
     return tail
+
+
+def acknowledged(entry: LogEntry, progress: dict[int, GroupProgress]) -> bool:
+    """Whether the projector group has delivered ``entry`` and no longer has it pending.
+
+    An entry the archive lacks is lag while this is false (the projector will still
+    archive it) and lost once it is true: it will never be delivered again. Verify and
+    rebuild both decide on this rule.
+    """
+    group = progress.get(entry.partition)
+    return (
+        group is not None
+        and entry.position <= parse_stream_id(group.last_delivered)
+        and entry.stream_id not in group.pending
+    )

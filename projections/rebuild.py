@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,32 +36,17 @@ import asyncpg
 import structlog
 
 from core.errors import FlashsaleError
-from core.events import dump_event
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP
-from projections.log import LogChunk, LogReader
-from projections.projector import LogEntry, parse_stream_id
+from projections.batch import LogEntry, parse_stream_id
+from projections.log import LogChunk, LogReader, acknowledged
 from projections.rows import ORDER_COLUMNS, STOCK_COLUMNS, RowFold
+from projections.tables import checkpoints, events, staging
 
 log = structlog.get_logger(__name__)
 
-SUFFIX = "_rebuild"
-TABLES = ("stock_view", "orders")  # the projector's lock order, after events
-CHECKPOINTS = "rebuild_checkpoints"
-_ARCHIVE_COLUMNS = (
-    "event_id",
-    "partition",
-    "stream_id",
-    "stream_ms",
-    "stream_seq",
-    "sale_id",
-    "type",
-    "occurred_at",
-    "payload",
-)
 # Any constant works; it only has to be the same for every process rebuilding this database.
 _REBUILD_LOCK = 7_401_953
-_INDEX_DEF = re.compile(r"^CREATE (UNIQUE )?INDEX \S+ ON (?:ONLY )?\S+ (USING .*)$", re.S)
 
 Progress = Callable[[str, int, int | None], None]
 """Called as ``progress(phase, done, total)``; ``total`` is None when unknown."""
@@ -118,14 +102,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _new_name(name: str) -> str:
-    return name[: 63 - len(SUFFIX)] + SUFFIX
 
 
 class Rebuild:
@@ -198,39 +174,10 @@ class Rebuild:
 
     async def _prepare(self, conn: asyncpg.Connection) -> None:
         """Create the new tables like the live ones, without indexes (added after the load)."""
-        await self._drop_new(conn)
-        for table in TABLES:
-            new = _new_name(table)
-            await conn.execute(
-                f"CREATE TABLE {_q(new)} (LIKE {_q(table)} INCLUDING ALL EXCLUDING INDEXES)"
-            )
-            await self._copy_grants(conn, table, new)
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {CHECKPOINTS} ("
-            " partition integer PRIMARY KEY, stream_id text NOT NULL,"
-            " stream_ms bigint NOT NULL, stream_seq bigint NOT NULL,"
-            " updated_at timestamptz NOT NULL DEFAULT now())"
-        )
+        await staging.create(conn)
 
     async def _drop_new(self, conn: asyncpg.Connection) -> None:
-        names = ", ".join(_q(_new_name(t)) for t in TABLES)
-        await conn.execute(f"DROP TABLE IF EXISTS {names}")
-
-    async def _copy_grants(self, conn: asyncpg.Connection, table: str, new: str) -> None:
-        """Grant on the new table what is granted on the live one (LIKE does not copy it)."""
-        grants = await conn.fetch(
-            "SELECT a.privilege_type, a.is_grantable,"
-            " CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee"
-            " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
-            " LEFT JOIN pg_roles r ON r.oid = a.grantee"
-            " WHERE c.oid = $1::text::regclass AND a.grantee <> c.relowner",
-            table,
-        )
-        for g in grants:
-            option = " WITH GRANT OPTION" if g["is_grantable"] else ""
-            await conn.execute(
-                f"GRANT {g['privilege_type']} ON {_q(new)} TO {g['grantee']}{option}"
-            )
+        await staging.drop(conn)
 
     def _take(self, chunk: LogChunk) -> int:
         for entry in chunk.entries:
@@ -264,10 +211,10 @@ class Rebuild:
         self.progress("writing rows", len(stock) + len(orders), len(stock) + len(orders))
         self.fold.dirty_sales.clear()
         self.fold.dirty_orders.clear()
-        self.progress("building indexes", 0, len(TABLES))
-        for n, table in enumerate(TABLES, 1):
+        self.progress("building indexes", 0, len(staging.TABLES))
+        for n, table in enumerate(staging.TABLES, 1):
             await self._add_indexes(conn, table)
-            self.progress("building indexes", n, len(TABLES))
+            self.progress("building indexes", n, len(staging.TABLES))
 
     async def _copy(
         self,
@@ -276,44 +223,16 @@ class Rebuild:
         columns: tuple[str, ...],
         rows: list[tuple[Any, ...]],
     ) -> None:
-        if rows:
-            await conn.copy_records_to_table(
-                _new_name(table), records=rows, columns=list(columns), timeout=None
-            )
+        await staging.copy_rows(conn, table, columns, rows)
 
     async def _add_indexes(self, conn: asyncpg.Connection, table: str) -> None:
         """Give the new table the live table's constraints and indexes, under new names."""
-        new = _new_name(table)
-        constraints = await conn.fetch(
-            "SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint"
-            " WHERE conrelid = $1::text::regclass AND contype IN ('p', 'u', 'x', 'f')"
-            " ORDER BY contype, conname",
-            table,
-        )
-        for c in constraints:
-            await conn.execute(
-                f"ALTER TABLE {_q(new)} ADD CONSTRAINT {_q(_new_name(c['conname']))} {c['def']}",
-                timeout=None,
-            )
-            self._constraints.append((table, c["conname"]))
-        indexes = await conn.fetch(
-            "SELECT i.relname, pg_get_indexdef(x.indexrelid) AS def"
-            " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
-            " WHERE x.indrelid = $1::text::regclass AND NOT EXISTS"
-            " (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)"
-            " ORDER BY i.relname",
-            table,
-        )
-        for i in indexes:
-            match = _INDEX_DEF.match(i["def"])
-            if match is None:
-                raise RebuildError(f"cannot copy index {i['relname']}: {i['def']}")
-            unique, rest = match[1] or "", match[2]
-            await conn.execute(
-                f"CREATE {unique}INDEX {_q(_new_name(i['relname']))} ON {_q(new)} {rest}",
-                timeout=None,
-            )
-            self._indexes.append((table, i["relname"]))
+        try:
+            constraints, indexes = await staging.add_indexes(conn, table)
+        except staging.UncopyableIndexError as e:
+            raise RebuildError(str(e)) from e
+        self._constraints.extend(constraints)
+        self._indexes.extend(indexes)
 
     async def _catch_up(self, phase: str) -> int:
         """Fold what the log gained after the positions folded so far."""
@@ -332,17 +251,12 @@ class Rebuild:
         sales = sorted(self.fold.dirty_sales)
         orders = sorted(self.fold.dirty_orders.items())
         if sales:
-            await conn.execute(
-                f"DELETE FROM {_new_name('stock_view')} WHERE sale_id = ANY($1::text[])", sales
-            )
+            await staging.delete_rows(conn, "stock_view", sales)
             await self._copy(
                 conn, "stock_view", STOCK_COLUMNS, [self.fold.stock_row(s) for s in sales]
             )
         if orders:
-            await conn.execute(
-                f"DELETE FROM {_new_name('orders')} WHERE reservation_id = ANY($1::text[])",
-                [rid for rid, _ in orders],
-            )
+            await staging.delete_rows(conn, "orders", [rid for rid, _ in orders])
             rows = [self.fold.order_row(rid, sale_id) for rid, sale_id in orders]
             await self._copy(conn, "orders", ORDER_COLUMNS, [r for r in rows if r is not None])
         await self._checkpoint(conn)
@@ -350,18 +264,8 @@ class Rebuild:
         self.fold.dirty_orders.clear()
 
     async def _checkpoint(self, conn: asyncpg.Connection) -> None:
-        parts = sorted(self.positions)
-        ids = [self.positions[p] for p in parts]
-        await conn.execute(
-            f"INSERT INTO {CHECKPOINTS} (partition, stream_id, stream_ms, stream_seq)"
-            " SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::bigint[])"
-            " ON CONFLICT (partition) DO UPDATE SET stream_id = EXCLUDED.stream_id,"
-            " stream_ms = EXCLUDED.stream_ms, stream_seq = EXCLUDED.stream_seq,"
-            " updated_at = now()",
-            parts,
-            ids,
-            [parse_stream_id(i)[0] for i in ids],
-            [parse_stream_id(i)[1] for i in ids],
+        await checkpoints.record_rebuilt(
+            conn, [(p, i, parse_stream_id(i)) for p, i in sorted(self.positions.items())]
         )
 
     async def _swap(self, conn: asyncpg.Connection) -> None:
@@ -389,36 +293,20 @@ class Rebuild:
         await conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
         # The projector writes events, then stock_view, then orders: lock in that order.
         # EXCLUSIVE still lets verify and the log reader read the archive.
-        await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
-        await conn.execute(f"LOCK TABLE {', '.join(TABLES)} IN ACCESS EXCLUSIVE MODE")
+        await events.lock_against_writes(conn)
+        await staging.lock_live(conn)
         await conn.execute("SET LOCAL lock_timeout = 0")  # locked: the rest must not time out
 
     async def _rename(self, conn: asyncpg.Connection) -> None:
         """Drop the live tables and give the new ones their names, indexes and constraints."""
-        for table in TABLES:
-            await conn.execute(f"DROP TABLE {_q(table)}")
-            await conn.execute(f"ALTER TABLE {_q(_new_name(table))} RENAME TO {_q(table)}")
-        for table, name in self._constraints:
-            await conn.execute(
-                f"ALTER TABLE {_q(table)} RENAME CONSTRAINT {_q(_new_name(name))} TO {_q(name)}"
-            )
-        for _, name in self._indexes:
-            await conn.execute(f"ALTER INDEX {_q(_new_name(name))} RENAME TO {_q(name)}")
+        await staging.swap_in(conn, self._constraints, self._indexes)
 
     async def _archive_acknowledged(self, conn: asyncpg.Connection) -> None:
         """Archive, before the swap and its locks, the folded events that the archive lacks
         although the projector group acknowledged them: lost, the projector will never
         deliver them again, so archiving them early changes nothing it does."""
         progress = await self.gateway.group_progress(CONSUMER_GROUP)
-        lost = []
-        for entry in self.unarchived.values():
-            group = progress.get(entry.partition)
-            if (
-                group is not None
-                and entry.position <= parse_stream_id(group.last_delivered)
-                and entry.stream_id not in group.pending
-            ):
-                lost.append(entry)
+        lost = [e for e in self.unarchived.values() if acknowledged(e, progress)]
         if lost:
             async with conn.transaction():
                 self.report.rearchived += await self._rearchive(conn, lost)
@@ -427,39 +315,12 @@ class Rebuild:
 
     async def _rearchive(self, conn: asyncpg.Connection, entries: list[LogEntry]) -> int:
         """Archive ``entries`` (inside the caller's transaction) unless already there;
-        return how many were missing. COPY into a scratch table, then one INSERT."""
+        return how many were missing."""
         if not entries:
             return 0
         entries = sorted(entries, key=lambda e: (e.partition, e.position))
         self.progress("archiving missing events", 0, len(entries))
-        await conn.execute(
-            "CREATE TEMPORARY TABLE rearchive (LIKE events INCLUDING DEFAULTS) ON COMMIT DROP"
-        )
-        await conn.copy_records_to_table(
-            "rearchive",
-            records=(
-                (
-                    e.event.event_id,
-                    e.partition,
-                    e.stream_id,
-                    *e.position,
-                    e.event.sale_id,
-                    e.event.type,
-                    e.event.occurred_at,
-                    dump_event(e.event),
-                )
-                for e in entries
-            ),
-            columns=list(_ARCHIVE_COLUMNS),
-            timeout=None,
-        )
-        columns = ", ".join(_ARCHIVE_COLUMNS)
-        status = await conn.execute(
-            f"INSERT INTO events ({columns}) SELECT {columns} FROM rearchive"
-            " ORDER BY partition, stream_ms, stream_seq ON CONFLICT (event_id) DO NOTHING",
-            timeout=None,
-        )
-        added = int(status.rsplit(" ", 1)[-1])
+        added = await events.archive_missing(conn, entries)
         self.progress("archiving missing events", len(entries), len(entries))
         if added:
             log.warning("events_rearchived", count=added)

@@ -23,7 +23,7 @@ from core.keys import PartitionKeys, dead_letter_stream
 from core.settings import Settings
 from projections.rebuild import rebuild
 from projections.repair import repair_redis
-from projections.replay import verify
+from projections.verify import verify
 from tests.daemons import (
     cli,
     cli_json,

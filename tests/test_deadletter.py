@@ -24,7 +24,7 @@ from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
-from projections.replay import verify
+from projections.verify import verify
 from tests.daemons import (
     cli,
     cli_json,

@@ -13,7 +13,7 @@ from consumers.projector import Projector
 from core.events import ReservationPlaced, SaleCreated, parse_event, to_ms
 from core.gateway import RedisGateway
 from core.models import NewSale
-from projections.replay import verify
+from projections.verify import verify
 from tests.test_http import log_events
 
 START = datetime(9000, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)

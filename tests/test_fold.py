@@ -18,8 +18,8 @@ from core.events import (
     SaleCreated,
     StockAdjusted,
 )
+from projections.batch import StockDelta, stock_deltas
 from projections.fold import SaleState, fold
-from projections.projector import StockDelta, stock_deltas
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 _ids = itertools.count()

@@ -18,7 +18,7 @@ from core.errors import (
     SoldOut,
 )
 from core.gateway import RedisGateway
-from projections.replay import read_log
+from projections.verify import read_log
 from tests.helpers import open_sale
 
 

@@ -34,9 +34,9 @@ from core.events import TERMINAL_EVENTS, to_ms
 from core.gateway import RedisGateway, SaleSnapshot
 from core.keys import CONSUMER_GROUP, partition_of
 from core.settings import Settings
+from projections.batch import LogEntry, project
 from projections.fold import fold
-from projections.projector import LogEntry, project
-from projections.replay import Difference, read_log, verify
+from projections.verify import Difference, read_log, verify
 from tests.daemons import SECRETS, logged, running, wait_exit, wait_started
 from tests.helpers import open_sale, pg_rows
 

@@ -33,7 +33,7 @@ from consumers.projector import Projector
 from core.events import ReservationPlaced
 from core.gateway import RedisGateway
 from core.settings import Settings
-from projections.replay import verify
+from projections.verify import verify
 from tests.daemons import caught_up, eventually
 from tests.helpers import open_sale
 from tests.proxy import ReplyDroppingProxy

@@ -123,3 +123,35 @@ def test_a_sql_file_not_named_by_its_version_is_refused(tmp_path: Path) -> None:
 def test_the_shipped_migrations_have_distinct_versions() -> None:
     versions = [version for version, _, _ in migration_files()]
     assert versions == sorted(set(versions)) and versions[0] == 1
+
+
+async def test_rebuild_checkpoints_comes_from_the_migrations(schema_pool: asyncpg.Pool) -> None:
+    await migrate(schema_pool)
+    assert {"rebuild_checkpoints", "prune_checkpoints", "checkpoints"} <= await tables(schema_pool)
+
+
+async def test_a_database_whose_rebuild_created_rebuild_checkpoints_migrates(
+    schema_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # A database from before migration 0003: 0001 and 0002 applied, and a rebuild ran,
+    # which created rebuild_checkpoints itself, with this definition.
+    earlier = {f"{v:04d}_{name}.sql": sql for v, name, sql in migration_files() if v < 3}
+    assert await migrate(schema_pool, write(tmp_path / "earlier", earlier)) == [1, 2]
+    await schema_pool.execute(
+        "CREATE TABLE IF NOT EXISTS rebuild_checkpoints ("
+        " partition integer PRIMARY KEY, stream_id text NOT NULL,"
+        " stream_ms bigint NOT NULL, stream_seq bigint NOT NULL,"
+        " updated_at timestamptz NOT NULL DEFAULT now())"
+    )
+    await schema_pool.execute(
+        "INSERT INTO rebuild_checkpoints (partition, stream_id, stream_ms, stream_seq)"
+        " VALUES (0, '5-1', 5, 1)"
+    )
+    assert 3 in await migrate(schema_pool)
+    row = await schema_pool.fetchrow("SELECT * FROM rebuild_checkpoints")
+    assert (row["partition"], row["stream_id"], row["stream_ms"], row["stream_seq"]) == (
+        0,
+        "5-1",
+        5,
+        1,
+    )

@@ -33,8 +33,8 @@ from core.events import (
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream, partition_of
 from core.settings import Settings
+from projections.batch import LogEntry, parse_stream_id, project
 from projections.fold import fold
-from projections.projector import LogEntry, parse_stream_id, project
 from tests.daemons import SECRETS
 from tests.helpers import open_sale, pg_rows
 

@@ -25,7 +25,7 @@ from consumers.retention import trim_streams
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys
 from core.settings import Settings
-from projections.replay import verify
+from projections.verify import verify
 from tests.daemons import (
     env_for,
     eventually,

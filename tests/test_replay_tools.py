@@ -19,10 +19,10 @@ from core.errors import LimitReached
 from core.gateway import RedisGateway, SaleRepair
 from core.keys import PartitionKeys, partition_of
 from core.settings import Settings
-from projections.projector import archive
 from projections.rebuild import Rebuild
 from projections.repair import repair_redis
-from projections.replay import read_log, verify
+from projections.tables.events import archive
+from projections.verify import read_log, verify
 from tests.helpers import open_sale
 from tests.test_verify import cli_env, project_all, run_cli
 

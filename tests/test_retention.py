@@ -16,7 +16,7 @@ from consumers.retention import trim_streams
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
-from projections.replay import verify
+from projections.verify import verify
 from tests.daemons import (
     caught_up,
     cli,

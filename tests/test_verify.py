@@ -20,7 +20,7 @@ from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys, partition_of
 from core.settings import Settings
-from projections.replay import Difference, verify
+from projections.verify import Difference, verify
 from tests.helpers import open_sale
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"

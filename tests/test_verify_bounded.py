@@ -18,11 +18,11 @@ from core.gateway import FENCE_LIMIT, RedisGateway, SaleRepair
 from core.keys import PartitionKeys
 from core.models import NewSale
 from core.settings import Settings
+from projections.batch import parse_stream_id
 from projections.fold import fold
 from projections.log import LogReader
-from projections.projector import parse_stream_id
 from projections.repair import repair_redis
-from projections.replay import LogTail, compare_redis, read_log, verify
+from projections.verify import LogTail, compare_redis, read_log, verify
 from tests.test_lost_replies import lossy_client_of
 from tests.test_verify import project_all
 

@@ -23,7 +23,7 @@ from api.cli.launcher import death_signal_setter
 from api.cli.processes import Services, open_services, run_consumers, running_api
 from api.web.auth import issue_token
 from core.settings import Settings
-from projections.replay import verify
+from projections.verify import verify
 
 Result = tuple[int, str, float, str]  # status, outcome code, seconds, reservation id
 

@@ -16,7 +16,7 @@ from api.cli.processes import open_services, resolved, run_async
 from core.settings import Settings
 from projections.rebuild import rebuild
 from projections.repair import repair_redis
-from projections.replay import verify
+from projections.verify import verify
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

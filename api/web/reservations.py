@@ -30,7 +30,7 @@ from core.errors import (
     SaleNotFound,
 )
 from core.models import ReservationStatus, ReservationView
-from projections.orders import final_order, final_orders_of
+from projections.tables.orders import final_order, final_orders_of
 
 
 class ReservationRequest(BaseModel):

@@ -22,9 +22,11 @@ import asyncpg
 
 from core.gateway import GroupProgress, RedisGateway, SaleSnapshot, Touched
 from core.keys import CONSUMER_GROUP, partition_of
+from projections.batch import LogEntry, parse_stream_id
 from projections.fold import SaleState, fold
-from projections.log import LogReader, read_sale_tail, read_whole_log
-from projections.projector import LogEntry, parse_stream_id
+from projections.log import LogReader, acknowledged, read_sale_tail, read_whole_log
+from projections.tables import events, stock_view
+from projections.tables import orders as orders_table
 
 COUNTERS = ("stock", "remaining", "held", "confirmed", "released")
 FINAL = frozenset({"confirmed", "cancelled", "expired"})
@@ -250,7 +252,7 @@ async def compare_postgres(
 
     Runs inside a transaction (the orders are read through a cursor, in chunks)."""
     diffs: list[Difference] = []
-    row = await conn.fetchrow("SELECT * FROM stock_view WHERE sale_id = $1", sale_id)
+    row = await stock_view.read_row(conn, sale_id)
     if expected is None:
         if row is not None:
             diffs.append(Difference(sale_id, "postgres", "stock_view", "absent", "present"))
@@ -260,14 +262,7 @@ async def compare_postgres(
     for name in COUNTERS:
         if row[name] != getattr(expected, name):
             diffs.append(Difference(sale_id, "postgres", name, getattr(expected, name), row[name]))
-    orders = {
-        r["reservation_id"]: (r["status"], r["qty"], r["user_id"])
-        async for r in conn.cursor(
-            "SELECT reservation_id, status, qty, user_id FROM orders WHERE sale_id = $1",
-            sale_id,
-            prefetch=LOG_CHUNK,
-        )
-    }
+    orders = await orders_table.orders_of_sale(conn, sale_id, LOG_CHUNK)
     for rid in sorted(set(expected.reservations) | set(orders)):
         r = expected.reservations.get(rid)
         want = (r.status, r.qty, r.user_id) if r else None
@@ -293,12 +288,7 @@ def _unprojected(
         if entry.event.event_id in archived:
             projected.append(entry)
             continue
-        group = progress.get(entry.partition)
-        if (
-            group is None
-            or entry.position > parse_stream_id(group.last_delivered)
-            or entry.stream_id in group.pending
-        ):
+        if not acknowledged(entry, progress):
             report.lagging += 1
         else:
             report.differences.append(
@@ -331,15 +321,8 @@ async def verify(
         # The first statement fixes the snapshot that every later read in here sees. The
         # log reader reads the archive on other connections, outside this snapshot, so
         # that an event trimmed from its stream after the snapshot is still found.
-        archived = {
-            r["event_id"]
-            async for r in conn.cursor(
-                "SELECT event_id FROM events WHERE $1::text IS NULL OR sale_id = $1",
-                sale_id,
-                prefetch=LOG_CHUNK,
-            )
-        }
-        projected = {r["sale_id"] for r in await conn.fetch("SELECT sale_id FROM stock_view")}
+        archived = await events.event_ids(conn, sale_id, LOG_CHUNK)
+        projected = await stock_view.sale_ids(conn)
         whole = await read_whole_log(reader, gateway.partitions)
         report.malformed += whole.malformed
         by_sale = whole.by_sale()

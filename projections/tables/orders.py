@@ -1,0 +1,162 @@
+"""Statements on ``orders``: one row per reservation, as the log leaves it.
+
+The projector writes placements and final states (in any order: a placement never
+overwrites a final status); verify reads a sale's rows back. The API reads final
+reservations here: they are pruned from Redis once the archive holds their final event
+(:mod:`consumers.pruning`), and from then on ``orders`` is where it finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from core.errors import InfrastructureError
+from core.events import to_ms
+from core.models import ReservationView
+
+if TYPE_CHECKING:
+    from core.events import (
+        ReservationCancelled,
+        ReservationConfirmed,
+        ReservationExpired,
+        ReservationPlaced,
+    )
+
+# A placement never overwrites the status: a terminal event may have arrived first.
+_PLACED = """
+INSERT INTO orders AS o (reservation_id, sale_id, user_id, qty, status, placed_at, expires_at)
+SELECT r, s, u, q, 'pending', p, e
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[],
+            $6::timestamptz[]) AS t(r, s, u, q, p, e)
+ON CONFLICT (reservation_id) DO UPDATE SET
+    placed_at = EXCLUDED.placed_at, expires_at = EXCLUDED.expires_at, updated_at = now()
+"""
+
+_FINISHED = """
+INSERT INTO orders AS o (reservation_id, sale_id, user_id, qty, status,
+                         confirmed_at, cancelled_at, expired_at)
+SELECT r, s, u, q, st,
+       CASE WHEN st = 'confirmed' THEN at END,
+       CASE WHEN st = 'cancelled' THEN at END,
+       CASE WHEN st = 'expired' THEN at END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::timestamptz[])
+     AS t(r, s, u, q, st, at)
+ON CONFLICT (reservation_id) DO UPDATE SET
+    status = EXCLUDED.status,
+    confirmed_at = COALESCE(EXCLUDED.confirmed_at, o.confirmed_at),
+    cancelled_at = COALESCE(EXCLUDED.cancelled_at, o.cancelled_at),
+    expired_at = COALESCE(EXCLUDED.expired_at, o.expired_at),
+    updated_at = now()
+"""
+
+_TERMINAL_STATUS = {
+    "ReservationConfirmed": "confirmed",
+    "ReservationCancelled": "cancelled",
+    "ReservationExpired": "expired",
+}
+
+_OF_SALE = "SELECT reservation_id, status, qty, user_id FROM orders WHERE sale_id = $1"
+
+# Seconds to wait for PostgreSQL before answering 503: a read must not hang on it.
+_ACQUIRE_TIMEOUT = 5.0
+
+# A pending row is never an answer here: a pending reservation is always in Redis, so one
+# missing from it is not pruned but lost, and the API must not pretend otherwise.
+_FINAL_ORDER = """
+SELECT reservation_id, sale_id, user_id, qty, status,
+       COALESCE(expires_at, confirmed_at, cancelled_at, expired_at, updated_at) AS expires_at
+FROM orders
+WHERE reservation_id = $1 AND status IN ('confirmed', 'cancelled', 'expired')
+"""
+
+# A buyer's final reservations in a sale (index ``orders_by_user``), in placement order. A
+# row whose placement was never projected (a log trimmed before it) sorts by its last change.
+_FINAL_ORDERS_OF = """
+SELECT reservation_id, sale_id, user_id, qty, status,
+       COALESCE(expires_at, confirmed_at, cancelled_at, expired_at, updated_at) AS expires_at,
+       COALESCE(placed_at, updated_at) AS placed_at
+FROM orders
+WHERE sale_id = $1 AND user_id = $2 AND status IN ('confirmed', 'cancelled', 'expired')
+ORDER BY COALESCE(placed_at, updated_at), reservation_id
+"""
+
+
+def _view(row: asyncpg.Record) -> ReservationView:
+    return ReservationView(
+        reservation_id=row["reservation_id"],
+        sale_id=row["sale_id"],
+        user_id=row["user_id"],
+        qty=row["qty"],
+        status=row["status"],
+        expires_at=row["expires_at"],
+    )
+
+
+async def _read(pool: asyncpg.Pool, query: str, *args: str) -> list[asyncpg.Record]:
+    try:
+        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args, timeout=_ACQUIRE_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise InfrastructureError(f"cannot read orders from PostgreSQL: {e}") from e
+    return rows
+
+
+async def final_order(pool: asyncpg.Pool, reservation_id: str) -> ReservationView | None:
+    """The reservation as ``orders`` holds it once final (confirmed, cancelled, expired), or
+    None when there is no such row or it is still pending."""
+    rows = await _read(pool, _FINAL_ORDER, reservation_id)
+    return _view(rows[0]) if rows else None
+
+
+async def final_orders_of(
+    pool: asyncpg.Pool, sale_id: str, user_id: str
+) -> list[tuple[int, ReservationView]]:
+    """The final reservations ``user_id`` placed in ``sale_id`` as ``orders`` holds them,
+    each with its placement time (epoch ms), oldest first (then by id). Pending rows are
+    left out: a pending reservation is always in Redis, which the caller reads first."""
+    rows = await _read(pool, _FINAL_ORDERS_OF, sale_id, user_id)
+    return [(to_ms(row["placed_at"]), _view(row)) for row in rows]
+
+
+async def write_placed(conn: asyncpg.Connection, placed: Sequence[ReservationPlaced]) -> None:
+    """Write placements (pending unless a final event got there first); pass them sorted
+    by reservation, so that writers lock in one order."""
+    await conn.execute(
+        _PLACED,
+        [e.reservation_id for e in placed],
+        [e.sale_id for e in placed],
+        [e.user_id for e in placed],
+        [e.qty for e in placed],
+        [e.occurred_at for e in placed],
+        [e.expires_at for e in placed],
+    )
+
+
+async def write_finished(
+    conn: asyncpg.Connection,
+    finished: Sequence[ReservationConfirmed | ReservationCancelled | ReservationExpired],
+) -> None:
+    """Write final states (confirmed, cancelled, expired); pass them sorted by reservation."""
+    await conn.execute(
+        _FINISHED,
+        [e.reservation_id for e in finished],
+        [e.sale_id for e in finished],
+        [e.user_id for e in finished],
+        [e.qty for e in finished],
+        [_TERMINAL_STATUS[e.type] for e in finished],
+        [e.occurred_at for e in finished],
+    )
+
+
+async def orders_of_sale(
+    conn: asyncpg.Connection, sale_id: str, prefetch: int
+) -> dict[str, tuple[str, int, str]]:
+    """``reservation_id -> (status, qty, user_id)`` of every row of the sale: read through a
+    cursor, so inside a transaction."""
+    return {
+        r["reservation_id"]: (r["status"], r["qty"], r["user_id"])
+        async for r in conn.cursor(_OF_SALE, sale_id, prefetch=prefetch)
+    }
