@@ -9,8 +9,9 @@ An entry may go once
 - the archive holds it (same position, same ``event_id``) or it cannot be decoded or
   parsed at all (such an entry is no event; its bytes are kept on the dead-letter stream).
 
-Each partition is trimmed with ``XTRIM MINID`` at the first entry that fails either test,
-never with a blind MAXLEN. The newest entry always stays, so the stream's last position
+Each partition is trimmed with ``XTRIM MINID`` up to the first entry that fails either test,
+one checked chunk (1,000 entries) per XTRIM so that a long backlog never holds Redis for
+long, and never with a blind MAXLEN. The newest entry always stays, so the stream's last position
 (which replay reads atomically with a sale's state) is never lost. A stream with no
 consumer group is left alone.
 """
@@ -96,6 +97,10 @@ async def acknowledged_below(client: aioredis.Redis, stream: str) -> Position | 
     return bound
 
 
+async def _trim_below(client: aioredis.Redis, stream: str, minid: Position) -> int:
+    return int(await client.xtrim(stream, minid=_id(minid), approximate=False))
+
+
 async def trim_partition(
     client: aioredis.Redis, pool: asyncpg.Pool, partition: int, chunk: int = _CHUNK
 ) -> TrimResult:
@@ -109,7 +114,7 @@ async def trim_partition(
         bound = min(bound, parse_stream_id(text(newest[0][0] or "")))
     keep_from: Position | None = None
     stopped_by = "consumers"
-    malformed = 0
+    malformed = trimmed = 0
     start = "-"
     while keep_from is None:
         entries = await client.xrange(stream, start, f"({_id(bound)}", count=chunk) or []
@@ -132,11 +137,15 @@ async def trim_partition(
                 break
         if len(entries) < chunk:
             break
+        if keep_from is None:
+            # The whole chunk may go: trim it now, so that no XTRIM removes more than one
+            # chunk and holds Redis for long after a big backlog.
+            trimmed += await _trim_below(client, stream, (last[0], last[1] + 1))
         start = f"({ids[-1]}"
     minid = keep_from or bound
     if minid <= (0, 1):  # no group has had anything delivered yet
-        return TrimResult(partition, 0, None, stopped_by, malformed)
-    trimmed = int(await client.xtrim(stream, minid=_id(minid), approximate=False))
+        return TrimResult(partition, trimmed, None, stopped_by, malformed)
+    trimmed += await _trim_below(client, stream, minid)
     if trimmed:
         log.info("stream_trimmed", partition=partition, trimmed=trimmed, kept_from=_id(minid))
     return TrimResult(partition, trimmed, _id(minid), stopped_by, malformed)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from consumers.deadletter import list_parked, retry_parked
 from consumers.projector import Projector
-from consumers.retention import trim_streams
+from consumers.retention import trim_partition, trim_streams
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
@@ -197,3 +197,28 @@ async def test_consume_daemon_trims_its_streams_as_it_goes(
         assert await terminate(proc) == 0
     finally:
         stop_all(proc)
+
+
+async def test_a_long_backlog_is_trimmed_one_chunk_per_xtrim(
+    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    sale = sale_in_partition(2, prefix="steps")
+    await open_sale(gateway, sale, stock=50)
+    await place(gateway, sale, [f"u{i}" for i in range(12)])
+    stream = gateway.keys_for_sale(sale).events
+    ids = await stream_ids(redis_client, stream)  # SaleCreated + 12 placements
+    p = Projector(redis_client, pool, 4, consumer="p", batch=100)
+    await p.ensure_groups()
+    await p.handle(await p.read_new(block_ms=10))
+
+    async def xtrim_calls() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(stats.get("cmdstat_xtrim", {}).get("calls", 0))
+
+    before = await xtrim_calls()
+    result = await trim_partition(redis_client, pool, 2, chunk=4)
+    # 12 of 13 may go (the newest entry stays): three full chunks of 4, one XTRIM each, and
+    # the last XTRIM finds nothing left below the newest entry.
+    assert (result.trimmed, result.kept_from, result.stopped_by) == (12, ids[-1], "consumers")
+    assert await stream_ids(redis_client, stream) == ids[-1:]
+    assert await xtrim_calls() - before == 4
