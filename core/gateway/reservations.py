@@ -139,7 +139,7 @@ class ReservationCommands(Reads):
         """Confirm a pending reservation of ``user_id`` (None: an admin, any buyer's).
 
         Returns False when it was already confirmed (nothing changed). Raises
-        ``ReservationNotFound``, ``ReservationExpired`` or ``ReservationClosed``.
+        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
@@ -160,7 +160,7 @@ class ReservationCommands(Reads):
         """Cancel a pending reservation of ``user_id``; its stock and quota go back.
 
         Returns False when it was already cancelled (nothing changed). Raises
-        ``ReservationNotFound``, ``ReservationExpired`` or ``ReservationClosed``.
+        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
