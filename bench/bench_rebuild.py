@@ -154,7 +154,7 @@ async def run(settings: Settings, events: int, sales: int, layout: str, vacuum: 
             # As autovacuum keeps a live archive: the archive checks then read the index alone.
             async with pool.acquire() as conn:
                 await conn.execute("VACUUM ANALYZE events")
-        gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+        gateway = RedisGateway.from_settings(client, settings)
         progress = ProgressLine(sys.stderr)
         try:
             report = await rebuild(gateway, pool, progress=progress)

@@ -131,7 +131,7 @@ async def run(settings: Settings, reservations: int, args_nice: bool) -> None:
         )
     )
     pool = await open_pool(settings.database_url or "", 4)
-    gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+    gateway = RedisGateway.from_settings(client, settings)
     scripts = {
         s.sha: name.removeprefix("_")
         for name, s in vars(gateway).items()

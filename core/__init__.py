@@ -1,42 +1,10 @@
-"""flashsale core: settings, events, Redis keys and Lua scripts, the gateway, errors."""
+"""flashsale core, the domain code every other package builds on.
 
-from core.errors import (
-    FlashsaleError,
-    InfrastructureError,
-    LimitReached,
-    RejectedError,
-    ReservationNotFound,
-    SaleExists,
-    SaleNotActive,
-    SaleNotFound,
-    SoldOut,
-)
-from core.events import AnyEvent, dump_event, parse_event
-from core.gateway import Placed, RedisGateway, SaleSnapshot
-from core.keys import PartitionKeys, partition_of
-from core.models import NewSale, ReservationView, SaleView
-from core.settings import Settings
+Import from the modules themselves (nothing is re-exported here): ``core.settings``
+(Settings), ``core.events`` (the events and their codec), ``core.keys`` (Redis key names),
+``core.models`` (views), ``core.errors`` (one root, narrow subclasses), ``core.gateway``
+(the Redis gateway and its Lua scripts in ``core/lua``), ``core.durability`` and
+``core.logs``.
+"""
 
-__all__ = [
-    "AnyEvent",
-    "FlashsaleError",
-    "InfrastructureError",
-    "LimitReached",
-    "NewSale",
-    "PartitionKeys",
-    "Placed",
-    "RedisGateway",
-    "RejectedError",
-    "ReservationNotFound",
-    "ReservationView",
-    "SaleExists",
-    "SaleNotActive",
-    "SaleNotFound",
-    "SaleSnapshot",
-    "SaleView",
-    "Settings",
-    "SoldOut",
-    "dump_event",
-    "parse_event",
-    "partition_of",
-]
+__all__: list[str] = []

@@ -61,7 +61,7 @@ class ReservationNotFound(RejectedError):
     code = "reservation_not_found"
 
 
-class ReservationExpired(RejectedError):
+class ReservationPastDeadline(RejectedError):
     """The reservation's payment window has passed; its stock went back on sale."""
 
     code = "reservation_expired"
@@ -134,7 +134,7 @@ REJECTIONS: dict[str, type[RejectedError]] = {
         SoldOut,
         LimitReached,
         ReservationNotFound,
-        ReservationExpired,
+        ReservationPastDeadline,
         ReservationClosed,
         NotEnoughUnsoldStock,
         IdempotencyKeyReused,

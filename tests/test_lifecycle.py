@@ -12,8 +12,8 @@ from consumers.expiry import ExpiryWorker
 from core.errors import (
     NotEnoughUnsoldStock,
     ReservationClosed,
-    ReservationExpired,
     ReservationNotFound,
+    ReservationPastDeadline,
     SaleNotActive,
     SoldOut,
 )
@@ -74,15 +74,15 @@ async def test_cancel_returns_stock_and_quota(gateway: RedisGateway):
 async def test_expiry_returns_stock_and_late_confirm_loses(gateway: RedisGateway):
     await open_sale(gateway, stock=2, hold_seconds=0)
     placed = await gateway.reserve("sale-1", "ann", 1, None)
-    with pytest.raises(ReservationExpired):  # past the deadline: refused before any sweep
+    with pytest.raises(ReservationPastDeadline):  # past the deadline: refused before any sweep
         await gateway.confirm(placed.reservation_id, "ann")
     assert await counters(gateway) == (1, 1, 0, 0)
     assert await ExpiryWorker(gateway).sweep() == 1
     assert await ExpiryWorker(gateway).sweep() == 0
     assert await counters(gateway) == (2, 0, 0, 1)
-    with pytest.raises(ReservationExpired):
+    with pytest.raises(ReservationPastDeadline):
         await gateway.confirm(placed.reservation_id, "ann")
-    with pytest.raises(ReservationExpired):
+    with pytest.raises(ReservationPastDeadline):
         await gateway.cancel(placed.reservation_id, "ann")
     view = await gateway.get_reservation(placed.reservation_id)
     assert view is not None and view.status == "expired"
@@ -97,7 +97,7 @@ async def test_confirm_and_expiry_racing_never_both_win(gateway: RedisGateway):
     async def confirm(rid: str, user: str) -> str:
         try:
             await gateway.confirm(rid, user)
-        except ReservationExpired:
+        except ReservationPastDeadline:
             return "expired"
         return "confirmed"
 

@@ -59,7 +59,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     assert settings.database_url
     client = redis_client_for(settings)
     pool = await postgres_pool_for(settings)
-    gateway = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+    gateway = RedisGateway.from_settings(client, settings)
     try:
         await gateway.load_scripts()
         yield Services(settings, client, pool, gateway)

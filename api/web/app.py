@@ -47,14 +47,7 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None
         redis_client = client or redis_client_for(settings)
-        gateway = RedisGateway(
-            redis_client,
-            settings.partitions,
-            settings.idempotency_ttl_seconds,
-            sold_out_hint_seconds=settings.sold_out_hint_ms / 1000,
-            wait_replicas=settings.wait_replicas,
-            wait_timeout_ms=settings.wait_timeout_ms,
-        )
+        gateway = RedisGateway.from_settings(redis_client, settings)
         try:
             await gateway.load_scripts()
         except InfrastructureError as e:

@@ -25,7 +25,7 @@ _STATUS_OF: dict[type[errors.FlashsaleError], int] = {
     errors.SaleNotActive: 409,
     errors.SoldOut: 409,
     errors.LimitReached: 409,
-    errors.ReservationExpired: 409,
+    errors.ReservationPastDeadline: 409,
     errors.ReservationClosed: 409,
     errors.NotEnoughUnsoldStock: 409,
     errors.IdempotencyKeyReused: 422,

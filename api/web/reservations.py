@@ -24,9 +24,9 @@ from core.errors import (
     NotReplicated,
     RejectedError,
     ReservationClosed,
-    ReservationExpired,
     ReservationNotFound,
     ReservationOutcomeUnknown,
+    ReservationPastDeadline,
     SaleNotFound,
 )
 from core.models import ReservationStatus, ReservationView
@@ -185,7 +185,7 @@ async def _pruned_transition(
 ) -> bool:
     """Answer a confirm/cancel of a reservation Redis does not know as its script would have
     answered before the reservation was pruned: False when it already is ``wanted``,
-    ``ReservationExpired`` or ``ReservationClosed`` for another final state, and
+    ``ReservationPastDeadline`` or ``ReservationClosed`` for another final state, and
     ``ReservationNotFound`` when ``orders`` has no final reservation of this buyer either."""
     view = await find_reservation(request.app, rid)
     mine = view is not None and (user_id is None or view.user_id == user_id)
@@ -194,7 +194,7 @@ async def _pruned_transition(
     if view.status == wanted:
         return False
     if view.status == "expired":
-        raise ReservationExpired()
+        raise ReservationPastDeadline()
     raise ReservationClosed()
 
 

@@ -1,0 +1,203 @@
+"""Reservation commands: place (with the sold-out hints and WAIT), confirm, cancel, expire."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from core.errors import InfrastructureError, NotReplicated, ReservationOutcomeUnknown, SoldOut
+from core.gateway.decode import time_of
+from core.gateway.reads import Reads
+from core.gateway.scripts import OPERATION_TTL_SECONDS
+from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of_reservation
+from core.models import ReservationView
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Outcome of a successful reserve call.
+
+    ``replayed``: the Idempotency-Key was used by an earlier request, and ``view`` is that
+    request's reservation as it is now (None if it is gone); otherwise ``expires_at`` is the
+    new placement's deadline.
+    """
+
+    reservation_id: str
+    replayed: bool
+    expires_at: datetime | None
+    view: ReservationView | None = None
+
+
+class ReservationCommands(Reads):
+    """The scripts that change one reservation; each logs its event in the same step."""
+
+    async def reserve(
+        self, sale_id: str, user_id: str, qty: int, idempotency_key: str | None
+    ) -> Placed:
+        """Run the reserve script: one round trip that validates, holds and logs.
+
+        Raises a ``RejectedError`` subclass with the script's reason when refused. A sale
+        that Redis just called sold out is answered ``SoldOut`` from memory for a short
+        while (see ``SoldOutHints``), except for requests with an Idempotency-Key, whose
+        retry must find the reservation it may already have.
+
+        The reservation id is chosen here, so a call whose reply was lost is run again with
+        the same id and answers the placement it made. When Redis stays silent beyond the
+        retry budget, ``ReservationOutcomeUnknown`` names the id, for the buyer to look up.
+        """
+        if idempotency_key is None and self.sold_out_hints.says_sold_out(sale_id, qty):
+            raise SoldOut()
+        keys = self.keys_for_sale(sale_id)
+        reservation_id = f"{keys.partition}-{uuid.uuid4().hex}"
+        try:
+            result = await self._reserve_script(
+                keys, sale_id, user_id, qty, reservation_id, idempotency_key
+            )
+        except SoldOut:
+            self.sold_out_hints.remember(sale_id, qty)
+            raise
+        except NotReplicated:
+            raise
+        except InfrastructureError as e:
+            log.warning("reservation_outcome_unknown", reservation_id=reservation_id, error=str(e))
+            raise ReservationOutcomeUnknown(reservation_id, str(e)) from e
+        if result[3] == "1":
+            try:
+                view = await self.get_reservation(result[1])
+            except InfrastructureError as e:
+                raise ReservationOutcomeUnknown(result[1], str(e)) from e
+            # A key naming this call's own id was stored by an earlier run of this call.
+            if result[1] != reservation_id or view is None:
+                return Placed(reservation_id=result[1], replayed=True, expires_at=None, view=view)
+            return Placed(reservation_id=result[1], replayed=False, expires_at=view.expires_at)
+        return Placed(reservation_id=result[1], replayed=False, expires_at=time_of(result[2]))
+
+    async def _reserve_script(
+        self,
+        keys: PartitionKeys,
+        sale_id: str,
+        user_id: str,
+        qty: int,
+        reservation_id: str,
+        idempotency_key: str | None,
+    ) -> list[str]:
+        script_keys = [
+            keys.sale(sale_id),
+            keys.holders(sale_id),
+            keys.idempotency(sale_id, user_id, idempotency_key or ""),
+            keys.reservation(reservation_id),
+            keys.reservations(sale_id),
+            keys.deadlines,
+            keys.events,
+            keys.user_reservations(sale_id, user_id),
+        ]
+        args: list[Any] = [
+            uuid.uuid4().hex,
+            sale_id,
+            user_id,
+            qty,
+            reservation_id,
+            self.idempotency_ttl,
+            "1" if idempotency_key else "",
+            "1" if self.wait_replicas else "",
+        ]
+        if self.wait_replicas:
+            return await self._retrying(
+                lambda: self._reserve_replicated(script_keys, args), "redis reserve and WAIT"
+            )
+        return await self._run(self._reserve, script_keys, args)
+
+    async def _reserve_replicated(self, keys: list[str], args: list[Any]) -> list[str]:
+        """The reserve script, then WAIT for ``wait_replicas`` replicas on the same connection.
+
+        Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
+        the primary all the same. WAIT covers the writes of its own connection only, so
+        both run on one; an answer that places nothing (a replayed Idempotency-Key, or a
+        repeated run of this call) rewrites a value as it is (ARGV[8]), which puts the
+        connection past the first placement's write and makes WAIT cover that too.
+        """
+        async with self.client.client() as conn:
+            result = await self._call(self._reserve, keys, args, client=conn)
+            acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
+        if acknowledged < self.wait_replicas:
+            log.warning(
+                "reservation_not_replicated",
+                reservation_id=result[1],
+                acknowledged=acknowledged,
+                wanted=self.wait_replicas,
+            )
+            raise NotReplicated(result[1], acknowledged, self.wait_replicas)
+        return result
+
+    async def confirm(self, reservation_id: str, user_id: str | None) -> bool:
+        """Confirm a pending reservation of ``user_id`` (None: an admin, any buyer's).
+
+        Returns False when it was already confirmed (nothing changed). Raises
+        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
+        """
+        view = await self._reservation_of(reservation_id, user_id)
+        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        operation = uuid.uuid4().hex
+        result = await self._run(
+            self._confirm,
+            [
+                keys.reservation(reservation_id),
+                keys.sale(view.sale_id),
+                keys.deadlines,
+                keys.events,
+            ],
+            [operation, reservation_id, user_id or ""],
+        )
+        return result[1] == "1"
+
+    async def cancel(self, reservation_id: str, user_id: str) -> bool:
+        """Cancel a pending reservation of ``user_id``; its stock and quota go back.
+
+        Returns False when it was already cancelled (nothing changed). Raises
+        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
+        """
+        view = await self._reservation_of(reservation_id, user_id)
+        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        operation = uuid.uuid4().hex
+        result = await self._run(
+            self._cancel,
+            [
+                keys.reservation(reservation_id),
+                keys.sale(view.sale_id),
+                keys.holders(view.sale_id),
+                keys.deadlines,
+                keys.events,
+            ],
+            [operation, reservation_id, user_id],
+        )
+        self.sold_out_hints.forget(view.sale_id)
+        return result[1] == "1"
+
+    async def expire_due(self, partition: int, limit: int = 200) -> tuple[int, int]:
+        """Expire up to ``limit`` overdue reservations of a partition.
+
+        Returns ``(expired, still_due)``; call again at once while ``still_due`` > 0.
+        """
+        keys = PartitionKeys(partition)
+        operation = uuid.uuid4().hex
+        script_keys = [keys.deadlines, keys.events, keys.operation(operation)]
+        args: list[Any] = [
+            limit,
+            keys.reservation_prefix,
+            keys.sale_prefix,
+            HOLDERS_SUFFIX,
+            OPERATION_TTL_SECONDS,
+        ]
+
+        async def run() -> list[Any]:
+            reply: list[Any] = await self._expire(keys=script_keys, args=args)
+            return reply
+
+        expired, left = await self._retrying(run, "redis expiry")
+        return int(expired), int(left)

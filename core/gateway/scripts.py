@@ -1,0 +1,167 @@
+"""The gateway's base: the Lua script registry, running a script with its rejections mapped
+to errors, and the retry policy for calls whose reply was lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import structlog
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.errors import REJECTIONS, InfrastructureError
+from core.gateway.decode import text
+from core.gateway.hints import SoldOutHints
+from core.keys import PartitionKeys, partition_of
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Errors after which a command may or may not have run: its reply was lost.
+LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
+# How long create, close, stock adjustment and expiry remember an operation id's outcome:
+# far longer than any retry of the same call, short enough that the records take little
+# memory. (Confirm and cancel keep theirs in the reservation's hash.)
+OPERATION_TTL_SECONDS = 300
+
+
+def load_lua(name: str) -> str:
+    """Source of ``core/lua/<name>.lua``."""
+    return resources.files("core").joinpath("lua", f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the gateway retries a call whose reply was lost, with the same ids each time.
+
+    At most ``attempts`` tries, sleeping ``backoff`` seconds (doubled each time) between
+    them, and no new try once ``deadline`` seconds have passed since the first.
+    """
+
+    attempts: int = 4
+    backoff: float = 0.02
+    deadline: float = 2.0
+
+
+class GatewayBase:
+    """What every command family of the gateway shares: the client, the partition count,
+    the options, the registered scripts (EVALSHA, loaded once per client) and the way a
+    call is run and retried."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        partitions: int,
+        idempotency_ttl: int,
+        sold_out_hint_seconds: float = 0.0,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.client = client
+        self.retry = retry or RetryPolicy()
+        self.partitions = partitions
+        self.idempotency_ttl = idempotency_ttl
+        # Replicas that must acknowledge a placement (Redis WAIT) before reserve returns.
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.sold_out_hints = SoldOutHints(sold_out_hint_seconds)
+        self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
+        self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
+        self._fence: AsyncScript = client.register_script(load_lua("fence_sale"))
+        self._read_batch: AsyncScript = client.register_script(load_lua("read_reservations"))
+        self._confirm: AsyncScript = client.register_script(load_lua("confirm"))
+        self._cancel: AsyncScript = client.register_script(load_lua("cancel"))
+        self._expire: AsyncScript = client.register_script(load_lua("expire"))
+        self._adjust_stock: AsyncScript = client.register_script(load_lua("adjust_stock"))
+        self._close_sale: AsyncScript = client.register_script(load_lua("close_sale"))
+        self._repair_sale: AsyncScript = client.register_script(load_lua("repair_sale"))
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD every script now, so no request pays for a first-call NOSCRIPT retry."""
+        scripts = (
+            self._create_sale,
+            self._reserve,
+            self._fence,
+            self._read_batch,
+            self._confirm,
+            self._cancel,
+            self._expire,
+            self._adjust_stock,
+            self._close_sale,
+            self._repair_sale,
+        )
+        try:
+            for script in scripts:
+                await self.client.script_load(script.script)
+        except RedisError as e:
+            raise InfrastructureError(f"cannot load the Lua scripts into redis: {e}") from e
+
+    def keys_for_sale(self, sale_id: str) -> PartitionKeys:
+        """Key builder of the partition that owns ``sale_id``."""
+        return PartitionKeys(partition_of(sale_id, self.partitions))
+
+    def stream_names(self) -> list[str]:
+        """Every partition's event stream, in partition order."""
+        return [PartitionKeys(p).events for p in range(self.partitions)]
+
+    async def ping(self) -> bool:
+        """True when Redis answers."""
+        try:
+            return bool(await self.client.ping())
+        except RedisError:
+            return False
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run ``call`` until it answers, again after a lost reply, within ``self.retry``.
+
+        Only for calls that are safe to repeat: reads, and scripts run with the same ids.
+        Raises ``InfrastructureError`` when Redis fails otherwise or the budget runs out.
+        """
+        started = time.monotonic()
+        delay = self.retry.backoff
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except LOST_REPLY as e:
+                spent = time.monotonic() - started
+                if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
+                    raise InfrastructureError(
+                        f"{what}: no reply from redis after {attempt} attempts: {e}"
+                    ) from e
+                log.warning("redis_reply_lost", what=what, attempt=attempt, error=str(e))
+            except RedisError as e:
+                raise InfrastructureError(f"{what} failed: {e}") from e
+            await asyncio.sleep(delay)
+            delay *= 2
+            attempt += 1
+
+    async def _call(
+        self,
+        script: AsyncScript,
+        keys: list[str],
+        args: list[Any],
+        client: aioredis.Redis | None = None,
+    ) -> list[str]:
+        """One run of a script; raises the script's rejection, lets Redis errors through."""
+        reply = await script(keys=keys, args=args, client=client)
+        result = [text(item) for item in reply]
+        if result[0] == "err":
+            raise REJECTIONS[result[1]]()
+        return result
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> list[str]:
+        """Run a script, again with the same arguments after a lost reply (every
+        state-changing script answers a repeated run with its first outcome)."""
+        return await self._retrying(lambda: self._call(script, keys, args), "redis script")
