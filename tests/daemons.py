@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
-from tests.conftest import ADMIN_TOKEN, JWT_SECRET
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, text
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -223,15 +223,11 @@ def sale_in_partition(partition: int, partitions: int = 4, prefix: str = "sale")
 async def entry_ids(client: aioredis.Redis, stream: str) -> list[str]:
     """The ids of every entry in ``stream``, oldest first."""
     entries = await client.xrange(stream) or []
-    return [_text(entry_id) for entry_id, _ in entries if entry_id is not None]
+    return [text(entry_id) for entry_id, _ in entries if entry_id is not None]
 
 
 async def newest_id(client: aioredis.Redis, stream: str) -> str:
     """The id of the newest entry in ``stream``."""
     entries = await client.xrevrange(stream, count=1) or []
     assert entries and entries[0][0] is not None, f"{stream} is empty"
-    return _text(entries[0][0])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return text(entries[0][0])

@@ -6,9 +6,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
+from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.models import NewSale, SaleView
+
+ADMIN_TOKEN = "test-admin-token"
+JWT_SECRET = "test-jwt-secret-0123456789abcdef"
 
 
 async def open_sale(
@@ -47,3 +52,27 @@ async def pg_rows(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
     }
     async with pool.acquire() as conn:
         return {name: [tuple(r) for r in await conn.fetch(q)] for name, q in queries.items()}
+
+
+async def project_all(
+    client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    partitions: int,
+    consumer: str = "test-projector",
+    batch: int = 500,
+) -> None:
+    """Run a projector until every entry of every stream is archived and acknowledged."""
+    projector = Projector(client, pool, partitions, consumer=consumer, batch=batch)
+    await projector.ensure_groups()
+    while deliveries := await projector.read_new(block_ms=10):
+        await projector.handle(deliveries)
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes, or str from a decoding client) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def place(gateway: RedisGateway, sale_id: str, users: list[str]) -> list[str]:
+    """One unit reserved for each of ``users`` in turn; their reservation ids."""
+    return [(await gateway.reserve(sale_id, u, 1, None)).reservation_id for u in users]

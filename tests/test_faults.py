@@ -39,7 +39,6 @@ from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
 from projections.db import open_pool
-from tests.conftest import JWT_SECRET
 from tests.daemons import (
     caught_up,
     cli,
@@ -60,16 +59,12 @@ from tests.daemons import (
     wait_exit,
     wait_started,
 )
-from tests.helpers import open_sale, pg_rows
+from tests.helpers import JWT_SECRET, open_sale, pg_rows, text
 
 AOF_ALWAYS = ["--appendonly", "yes", "--appendfsync", "always"]
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def place(gateway: RedisGateway, sale_id: str, users: Sequence[str]) -> list[str]:

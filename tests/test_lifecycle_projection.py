@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +36,9 @@ from core.settings import Settings
 from projections.fold import fold
 from projections.projector import LogEntry, project
 from projections.replay import Difference, read_log, verify
-from tests.daemons import SECRETS, logged, running, wait_exit, wait_started
-from tests.helpers import open_sale, pg_rows
+from tests.conftest import ProjectorFactory
+from tests.daemons import SECRETS, eventually, logged, running, wait_exit, wait_started
+from tests.helpers import open_sale, pg_rows, text
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,10 +54,6 @@ TERMINAL_TYPES = {
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def sales_in_distinct_partitions(prefix: str, count: int, partitions: int = 4) -> list[str]:
@@ -102,20 +98,6 @@ async def archived(pool: asyncpg.Pool) -> int:
 async def caught_up(gateway: RedisGateway, pool: asyncpg.Pool) -> bool:
     """Every logged event archived and nothing pending in the projector group."""
     return await archived(pool) == await stream_length(gateway) and not await group_pending(gateway)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]],
-    within: float,
-    what: str,
-    alive: Callable[[], None] | None = None,
-) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if alive is not None:
-            alive()
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 async def sleep_until(moment: datetime, margin: float = 0.2) -> None:
@@ -728,7 +710,11 @@ class Projected:
 
 @pytest.fixture
 async def projected(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ) -> Projected:
     paid, lapsed = sales_in_distinct_partitions("drift", 2)
     await open_sale(gateway, paid, stock=20, per_user_limit=2, hold_seconds=600)
@@ -742,7 +728,7 @@ async def projected(
         await gateway.reserve(lapsed, f"u{i}", 1 + i % 2, None)
     assert await ExpiryWorker(gateway).sweep() == 6
     await gateway.adjust_stock(paid, 4, None)
-    p = Projector(redis_client, pool, settings.partitions, consumer="drift", batch=50)
+    p = make_projector("drift", batch=50)
     await p.ensure_groups()
     while batch := await p.read_new(block_ms=10):
         await p.handle(batch)

@@ -36,8 +36,8 @@ from core.settings import Settings
 from projections.replay import verify
 from tests.daemons import caught_up, eventually
 from tests.helpers import open_sale
+from tests.http_helpers import buyer, log_events, session_for
 from tests.proxy import ReplyDroppingProxy
-from tests.test_http import buyer, log_events, session_for
 
 LIMITS = {"one": 1, "many": 3}
 STOCK = {"one": 700, "many": 900}

@@ -35,8 +35,9 @@ from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream, partiti
 from core.settings import Settings
 from projections.fold import fold
 from projections.projector import LogEntry, parse_stream_id, project
+from tests.conftest import ProjectorFactory
 from tests.daemons import SECRETS
-from tests.helpers import open_sale, pg_rows
+from tests.helpers import open_sale, pg_rows, text
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -46,20 +47,16 @@ COUNTERS = ("stock", "remaining", "held", "confirmed", "released")
 # --- helpers --------------------------------------------------------------------------------
 
 
-def projector(
-    redis_client: aioredis.Redis,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    consumer: str,
-    **kwargs: Any,
-) -> Projector:
-    kwargs.setdefault("block_ms", settings.consumer_block_ms)
-    kwargs.setdefault("claim_idle_ms", settings.claim_idle_ms)
-    return Projector(redis_client, pool, settings.partitions, consumer=consumer, **kwargs)
+@pytest.fixture
+def projector(make_projector: ProjectorFactory, settings: Settings) -> ProjectorFactory:
+    """Projectors that poll and claim at the test settings' pace unless told otherwise."""
 
+    def make(consumer: str, **options: Any) -> Projector:
+        options.setdefault("block_ms", settings.consumer_block_ms)
+        options.setdefault("claim_idle_ms", settings.claim_idle_ms)
+        return make_projector(consumer, **options)
 
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return make
 
 
 async def drain(p: Projector) -> int:
@@ -166,14 +163,18 @@ def sale_ids_covering(partitions: int, per_partition: int, prefix: str) -> list[
 
 
 async def test_run_projects_every_reservation_once(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "sale-1", stock=100, per_user_limit=2)
     users = [f"user-{i}" for i in range(40)]
     await place(gateway, "sale-1", users[:20], qty=2)
     await place(gateway, "sale-1", users[20:], qty=1)
 
-    p = projector(redis_client, pool, settings, "happy", batch=7)
+    p = projector("happy", batch=7)
     await p.ensure_groups()
     stop = asyncio.Event()
     task = asyncio.create_task(p.run(stop))
@@ -212,20 +213,24 @@ async def test_run_projects_every_reservation_once(
 
 
 async def test_entries_of_a_consumer_that_died_before_commit_are_reclaimed(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     sale_ids = sale_ids_covering(4, 1, "crash")
     for sale_id in sale_ids:
         await open_sale(gateway, sale_id, stock=50)
         await place(gateway, sale_id, [f"u{i}" for i in range(10)])
 
-    dead = projector(redis_client, pool, settings, "dead", batch=1000)
+    dead = projector("dead", batch=1000)
     await dead.ensure_groups()
     taken = await dead.read_new()
     assert len(taken) == 4 * 11  # read, then the process "dies" before projecting
     assert await pending(redis_client, 4) == len(taken)
 
-    heir = projector(redis_client, pool, settings, "heir", batch=1000, claim_idle_ms=200)
+    heir = projector("heir", batch=1000, claim_idle_ms=200)
     assert await heir.read_new(block_ms=10) == []  # nothing new: it is all pending on "dead"
     assert await heir.claim_stale() == []  # not idle long enough: a live consumer keeps its work
     await asyncio.sleep(0.3)
@@ -241,19 +246,23 @@ async def test_entries_of_a_consumer_that_died_before_commit_are_reclaimed(
 
 
 async def test_run_reclaims_more_than_one_batch_of_a_dead_consumer_without_waiting(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     sale_ids = sale_ids_covering(4, 1, "backlog")
     for sale_id in sale_ids:
         await open_sale(gateway, sale_id, stock=50)
         await place(gateway, sale_id, [f"u{i}" for i in range(30)])
 
-    dead = projector(redis_client, pool, settings, "dead", batch=20)
+    dead = projector("dead", batch=20)
     await dead.ensure_groups()
     orphaned = await dead.read_new()  # XREADGROUP COUNT is per stream: 4 x 20 entries
     assert len(orphaned) == 80
 
-    heir = projector(redis_client, pool, settings, "heir", batch=20, claim_idle_ms=0)
+    heir = projector("heir", batch=20, claim_idle_ms=0)
     stop = asyncio.Event()
     task = asyncio.create_task(heir.run(stop, claim_every=5.0))
     deadline = time.monotonic() + 3  # well before the next scheduled claim
@@ -270,12 +279,16 @@ async def test_run_reclaims_more_than_one_batch_of_a_dead_consumer_without_waiti
 
 
 async def test_batch_committed_but_not_acked_is_not_applied_twice(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "sale-1", stock=30, per_user_limit=3)
     await place(gateway, "sale-1", [f"u{i}" for i in range(12)], qty=2)
 
-    dead = projector(redis_client, pool, settings, "dead", batch=1000)
+    dead = projector("dead", batch=1000)
     await dead.ensure_groups()
     taken = await dead.read_new()
     entries = [LogEntry(d.partition, d.stream_id, parse_event(d.fields["event"])) for d in taken]
@@ -285,7 +298,7 @@ async def test_batch_committed_but_not_acked_is_not_applied_twice(
     before = await pg_rows(pool)
     assert await pending(redis_client, 4) == 13
 
-    heir = projector(redis_client, pool, settings, "heir", batch=1000, claim_idle_ms=0)
+    heir = projector("heir", batch=1000, claim_idle_ms=0)
     claimed = await heir.claim_stale()
     assert len(claimed) == 13
     assert await heir.handle(claimed) == 0  # every event was already archived and applied
@@ -454,6 +467,7 @@ POISON: dict[str, dict[str, str]] = {
 
 @pytest.mark.parametrize("use_run", [False, True], ids=["handle", "run"])
 async def test_poison_entries_are_dead_lettered_and_the_rest_projected(
+    projector: ProjectorFactory,
     gateway: RedisGateway,
     redis_client: aioredis.Redis,
     pool: asyncpg.Pool,
@@ -471,7 +485,7 @@ async def test_poison_entries_are_dead_lettered_and_the_rest_projected(
     after = await place(gateway, "sale-1", [f"late-{i}" for i in range(5)])
     assert before and after
 
-    p = projector(redis_client, pool, settings, "p", batch=4)
+    p = projector("p", batch=4)
     await p.ensure_groups()
     if use_run:
         stop = asyncio.Event()

@@ -25,10 +25,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream
 from core.settings import Settings
+from tests.conftest import ProjectorFactory
 from tests.daemons import (
     consumer_name,
     env_for,
@@ -44,11 +44,7 @@ from tests.daemons import (
     wait_exit,
     wait_started,
 )
-from tests.helpers import open_sale
-
-
-def text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+from tests.helpers import open_sale, text
 
 
 def default_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -283,6 +279,7 @@ async def _holds_any(client: aioredis.Redis) -> bool:
 
 @pytest.mark.parametrize("stable_name", [False, True], ids=["new-names", "stable-name"])
 async def test_restarts_during_an_outage_never_park_healthy_events(
+    make_projector: ProjectorFactory,
     gateway: RedisGateway,
     redis_client: aioredis.Redis,
     pool: asyncpg.Pool,
@@ -295,7 +292,7 @@ async def test_restarts_during_an_outage_never_park_healthy_events(
     try:
         for restart in range(6):
             name = "projector" if stable_name else f"projector-{restart}"
-            p = Projector(redis_client, down, 4, consumer=name, claim_idle_ms=300)
+            p = make_projector(name, pool=down, claim_idle_ms=300)
             stop = asyncio.Event()
             task = asyncio.create_task(p.run(stop))
             taken = functools.partial(_taken_or_parked, redis_client, name)
@@ -308,7 +305,7 @@ async def test_restarts_during_an_outage_never_park_healthy_events(
     finally:
         await down.close()
     # PostgreSQL is back: the next consumer projects all of it, and parks nothing.
-    heir = Projector(redis_client, pool, 4, consumer="heir", claim_idle_ms=300)
+    heir = make_projector("heir", claim_idle_ms=300)
     stop = asyncio.Event()
     task = asyncio.create_task(heir.run(stop))
     await eventually(lambda: _all_in(pool, rids), 10, "not projected once PostgreSQL was back")

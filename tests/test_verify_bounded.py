@@ -23,8 +23,8 @@ from projections.log import LogReader
 from projections.projector import parse_stream_id
 from projections.repair import repair_redis
 from projections.replay import LogTail, compare_redis, read_log, verify
+from tests.helpers import project_all, text
 from tests.test_lost_replies import lossy_client_of
-from tests.test_verify import project_all
 
 SLOW_US = 10_000  # the goal: no command of flashsale over 10 ms
 RESERVATIONS = 100_000
@@ -70,10 +70,6 @@ async def fill(gateway: RedisGateway, sale_id: str, count: int, batch: int = 200
     for start in range(0, count, batch):
         users = (f"u{n}" for n in range(start, min(start + batch, count)))
         await asyncio.gather(*(gateway.reserve(sale_id, user, 1, None) for user in users))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def slow_commands(client: aioredis.Redis) -> list[tuple[float, str]]:
@@ -162,7 +158,7 @@ async def test_group_progress_reads_a_large_backlog_in_chunks(
     gateway: RedisGateway, redis_client: aioredis.Redis
 ):
     stream = PartitionKeys(1).events
-    ids = [_text(await redis_client.xadd(stream, {"event": "{}"})) for _ in range(25)]
+    ids = [text(await redis_client.xadd(stream, {"event": "{}"})) for _ in range(25)]
     await redis_client.xgroup_create(stream, "g", id="0")
     await redis_client.xreadgroup("g", "c", {stream: ">"}, count=20)
     progress = await gateway.group_progress("g", chunk=3)
@@ -237,7 +233,7 @@ async def test_a_trim_racing_the_snapshot_is_read_from_the_archive(
                 self.raced = True
                 await self.reserve(sale_id, "trimmed-buyer", 1, None)
                 await self.reserve(sale_id, "kept-buyer", 1, None)
-                await project_all(redis_client, pool, settings)
+                await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
                 newest = await redis_client.xrevrange(keys.events, "+", "-", count=1) or []
                 await redis_client.xtrim(keys.events, minid=newest[0][0], approximate=False)
             fenced = await super()._fence_sale(keys, sale_id, position, users, rids, tail_limit)
@@ -248,7 +244,7 @@ async def test_a_trim_racing_the_snapshot_is_read_from_the_archive(
     await gateway.create_sale(NewSale(sale_id="trim", stock=100, per_user_limit=1))
     for n in range(5):
         await gateway.reserve("trim", f"early-{n}", 1, None)
-    await project_all(redis_client, pool, settings)
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
 
     reader = LogReader(gateway, pool)
     snap = await gateway.snapshot_sale("trim", LogTail(reader))
