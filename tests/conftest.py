@@ -20,7 +20,7 @@ from core.gateway import RedisGateway
 from core.settings import Settings
 from projections.db import open_pool
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET
-from tests.http_helpers import session_for
+from tests.http_helpers import serve, session_for
 
 
 @pytest.fixture(scope="session")
@@ -150,16 +150,15 @@ async def serve_app(
     test_settings = settings
     async with AsyncExitStack() as stack:
 
-        async def serve(
+        async def start(
             settings: Settings | None = None,
             client: aioredis.Redis | None = None,
             connections: int = 100,
         ) -> aiohttp.ClientSession:
-            server = TestServer(create_app(settings or test_settings, client or redis_client))
-            await stack.enter_async_context(server)
-            return await stack.enter_async_context(session_for(server, connections))
+            app_server = serve(settings or test_settings, client or redis_client, connections)
+            return await stack.enter_async_context(app_server)
 
-        yield serve
+        yield start
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
+from core.settings import Settings
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET, text
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
@@ -53,6 +54,13 @@ def env_for(redis_url: str, database_url: str, partitions: int = 4, **extra: str
     )
     env.update(extra)
     return env
+
+
+def env_of(settings: Settings, **extra: str) -> dict[str, str]:
+    """``env_for`` the servers and partitions of ``settings``."""
+    return env_for(
+        settings.redis_url or "", settings.database_url or "", settings.partitions, **extra
+    )
 
 
 def start(command: Iterable[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -100,6 +108,28 @@ async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
         assert time.monotonic() < deadline, f"pid {proc.pid} did not exit"
         await asyncio.sleep(0.05)
     return rc
+
+
+async def kill_frozen_when(
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    moment: Callable[[], Awaitable[bool]],
+    what: str,
+    within: float = 30,
+) -> None:
+    """Freeze ``proc`` (SIGSTOP) again and again until ``moment()`` holds while it is frozen,
+    then kill it there outright; fail with ``what`` after ``within`` seconds."""
+    alive = running((proc, log_path))
+    deadline = time.monotonic() + within
+    while True:
+        await asyncio.sleep(0.01)
+        assert time.monotonic() < deadline, what
+        alive()
+        proc.send_signal(signal.SIGSTOP)
+        if await moment():
+            proc.kill()
+            return
+        proc.send_signal(signal.SIGCONT)
 
 
 def logged(log_path: Path, event: str) -> list[dict[str, Any]]:

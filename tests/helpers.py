@@ -15,6 +15,19 @@ from core.models import NewSale, SaleView
 ADMIN_TOKEN = "test-admin-token"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef"
 
+# A poison row: PostgreSQL refuses every order of the buyer "mallory".
+REFUSE_MALLORY = """
+CREATE FUNCTION refuse_mallory() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.user_id = 'mallory' THEN
+        RAISE EXCEPTION 'orders of mallory are refused';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_mallory BEFORE INSERT OR UPDATE ON orders
+    FOR EACH ROW EXECUTE FUNCTION refuse_mallory();
+"""
+
 
 async def open_sale(
     gateway: RedisGateway,
@@ -76,3 +89,16 @@ def text(value: object) -> str:
 async def place(gateway: RedisGateway, sale_id: str, users: list[str]) -> list[str]:
     """One unit reserved for each of ``users`` in turn; their reservation ids."""
     return [(await gateway.reserve(sale_id, u, 1, None)).reservation_id for u in users]
+
+
+def sale_counts(
+    stock: int, remaining: int, held: int, confirmed: int, released: int
+) -> dict[str, int]:
+    """A sale's counters by name."""
+    return {
+        "stock": stock,
+        "remaining": remaining,
+        "held": held,
+        "confirmed": confirmed,
+        "released": released,
+    }

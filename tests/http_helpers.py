@@ -45,20 +45,31 @@ def signed(**claims: Any) -> dict[str, str]:
     return bearer(jwt.encode({"exp": int(time.time()) + 3600, **claims}, JWT_SECRET, "HS256"))
 
 
-def session_for(server: TestServer, connections: int = 100) -> aiohttp.ClientSession:
-    """A client session whose relative URLs go to ``server``."""
+def session_for(
+    server: TestServer, connections: int = 100, request_seconds: float | None = None
+) -> aiohttp.ClientSession:
+    """A client session whose relative URLs go to ``server`` (``request_seconds``: how long a
+    request may take in all, else the client library's default)."""
+    connector = aiohttp.TCPConnector(limit=connections)
+    if request_seconds is None:
+        return aiohttp.ClientSession(base_url=server.make_url("/"), connector=connector)
     return aiohttp.ClientSession(
-        base_url=server.make_url("/"), connector=aiohttp.TCPConnector(limit=connections)
+        base_url=server.make_url("/"),
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=request_seconds),
     )
 
 
 @asynccontextmanager
 async def serve(
-    settings: Settings, client: aioredis.Redis, connections: int = 100
+    settings: Settings,
+    client: aioredis.Redis | None,
+    connections: int = 100,
+    request_seconds: float | None = None,
 ) -> AsyncIterator[aiohttp.ClientSession]:
     """The app on a free TCP port and a client session pointed at it."""
     server = TestServer(create_app(settings, client))
-    async with server, session_for(server, connections) as session:
+    async with server, session_for(server, connections, request_seconds) as session:
         yield session
 
 

@@ -40,19 +40,7 @@ from tests.daemons import (
     terminate,
     wait_started,
 )
-from tests.helpers import open_sale, place, text
-
-REFUSE_MALLORY = """
-CREATE FUNCTION refuse_mallory() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.user_id = 'mallory' THEN
-        RAISE EXCEPTION 'orders of mallory are refused';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER refuse_mallory BEFORE INSERT OR UPDATE ON orders
-    FOR EACH ROW EXECUTE FUNCTION refuse_mallory();
-"""
+from tests.helpers import REFUSE_MALLORY, open_sale, place, text
 
 
 async def test_entry_delivered_more_than_max_deliveries_is_parked_with_its_count(

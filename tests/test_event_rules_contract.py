@@ -40,7 +40,7 @@ from core.keys import PartitionKeys, partition_of, partition_of_reservation
 from projections.fold import SaleState, apply, fold
 from projections.projector import LogEntry, project
 from projections.schema import migrate
-from tests.helpers import open_sale, text
+from tests.helpers import open_sale, sale_counts, text
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 GROUP = "contract"
@@ -54,18 +54,6 @@ class Outcome:
     closed: bool
     statuses: dict[str, str]
     holders: dict[str, int]
-
-
-def counters(
-    stock: int, remaining: int, held: int, confirmed: int, released: int
-) -> dict[str, int]:
-    return {
-        "stock": stock,
-        "remaining": remaining,
-        "held": held,
-        "confirmed": confirmed,
-        "released": released,
-    }
 
 
 def outcome_of_fold(sale: SaleState) -> Outcome:
@@ -342,14 +330,14 @@ class EventRulesContract(ABC):
     async def test_a_new_sale_has_all_its_stock_remaining(self, rules: EventRules):
         await rules.create("s", 10)
         found = await rules.outcome("s")
-        assert found == Outcome(counters(10, 10, 0, 0, 0), False, {}, {})
+        assert found == Outcome(sale_counts(10, 10, 0, 0, 0), False, {}, {})
 
     async def test_placing_holds_stock_for_the_buyer(self, rules: EventRules):
         await rules.create("s", 10)
         a = await rules.place("s", "ann", 2)
         b = await rules.place("s", "bob")
         found = await rules.outcome("s")
-        assert found.counters == counters(10, 7, 3, 0, 0)
+        assert found.counters == sale_counts(10, 7, 3, 0, 0)
         assert found.statuses == {a: "pending", b: "pending"}
         assert found.holders == {"ann": 2, "bob": 1}
 
@@ -358,7 +346,7 @@ class EventRulesContract(ABC):
         a = await rules.place("s", "ann", 2)
         await rules.confirm(a)
         found = await rules.outcome("s")
-        assert found.counters == counters(10, 8, 0, 2, 0)
+        assert found.counters == sale_counts(10, 8, 0, 2, 0)
         assert found.statuses == {a: "confirmed"}
         assert found.holders == {"ann": 2}
 
@@ -368,7 +356,7 @@ class EventRulesContract(ABC):
         b = await rules.place("s", "bob")
         await rules.cancel(a)
         found = await rules.outcome("s")
-        assert found.counters == counters(10, 9, 1, 0, 2)
+        assert found.counters == sale_counts(10, 9, 1, 0, 2)
         assert found.statuses == {a: "cancelled", b: "pending"}
         assert found.holders == {"bob": 1}
 
@@ -378,7 +366,7 @@ class EventRulesContract(ABC):
         b = await rules.place("s", "bob")
         await rules.expire(b)
         found = await rules.outcome("s")
-        assert found.counters == counters(10, 8, 2, 0, 1)
+        assert found.counters == sale_counts(10, 8, 2, 0, 1)
         assert found.statuses == {a: "pending", b: "expired"}
         assert found.holders == {"ann": 2}
 
@@ -390,7 +378,7 @@ class EventRulesContract(ABC):
         c = await rules.place("s", "bob", 1)
         await rules.expire(c)
         found = await rules.outcome("s")
-        assert found.counters == counters(2, 1, 1, 0, 3)
+        assert found.counters == sale_counts(2, 1, 1, 0, 3)
         assert found.statuses == {a: "cancelled", b: "pending", c: "expired"}
         assert found.holders == {"ann": 1}
 
@@ -400,7 +388,7 @@ class EventRulesContract(ABC):
         await rules.restock("s", 4)
         await rules.restock("s", -3)
         found = await rules.outcome("s")
-        assert found.counters == counters(6, 4, 2, 0, 0)
+        assert found.counters == sale_counts(6, 4, 2, 0, 0)
         assert found.statuses == {a: "pending"}
 
     async def test_closing_keeps_pending_reservations_payable(self, rules: EventRules):
@@ -412,7 +400,7 @@ class EventRulesContract(ABC):
         await rules.cancel(b)
         found = await rules.outcome("s")
         assert found == Outcome(
-            counters(5, 3, 0, 2, 1), True, {a: "confirmed", b: "cancelled"}, {"ann": 2}
+            sale_counts(5, 3, 0, 2, 1), True, {a: "confirmed", b: "cancelled"}, {"ann": 2}
         )
 
     async def test_a_whole_sale_ends_with_the_invariant_holding(self, rules: EventRules):
@@ -426,7 +414,7 @@ class EventRulesContract(ABC):
         await rules.confirm(last)
         await rules.close("s")
         found = await rules.outcome("s")
-        assert found.counters == counters(9, 4, 1, 4, 5)
+        assert found.counters == sale_counts(9, 4, 1, 4, 5)
         c = found.counters
         assert c["remaining"] + c["held"] + c["confirmed"] == c["stock"]
         assert found.statuses == {
@@ -446,8 +434,8 @@ class EventRulesContract(ABC):
         y = await rules.place("b", "ann", 2)
         await rules.confirm(x)
         await rules.cancel(y)
-        assert (await rules.outcome("a")).counters == counters(3, 2, 0, 1, 0)
-        assert (await rules.outcome("b")).counters == counters(4, 4, 0, 0, 2)
+        assert (await rules.outcome("a")).counters == sale_counts(3, 2, 0, 1, 0)
+        assert (await rules.outcome("b")).counters == sale_counts(4, 4, 0, 0, 2)
         assert (await rules.outcome("a")).holders == {"ann": 1}
         assert (await rules.outcome("b")).holders == {}
 
@@ -474,7 +462,7 @@ class DeliveryContract(EventRulesContract):
         await rules.deliver(batch)  # a consumer that crashed before its ack gets it again
         await rules.deliver(batch[2:4])
         assert await rules.outcome("s") == once
-        assert once.counters == counters(10, 8, 0, 2, 2)
+        assert once.counters == sale_counts(10, 8, 0, 2, 2)
         assert once.statuses == {a: "confirmed", b: "cancelled", c: "expired"}
 
     @pytest.mark.parametrize("seed", range(5))

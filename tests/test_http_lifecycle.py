@@ -31,7 +31,7 @@ from consumers.expiry import ExpiryWorker
 from core.events import ReservationCancelled, ReservationConfirmed, StockAdjusted
 from core.gateway import RedisGateway
 from core.settings import Settings
-from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale, sale_counts
 from tests.http_helpers import (
     ADMIN,
     JSON,
@@ -122,18 +122,6 @@ async def counters(session: aiohttp.ClientSession, sale_id: str = "sale-1") -> d
     assert sale["remaining"] >= 0
     assert sale["remaining"] + sale["held"] + sale["confirmed"] == sale["stock"], sale
     return {k: sale[k] for k in ("stock", "remaining", "held", "confirmed", "released")}
-
-
-def sale_counts(
-    stock: int, remaining: int, held: int, confirmed: int, released: int
-) -> dict[str, int]:
-    return {
-        "stock": stock,
-        "remaining": remaining,
-        "held": held,
-        "confirmed": confirmed,
-        "released": released,
-    }
 
 
 async def event_counts(gateway: RedisGateway) -> Counter[str]:

@@ -21,14 +21,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.cli.launcher import EmbeddedRedis
-from api.web.app import create_app
 from consumers.projector import Projector
 from core.events import ReservationPlaced
 from core.gateway import RedisGateway
@@ -36,7 +34,7 @@ from core.settings import Settings
 from projections.replay import verify
 from tests.daemons import caught_up, eventually
 from tests.helpers import open_sale
-from tests.http_helpers import buyer, log_events, session_for
+from tests.http_helpers import buyer, log_events, serve
 from tests.proxy import ReplyDroppingProxy
 
 LIMITS = {"one": 1, "many": 3}
@@ -96,9 +94,8 @@ async def fire(
 ) -> list[Answer]:
     """Send every attempt to an app whose Redis connection loses replies; a buyer with an
     Idempotency-Key who is answered 503 tries again with the same key, twice at most."""
-    server = TestServer(create_app(settings, client))
     gate = asyncio.Semaphore(64)
-    async with server, session_for(server, 64) as http:
+    async with serve(settings, client, 64) as http:
 
         async def one(attempt: Attempt) -> Answer:
             headers = buyer(attempt.user)
@@ -255,25 +252,26 @@ async def test_reserve_answers_503_with_the_id_it_tried_and_the_buyer_finds_it(
     settings: Settings, gateway: RedisGateway
 ):
     await open_sale(gateway, stock=5, per_user_limit=1)
-    async with lossy_client(settings, lose_reserve_replies(100)) as (client, _):
-        server = TestServer(create_app(settings, client))
-        async with server, session_for(server) as http:
-            async with http.post(
-                "/v1/sales/sale-1/reservations", json={"qty": 1}, headers=buyer("ann")
-            ) as r:
-                body = await r.json(content_type=None)
-                assert (r.status, body["code"]) == (503, "unavailable"), body
-                assert r.headers["Retry-After"] == "1"
-                rid = body["reservation_id"]
-                assert r.headers["Location"] == f"/v1/reservations/{rid}"
-                assert rid in body["detail"]
-            # Reads are answered: the buyer looks the id up, and lists what they hold.
-            async with http.get(r.headers["Location"], headers=buyer("ann")) as r:
-                assert r.status == 200
-                assert (await r.json())["status"] == "pending"
-            async with http.get("/v1/sales/sale-1/reservations/mine", headers=buyer("ann")) as r:
-                assert r.status == 200
-                mine = await r.json()
+    async with (
+        lossy_client(settings, lose_reserve_replies(100)) as (client, _),
+        serve(settings, client) as http,
+    ):
+        async with http.post(
+            "/v1/sales/sale-1/reservations", json={"qty": 1}, headers=buyer("ann")
+        ) as r:
+            body = await r.json(content_type=None)
+            assert (r.status, body["code"]) == (503, "unavailable"), body
+            assert r.headers["Retry-After"] == "1"
+            rid = body["reservation_id"]
+            assert r.headers["Location"] == f"/v1/reservations/{rid}"
+            assert rid in body["detail"]
+        # Reads are answered: the buyer looks the id up, and lists what they hold.
+        async with http.get(r.headers["Location"], headers=buyer("ann")) as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "pending"
+        async with http.get("/v1/sales/sale-1/reservations/mine", headers=buyer("ann")) as r:
+            assert r.status == 200
+            mine = await r.json()
     assert [m["reservation_id"] for m in mine["reservations"]] == [rid]
     placed = [e for e in await log_events(gateway) if isinstance(e, ReservationPlaced)]
     assert [e.reservation_id for e in placed] == [rid]  # placed once, however often it ran
@@ -373,8 +371,7 @@ async def test_a_buyer_lists_their_own_reservations_of_a_sale_whatever_their_sta
     third = await gateway.reserve("sale-1", "ann", 1, None)
     await gateway.reserve("sale-1", "bob", 1, None)
     await gateway.reserve("sale-2", "ann", 1, None)
-    server = TestServer(create_app(settings, redis_client))
-    async with server, session_for(server) as http:
+    async with serve(settings, redis_client) as http:
 
         async def mine(user: str | None, sale_id: str = "sale-1") -> tuple[int, Any]:
             headers = buyer(user) if user else {}

@@ -6,7 +6,6 @@ leaves Redis memory flat once pruned."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from core.gateway import RedisGateway
 from core.keys import PartitionKeys
 from core.settings import Settings
 from projections.replay import verify
-from tests.conftest import ProjectorFactory
+from tests.conftest import AppServerFactory, ProjectorFactory
 from tests.daemons import (
     env_for,
     eventually,
@@ -235,12 +234,9 @@ async def test_the_consume_daemon_prunes_as_it_goes(
 
 
 @pytest.fixture
-async def http(
-    pool: asyncpg.Pool, settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[aiohttp.ClientSession]:
-    server = TestServer(create_app(settings, redis_client))
-    async with server, session_for(server) as session:
-        yield session
+async def http(pool: asyncpg.Pool, serve_app: AppServerFactory) -> aiohttp.ClientSession:
+    """The app, started after the database is reset (pruned reservations are read from it)."""
+    return await serve_app()
 
 
 async def call(

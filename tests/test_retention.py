@@ -33,17 +33,7 @@ from tests.daemons import (
     terminate,
     wait_started,
 )
-from tests.helpers import open_sale, place, text
-
-REFUSE_MALLORY = """
-CREATE FUNCTION refuse_mallory() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.user_id = 'mallory' THEN RAISE EXCEPTION 'orders of mallory are refused'; END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER refuse_mallory BEFORE INSERT ON orders
-    FOR EACH ROW EXECUTE FUNCTION refuse_mallory();
-"""
+from tests.helpers import REFUSE_MALLORY, open_sale, place, text
 
 
 async def stream_ids(client: aioredis.Redis, stream: str) -> list[str]:
