@@ -154,6 +154,18 @@ async def wait_started(proc: subprocess.Popen[bytes], log_path: Path) -> None:
     await eventually(started, 30, "consume daemon did not start", running((proc, log_path)))
 
 
+async def start_consumers(env: dict[str, str], *logs: Path) -> list[subprocess.Popen[bytes]]:
+    """One ``flashsale consume`` per log path, each started; all killed if one does not start."""
+    procs = [start(["consume"], env, log_path) for log_path in logs]
+    try:
+        for proc, log_path in zip(procs, logs, strict=True):
+            await wait_started(proc, log_path)
+    except BaseException:
+        stop_all(*procs)
+        raise
+    return procs
+
+
 def stop_all(*procs: subprocess.Popen[bytes] | None) -> None:
     """Kill whatever is still running (test clean-up)."""
     for proc in procs:

@@ -51,6 +51,7 @@ from tests.daemons import (
     running,
     sale_in_partition,
     start,
+    start_consumers,
     stop_all,
     table_count,
     terminate,
@@ -167,11 +168,8 @@ async def test_second_projector_takes_over_what_a_killed_one_held(
         await open_sale(gateway, sale, stock=1000)
     env = env_for(settings.redis_url or "", settings.database_url or "")
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = start(["consume"], env, log_a)
-    b = start(["consume"], env, log_b)
+    a, b = await start_consumers(env, log_a, log_b)
     try:
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
         victim = consumer_name(a)
 
         async def buy() -> list[str]:
@@ -306,10 +304,7 @@ async def test_postgres_down_for_ten_seconds_under_load_then_everything_catches_
             FLASHSALE_RETENTION_INTERVAL_MS="1000",
         )
         log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-        a = start(["consume"], env, log_a)
-        b = start(["consume"], env, log_b)
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
+        a, b = await start_consumers(env, log_a, log_b)
         buyers = Buyers()
         stop_buying = asyncio.Event()
         async with serve(settings, redis_client, request_seconds=10) as http:

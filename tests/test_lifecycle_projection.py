@@ -44,6 +44,7 @@ from tests.daemons import (
     logged,
     running,
     start,
+    start_consumers,
     stream_length,
     table_count,
     wait_exit,
@@ -501,6 +502,19 @@ async def pg_statuses(pool: asyncpg.Pool) -> dict[str, str]:
 # --- 3. the expiry worker killed outright and restarted -------------------------------------
 
 
+async def expired_everywhere(
+    gateway: RedisGateway, pool: asyncpg.Pool, sale_ids: Sequence[str], overdue: set[str]
+) -> bool:
+    """Every ``overdue`` hold expired in Redis and in PostgreSQL, and the projection caught up."""
+    redis_now = await redis_statuses(gateway, sale_ids)
+    pg_now = await pg_statuses(pool)
+    return (
+        all(redis_now[r] == "expired" for r in overdue)
+        and all(pg_now.get(r) == "expired" for r in overdue)
+        and await caught_up(gateway.client, pool, gateway.partitions)
+    )
+
+
 async def test_consume_killed_while_holds_pend_expires_every_overdue_hold_once_after_restart(
     gateway: RedisGateway, pool: asyncpg.Pool, settings: Settings, tmp_path: Path
 ):
@@ -535,16 +549,12 @@ async def test_consume_killed_while_holds_pend_expires_every_overdue_hold_once_a
         second = start(["consume"], env_of(settings), second_log)
         alive = running((second, second_log))
 
-        async def all_expired() -> bool:
-            redis_now = await redis_statuses(gateway, sale_ids)
-            pg_now = await pg_statuses(pool)
-            return (
-                all(redis_now[r] == "expired" for r in overdue)
-                and all(pg_now.get(r) == "expired" for r in overdue)
-                and await caught_up(gateway.client, pool, gateway.partitions)
-            )
-
-        await eventually(all_expired, 30, "overdue holds were not expired and projected", alive)
+        await eventually(
+            partial(expired_everywhere, gateway, pool, sale_ids, overdue),
+            30,
+            "overdue holds were not expired and projected",
+            alive,
+        )
 
         expired_log = await expired_events(gateway)
         assert set(expired_log) == overdue and set(expired_log.values()) == {1}
@@ -594,27 +604,21 @@ async def test_two_consume_daemons_never_expire_a_hold_twice(
     logs = [tmp_path / "consume-a.log", tmp_path / "consume-b.log"]
     # Small, frequent sweeps so the two workers' calls interleave on the same deadlines.
     tuning = {"FLASHSALE_EXPIRY_BATCH": "7", "FLASHSALE_EXPIRY_INTERVAL_MS": "20"}
-    procs = [start(["consume"], env_of(settings, **tuning), path) for path in logs]
+    procs = await start_consumers(env_of(settings, **tuning), *logs)
     try:
         alive = running(*zip(procs, logs, strict=True))
-        for proc, path in zip(procs, logs, strict=True):
-            await wait_started(proc, path)
         placed, _ = await place_holds(gateway, sale_ids, per_sale=100, qty_cycle=3)
         confirmed = set(list(placed)[::10])
         await asyncio.gather(*(gateway.confirm(r, placed[r][1]) for r in confirmed))
         overdue = set(placed) - confirmed
         assert len(overdue) >= 300
 
-        async def all_expired() -> bool:
-            redis_now = await redis_statuses(gateway, sale_ids)
-            pg_now = await pg_statuses(pool)
-            return (
-                all(redis_now[r] == "expired" for r in overdue)
-                and all(pg_now.get(r) == "expired" for r in overdue)
-                and await caught_up(gateway.client, pool, gateway.partitions)
-            )
-
-        await eventually(all_expired, 30, "holds were not expired and projected", alive)
+        await eventually(
+            partial(expired_everywhere, gateway, pool, sale_ids, overdue),
+            30,
+            "holds were not expired and projected",
+            alive,
+        )
         await asyncio.sleep(0.3)  # give a double expiry, if any, the time to show up
 
         expired_log = await expired_events(gateway)

@@ -39,6 +39,7 @@ from tests.daemons import (
     running,
     sale_in_partition,
     start,
+    start_consumers,
     stop_all,
     terminate,
     wait_exit,
@@ -193,11 +194,8 @@ async def test_another_consumer_takes_over_a_killed_one_within_ten_seconds(
     sales = await open_sales(gateway, "takeover")
     env = default_env(settings)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = start(["consume"], env, log_a)
-    b = start(["consume"], env, log_b)
+    a, b = await start_consumers(env, log_a, log_b)
     try:
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
         alive = running((b, log_b))
         async with buying(gateway, sales) as placed:
             await eventually(lambda: _some_projected(pool), 15, "projection never started")
@@ -232,11 +230,8 @@ async def test_a_consumer_stuck_in_a_slow_transaction_keeps_its_entries(
     sales = await open_sales(gateway, "slow")
     env = default_env(settings)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = start(["consume"], env, log_a)
-    b = start(["consume"], env, log_b)
+    a, b = await start_consumers(env, log_a, log_b)
     try:
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
         alive = running((a, log_a), (b, log_b))
         placed = [
             (await gateway.reserve(sale, f"u{i}", 1, None)).reservation_id
