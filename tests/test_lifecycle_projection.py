@@ -26,7 +26,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumers.expiry import ExpiryWorker
-from consumers.projector import Projector
 from core.errors import NotEnoughUnsoldStock, RejectedError, SaleNotActive
 from core.events import TERMINAL_EVENTS, to_ms
 from core.gateway import RedisGateway, SaleSnapshot
@@ -217,7 +216,11 @@ class Outcomes:
 
 
 async def test_mixed_workload_with_consumers_running_keeps_every_store_in_agreement(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     a, b, c, d = sales_in_distinct_partitions("mix", 4)
     plans = {
@@ -231,14 +234,8 @@ async def test_mixed_workload_with_consumers_running_keeps_every_store_in_agreem
 
     stop = asyncio.Event()
     expiry = ExpiryWorker(gateway, interval=0.05, batch=25)
-    projector = Projector(
-        redis_client,
-        pool,
-        settings.partitions,
-        consumer="lifecycle",
-        batch=100,
-        block_ms=50,
-        claim_idle_ms=settings.claim_idle_ms,
+    projector = make_projector(
+        "lifecycle", batch=100, block_ms=50, claim_idle_ms=settings.claim_idle_ms
     )
     daemons = [asyncio.create_task(expiry.run(stop)), asyncio.create_task(projector.run(stop))]
     out = Outcomes()

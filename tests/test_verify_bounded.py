@@ -23,6 +23,7 @@ from projections.log import LogReader
 from projections.projector import parse_stream_id
 from projections.repair import repair_redis
 from projections.replay import LogTail, compare_redis, read_log, verify
+from tests.conftest import GatewayFactory
 from tests.helpers import project_all, text
 from tests.test_lost_replies import lossy_client_of
 
@@ -296,7 +297,10 @@ async def test_many_changes_during_the_read_are_read_again_in_chunks_first(
 
 
 async def test_snapshot_and_repair_send_a_command_again_when_its_reply_is_lost(
-    gateway: RedisGateway, redis_client: aioredis.Redis, settings: Settings
+    make_gateway: GatewayFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    settings: Settings,
 ):
     """A snapshot is many short commands now, so more of them can lose their reply: each
     one (a read, or a fenced repair part) is sent again, and the answer is unchanged."""
@@ -316,7 +320,7 @@ async def test_snapshot_and_repair_send_a_command_again_when_its_reply_is_lost(
 
     assert settings.redis_url is not None
     async with lossy_client_of(settings.redis_url, every_third_array) as (client, proxy):
-        lossy = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+        lossy = make_gateway(client)
         snap = await lossy.snapshot_sale("lossy", chunk=100)
         assert proxy.dropped > 5
         assert snap == expected
