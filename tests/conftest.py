@@ -4,18 +4,23 @@ else embedded ones started by the project's own launcher. State is reset before 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from typing import Any, Protocol
 
+import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
 
 from api.cli.launcher import ServerUrls, embedded_servers
+from api.web.app import create_app
+from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.settings import Settings
 from projections.db import open_pool
-
-ADMIN_TOKEN = "test-admin-token"
-JWT_SECRET = "test-jwt-secret-0123456789abcdef"
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET
+from tests.http_helpers import serve, session_for
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +67,110 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+class GatewayFactory(Protocol):
+    """Builds a gateway from the test settings; keyword arguments override its options."""
+
+    def __call__(self, client: aioredis.Redis | None = None, **options: Any) -> RedisGateway: ...
+
+
 @pytest.fixture
-def gateway(redis_client: aioredis.Redis, settings: Settings) -> RedisGateway:
-    return RedisGateway(redis_client, settings.partitions, settings.idempotency_ttl_seconds)
+def make_gateway(redis_client: aioredis.Redis, settings: Settings) -> GatewayFactory:
+    """A gateway on ``client`` (the test's Redis by default) with the settings' partitions."""
+
+    def make(client: aioredis.Redis | None = None, **options: Any) -> RedisGateway:
+        return RedisGateway(
+            client if client is not None else redis_client,
+            options.pop("partitions", settings.partitions),
+            options.pop("idempotency_ttl_seconds", settings.idempotency_ttl_seconds),
+            **options,
+        )
+
+    return make
+
+
+@pytest.fixture
+def gateway(make_gateway: GatewayFactory) -> RedisGateway:
+    return make_gateway()
+
+
+class ProjectorFactory(Protocol):
+    """Builds a projector daemon from the test settings; keyword arguments override its options."""
+
+    def __call__(
+        self,
+        consumer: str,
+        *,
+        client: aioredis.Redis | None = None,
+        pool: asyncpg.Pool | None = None,
+        **options: Any,
+    ) -> Projector: ...
+
+
+@pytest.fixture
+def make_projector(
+    redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+) -> ProjectorFactory:
+    """A projector named ``consumer`` on the test's Redis and database (or the ones given)."""
+    test_pool = pool
+
+    def make(
+        consumer: str,
+        *,
+        client: aioredis.Redis | None = None,
+        pool: asyncpg.Pool | None = None,
+        **options: Any,
+    ) -> Projector:
+        return Projector(
+            client if client is not None else redis_client,
+            pool if pool is not None else test_pool,
+            options.pop("partitions", settings.partitions),
+            consumer=consumer,
+            **options,
+        )
+
+    return make
+
+
+class AppServerFactory(Protocol):
+    """Starts the app on a free TCP port; returns a client session pointed at it."""
+
+    async def __call__(
+        self,
+        settings: Settings | None = None,
+        client: aioredis.Redis | None = None,
+        connections: int = 100,
+    ) -> aiohttp.ClientSession: ...
+
+
+@pytest.fixture
+async def serve_app(
+    settings: Settings, redis_client: aioredis.Redis
+) -> AsyncIterator[AppServerFactory]:
+    """Factory of app servers (the test's settings and Redis by default), all stopped after."""
+    test_settings = settings
+    async with AsyncExitStack() as stack:
+
+        async def start(
+            settings: Settings | None = None,
+            client: aioredis.Redis | None = None,
+            connections: int = 100,
+        ) -> aiohttp.ClientSession:
+            app_server = serve(settings or test_settings, client or redis_client, connections)
+            return await stack.enter_async_context(app_server)
+
+        yield start
+
+
+@pytest.fixture
+async def server(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[TestServer]:
+    """The app on a free TCP port, with the test's settings and Redis."""
+    server = TestServer(create_app(settings, redis_client))
+    async with server:
+        yield server
+
+
+@pytest.fixture
+async def http(server: TestServer) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session pointed at ``server``."""
+    async with session_for(server) as session:
+        yield session

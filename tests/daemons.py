@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
-from tests.conftest import ADMIN_TOKEN, JWT_SECRET
+from core.settings import Settings
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, text
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -53,6 +54,13 @@ def env_for(redis_url: str, database_url: str, partitions: int = 4, **extra: str
     )
     env.update(extra)
     return env
+
+
+def env_of(settings: Settings, **extra: str) -> dict[str, str]:
+    """``env_for`` the servers and partitions of ``settings``."""
+    return env_for(
+        settings.redis_url or "", settings.database_url or "", settings.partitions, **extra
+    )
 
 
 def start(command: Iterable[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -102,6 +110,28 @@ async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
     return rc
 
 
+async def kill_frozen_when(
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    moment: Callable[[], Awaitable[bool]],
+    what: str,
+    within: float = 30,
+) -> None:
+    """Freeze ``proc`` (SIGSTOP) again and again until ``moment()`` holds while it is frozen,
+    then kill it there outright; fail with ``what`` after ``within`` seconds."""
+    alive = running((proc, log_path))
+    deadline = time.monotonic() + within
+    while True:
+        await asyncio.sleep(0.01)
+        assert time.monotonic() < deadline, what
+        alive()
+        proc.send_signal(signal.SIGSTOP)
+        if await moment():
+            proc.kill()
+            return
+        proc.send_signal(signal.SIGCONT)
+
+
 def logged(log_path: Path, event: str) -> list[dict[str, Any]]:
     """The JSON log records of ``event`` a daemon wrote so far."""
     records: list[dict[str, Any]] = []
@@ -122,6 +152,18 @@ async def wait_started(proc: subprocess.Popen[bytes], log_path: Path) -> None:
         return all(logged(log_path, e) for e in ("projector_started", "expiry_worker_started"))
 
     await eventually(started, 30, "consume daemon did not start", running((proc, log_path)))
+
+
+async def start_consumers(env: dict[str, str], *logs: Path) -> list[subprocess.Popen[bytes]]:
+    """One ``flashsale consume`` per log path, each started; all killed if one does not start."""
+    procs = [start(["consume"], env, log_path) for log_path in logs]
+    try:
+        for proc, log_path in zip(procs, logs, strict=True):
+            await wait_started(proc, log_path)
+    except BaseException:
+        stop_all(*procs)
+        raise
+    return procs
 
 
 def stop_all(*procs: subprocess.Popen[bytes] | None) -> None:
@@ -223,15 +265,11 @@ def sale_in_partition(partition: int, partitions: int = 4, prefix: str = "sale")
 async def entry_ids(client: aioredis.Redis, stream: str) -> list[str]:
     """The ids of every entry in ``stream``, oldest first."""
     entries = await client.xrange(stream) or []
-    return [_text(entry_id) for entry_id, _ in entries if entry_id is not None]
+    return [text(entry_id) for entry_id, _ in entries if entry_id is not None]
 
 
 async def newest_id(client: aioredis.Redis, stream: str) -> str:
     """The id of the newest entry in ``stream``."""
     entries = await client.xrevrange(stream, count=1) or []
     assert entries and entries[0][0] is not None, f"{stream} is empty"
-    return _text(entries[0][0])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return text(entries[0][0])

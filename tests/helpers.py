@@ -6,9 +6,27 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 
+from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.models import NewSale, SaleView
+
+ADMIN_TOKEN = "test-admin-token"
+JWT_SECRET = "test-jwt-secret-0123456789abcdef"
+
+# A poison row: PostgreSQL refuses every order of the buyer "mallory".
+REFUSE_MALLORY = """
+CREATE FUNCTION refuse_mallory() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.user_id = 'mallory' THEN
+        RAISE EXCEPTION 'orders of mallory are refused';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_mallory BEFORE INSERT OR UPDATE ON orders
+    FOR EACH ROW EXECUTE FUNCTION refuse_mallory();
+"""
 
 
 async def open_sale(
@@ -47,3 +65,40 @@ async def pg_rows(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
     }
     async with pool.acquire() as conn:
         return {name: [tuple(r) for r in await conn.fetch(q)] for name, q in queries.items()}
+
+
+async def project_all(
+    client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    partitions: int,
+    consumer: str = "test-projector",
+    batch: int = 500,
+) -> None:
+    """Run a projector until every entry of every stream is archived and acknowledged."""
+    projector = Projector(client, pool, partitions, consumer=consumer, batch=batch)
+    await projector.ensure_groups()
+    while deliveries := await projector.read_new(block_ms=10):
+        await projector.handle(deliveries)
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes, or str from a decoding client) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def place(gateway: RedisGateway, sale_id: str, users: list[str]) -> list[str]:
+    """One unit reserved for each of ``users`` in turn; their reservation ids."""
+    return [(await gateway.reserve(sale_id, u, 1, None)).reservation_id for u in users]
+
+
+def sale_counts(
+    stock: int, remaining: int, held: int, confirmed: int, released: int
+) -> dict[str, int]:
+    """A sale's counters by name."""
+    return {
+        "stock": stock,
+        "remaining": remaining,
+        "held": held,
+        "confirmed": confirmed,
+        "released": released,
+    }

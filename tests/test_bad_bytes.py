@@ -16,7 +16,6 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from consumers.deadletter import list_parked, retry_parked
-from consumers.projector import Projector
 from consumers.retention import trim_streams
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys, dead_letter_stream
@@ -24,6 +23,7 @@ from core.settings import Settings
 from projections.rebuild import rebuild
 from projections.repair import repair_redis
 from projections.verify import verify
+from tests.conftest import ProjectorFactory
 from tests.daemons import (
     cli,
     cli_json,
@@ -38,13 +38,9 @@ from tests.daemons import (
     terminate,
     wait_started,
 )
-from tests.helpers import open_sale
+from tests.helpers import open_sale, place
 
 BAD_EVENT = b"\xff\xfe not UTF-8 at all"
-
-
-async def place(gateway: RedisGateway, sale_id: str, users: list[str]) -> list[str]:
-    return [(await gateway.reserve(sale_id, u, 1, None)).reservation_id for u in users]
 
 
 async def write_junk(client: aioredis.Redis, stream: str) -> list[str]:
@@ -117,6 +113,7 @@ async def test_consume_parks_entries_that_are_not_utf8_and_projects_the_rest(
 
 
 async def test_log_readers_and_retention_count_undecodable_entries_and_go_on(
+    make_projector: ProjectorFactory,
     gateway: RedisGateway,
     redis_client: aioredis.Redis,
     pool: asyncpg.Pool,
@@ -128,7 +125,7 @@ async def test_log_readers_and_retention_count_undecodable_entries_and_go_on(
     rids = await place(gateway, sale, [f"u{i}" for i in range(10)])
     junk = await write_junk(redis_client, stream)
     rids += await place(gateway, sale, [f"v{i}" for i in range(10)])
-    projector = Projector(redis_client, pool, 4, consumer="p", batch=7)
+    projector = make_projector("p", batch=7)
     await projector.ensure_groups()
     while batch := await projector.read_new(block_ms=10):
         await projector.handle(batch)

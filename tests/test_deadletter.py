@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from api.web.app import create_app
 from consumers.deadletter import list_parked, retry_parked
 from consumers.faults import is_transient
-from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
 from projections.verify import verify
+from tests.conftest import ProjectorFactory
 from tests.daemons import (
     cli,
     cli_json,
@@ -40,38 +40,21 @@ from tests.daemons import (
     terminate,
     wait_started,
 )
-from tests.helpers import open_sale
-
-REFUSE_MALLORY = """
-CREATE FUNCTION refuse_mallory() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.user_id = 'mallory' THEN
-        RAISE EXCEPTION 'orders of mallory are refused';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER refuse_mallory BEFORE INSERT OR UPDATE ON orders
-    FOR EACH ROW EXECUTE FUNCTION refuse_mallory();
-"""
-
-
-def text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def place(gateway: RedisGateway, sale_id: str, users: list[str]) -> list[str]:
-    placed = [await gateway.reserve(sale_id, u, 1, None) for u in users]
-    return [p.reservation_id for p in placed]
+from tests.helpers import REFUSE_MALLORY, open_sale, place, text
 
 
 async def test_entry_delivered_more_than_max_deliveries_is_parked_with_its_count(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "sale-1", stock=10)
     rids = await place(gateway, "sale-1", ["u0", "u1", "u2"])
     stream = gateway.keys_for_sale("sale-1").events
 
-    first = Projector(redis_client, pool, 4, consumer="crashy-0", claim_idle_ms=0)
+    first = make_projector("crashy-0", claim_idle_ms=0)
     await first.ensure_groups()
     taken = await first.read_new(block_ms=10)  # SaleCreated + 3 placements, delivery 1 each
     assert len(taken) == 4
@@ -80,7 +63,7 @@ async def test_entry_delivered_more_than_max_deliveries_is_parked_with_its_count
     for i in range(1, 4):
         await redis_client.xclaim(stream, CONSUMER_GROUP, f"crashy-{i}", 0, [hot.stream_id])
 
-    heir = Projector(redis_client, pool, 4, consumer="heir", claim_idle_ms=0, max_deliveries=3)
+    heir = make_projector("heir", claim_idle_ms=0, max_deliveries=3)
     claimed = await heir.claim_stale()
     counts = {d.stream_id: d.deliveries for d in claimed}
     assert counts == {d.stream_id: 5 if d is hot else 2 for d in taken}
@@ -200,19 +183,23 @@ async def test_consume_parks_failing_and_malformed_entries_keeps_going_and_dlq_r
 
 
 async def test_status_and_metrics_show_lag_pending_age_and_dead_letters(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     busy, quiet = sale_in_partition(1, prefix="busy"), sale_in_partition(2, prefix="quiet")
     await open_sale(gateway, busy, stock=50)
     await place(gateway, busy, [f"u{i}" for i in range(10)])  # 11 entries in partition 1
     await redis_client.xadd(gateway.keys_for_sale(quiet).events, {"event": "junk"})
 
-    slow = Projector(redis_client, pool, 4, consumer="slow", batch=4)
+    slow = make_projector("slow", batch=4)
     await slow.ensure_groups()
     held = await slow.read_new(block_ms=10)  # 4 of partition 1 and the junk: not handled
     assert len(held) == 5
     await slow.ack([d for d in held if d.partition == 2])
-    parker = Projector(redis_client, pool, 4, consumer="parker", batch=4)
+    parker = make_projector("parker", batch=4)
     await parker.handle(await parker.read_new(block_ms=10))  # 4 more of partition 1
     await redis_client.xadd(
         dead_letter_stream(), {"stream": "x", "stream_id": "1-1", "error": "e", "deliveries": "1"}
@@ -282,15 +269,18 @@ def test_outages_are_transient_and_an_entrys_own_failures_are_not(
 
 
 async def test_a_batch_held_through_an_outage_is_neither_stolen_nor_parked(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
 ):
     await open_sale(gateway, "sale-1", stock=10)
     rids = await place(gateway, "sale-1", ["u0", "u1", "u2"])
     stream = gateway.keys_for_sale("sale-1").events
     # A's PostgreSQL refuses connections (nothing listens there); B's is fine.
     unreachable = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:9/x", min_size=0)
-    a = Projector(redis_client, unreachable, 4, consumer="a", claim_idle_ms=300)
-    b = Projector(redis_client, pool, 4, consumer="b", claim_idle_ms=300, max_deliveries=2)
+    a = make_projector("a", pool=unreachable, claim_idle_ms=300)
+    b = make_projector("b", claim_idle_ms=300, max_deliveries=2)
     await a.ensure_groups()
     stop_a, stop_b = asyncio.Event(), asyncio.Event()
     running_a = asyncio.create_task(a.run(stop_a))
@@ -326,13 +316,16 @@ async def _projected(pool: asyncpg.Pool, rids: list[str]) -> bool:
 
 
 async def test_a_batch_stuck_on_a_slow_postgres_stays_with_its_consumer(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
 ):
     await open_sale(gateway, "sale-1", stock=10)
     rids = await place(gateway, "sale-1", ["u0", "u1"])
     stream = gateway.keys_for_sale("sale-1").events
-    a = Projector(redis_client, pool, 4, consumer="a", claim_idle_ms=300)
-    b = Projector(redis_client, pool, 4, consumer="b", claim_idle_ms=300, max_deliveries=2)
+    a = make_projector("a", claim_idle_ms=300)
+    b = make_projector("b", claim_idle_ms=300, max_deliveries=2)
     await a.ensure_groups()
     stop = asyncio.Event()
     async with pool.acquire() as blocker, blocker.transaction():

@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 import asyncpg
 import redis.asyncio as aioredis
 
-from consumers.projector import Projector
 from core.events import ReservationPlaced, SaleCreated, parse_event, to_ms
 from core.gateway import RedisGateway
 from core.models import NewSale
 from projections.verify import verify
-from tests.test_http import log_events
+from tests.conftest import ProjectorFactory
+from tests.http_helpers import log_events
 
 START = datetime(9000, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 END = datetime(9999, 12, 30, 23, 59, 59, 999_000, tzinfo=UTC)
@@ -30,7 +30,10 @@ async def raw_events(client: aioredis.Redis, gateway: RedisGateway) -> list[dict
 
 
 async def test_a_far_future_window_is_logged_exactly(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
 ):
     view = await gateway.create_sale(
         NewSale(sale_id="later", stock=3, starts_at=START, ends_at=END, hold_seconds=60)
@@ -43,7 +46,7 @@ async def test_a_far_future_window_is_logged_exactly(
     assert (raw["starts_at"], raw["ends_at"]) == (to_ms(START), to_ms(END))  # whole integers
     stored = await redis_client.hmget(gateway.keys_for_sale("later").sale("later"), "starts_at")
     assert stored == [str(to_ms(START)).encode()]
-    projector = Projector(redis_client, pool, gateway.partitions, consumer="t", block_ms=10)
+    projector = make_projector("t", block_ms=10)
     await projector.ensure_groups()
     await projector.handle(await projector.read_new(block_ms=10))
     async with pool.acquire() as conn:

@@ -20,8 +20,7 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,14 @@ from typing import Any
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 
 from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis
-from api.web.app import create_app
 from api.web.auth import issue_token
 from core.durability import check_durability
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
 from projections.db import open_pool
-from tests.conftest import JWT_SECRET
 from tests.daemons import (
     caught_up,
     cli,
@@ -48,28 +44,27 @@ from tests.daemons import (
     env_for,
     eventually,
     group_pending,
+    kill_frozen_when,
     logged,
     newest_id,
     order_ids,
     running,
     sale_in_partition,
     start,
+    start_consumers,
     stop_all,
     table_count,
     terminate,
     wait_exit,
     wait_started,
 )
-from tests.helpers import open_sale, pg_rows
+from tests.helpers import JWT_SECRET, open_sale, pg_rows, text
+from tests.http_helpers import serve
 
 AOF_ALWAYS = ["--appendonly", "yes", "--appendfsync", "always"]
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def place(gateway: RedisGateway, sale_id: str, users: Sequence[str]) -> list[str]:
@@ -83,19 +78,6 @@ def client_for(url: str) -> aioredis.Redis:
             url, max_connections=50, timeout=10
         )
     )
-
-
-@asynccontextmanager
-async def api(settings: Settings, client: aioredis.Redis) -> AsyncIterator[aiohttp.ClientSession]:
-    """The HTTP API on a free port and a client session pointed at it."""
-    server = TestServer(create_app(settings, client))
-    async with (
-        server,
-        aiohttp.ClientSession(
-            base_url=server.make_url("/"), timeout=aiohttp.ClientTimeout(total=10)
-        ) as session,
-    ):
-        yield session
 
 
 async def reserve_once(
@@ -186,11 +168,8 @@ async def test_second_projector_takes_over_what_a_killed_one_held(
         await open_sale(gateway, sale, stock=1000)
     env = env_for(settings.redis_url or "", settings.database_url or "")
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = start(["consume"], env, log_a)
-    b = start(["consume"], env, log_b)
+    a, b = await start_consumers(env, log_a, log_b)
     try:
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
         victim = consumer_name(a)
 
         async def buy() -> list[str]:
@@ -204,18 +183,13 @@ async def test_second_projector_takes_over_what_a_killed_one_held(
             return placed
 
         buying = asyncio.create_task(buy())
+
         # Freeze the first daemon at a moment it holds entries it has not acknowledged,
         # then kill it outright.
-        deadline = time.monotonic() + 30
-        while True:
-            await asyncio.sleep(0.01)
-            assert time.monotonic() < deadline, "never caught the daemon holding a batch"
-            assert a.poll() is None, log_a.read_text()[-3000:]
-            a.send_signal(signal.SIGSTOP)
-            if await group_pending(redis_client, 4, victim):
-                a.kill()
-                break
-            a.send_signal(signal.SIGCONT)
+        async def holding() -> bool:
+            return bool(await group_pending(redis_client, 4, victim))
+
+        await kill_frozen_when(a, log_a, holding, "never caught the daemon holding a batch")
         assert await wait_exit(a, 10) == -signal.SIGKILL
         orphaned = await group_pending(redis_client, 4, victim)
         assert orphaned > 0
@@ -330,13 +304,10 @@ async def test_postgres_down_for_ten_seconds_under_load_then_everything_catches_
             FLASHSALE_RETENTION_INTERVAL_MS="1000",
         )
         log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-        a = start(["consume"], env, log_a)
-        b = start(["consume"], env, log_b)
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
+        a, b = await start_consumers(env, log_a, log_b)
         buyers = Buyers()
         stop_buying = asyncio.Event()
-        async with api(settings, redis_client) as http:
+        async with serve(settings, redis_client, request_seconds=10) as http:
             load = asyncio.create_task(buy_until(http, sales, stop_buying, buyers))
 
             async def projecting() -> bool:
@@ -424,7 +395,7 @@ async def test_redis_with_aof_always_killed_under_load_loses_no_accepted_reserva
         await wait_started(proc, log_path)
         buyers = Buyers()
         stop_buying = asyncio.Event()
-        async with api(strict, client) as http:
+        async with serve(strict, client, request_seconds=10) as http:
             load = asyncio.create_task(buy_until(http, sales, stop_buying, buyers))
 
             async def under_way() -> bool:
@@ -529,7 +500,7 @@ async def test_wait_replicas_answers_503_until_a_replica_has_the_reservation(set
         await open_sale(gateway, "replicated", stock=10)
         keys = gateway.keys_for_sale("replicated")
 
-        async with api(waiting, client) as http:
+        async with serve(waiting, client, request_seconds=10) as http:
             status, body = await reserve_once(http, "replicated", "alice")
             assert status == 202, body
             # Acknowledged by the replica before the 202: it is there already.

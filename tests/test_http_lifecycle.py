@@ -14,7 +14,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -31,9 +31,8 @@ from consumers.expiry import ExpiryWorker
 from core.events import ReservationCancelled, ReservationConfirmed, StockAdjusted
 from core.gateway import RedisGateway
 from core.settings import Settings
-from tests.conftest import ADMIN_TOKEN, JWT_SECRET
-from tests.helpers import open_sale
-from tests.test_http import (
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale, sale_counts
+from tests.http_helpers import (
     ADMIN,
     JSON,
     ODD_BODIES,
@@ -45,24 +44,10 @@ from tests.test_http import (
     raw_http,
     redis_dump,
     sale_of,
-    session_for,
     signed,
 )
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-async def server(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[TestServer]:
-    server = TestServer(create_app(settings, redis_client))
-    async with server:
-        yield server
-
-
-@pytest.fixture
-async def http(server: TestServer) -> AsyncIterator[aiohttp.ClientSession]:
-    async with session_for(server) as session:
-        yield session
 
 
 async def call(
@@ -137,18 +122,6 @@ async def counters(session: aiohttp.ClientSession, sale_id: str = "sale-1") -> d
     assert sale["remaining"] >= 0
     assert sale["remaining"] + sale["held"] + sale["confirmed"] == sale["stock"], sale
     return {k: sale[k] for k in ("stock", "remaining", "held", "confirmed", "released")}
-
-
-def sale_counts(
-    stock: int, remaining: int, held: int, confirmed: int, released: int
-) -> dict[str, int]:
-    return {
-        "stock": stock,
-        "remaining": remaining,
-        "held": held,
-        "confirmed": confirmed,
-        "released": released,
-    }
 
 
 async def event_counts(gateway: RedisGateway) -> Counter[str]:

@@ -10,25 +10,22 @@ lifecycle drift.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from consumers.expiry import ExpiryWorker
-from consumers.projector import Projector
 from core.errors import NotEnoughUnsoldStock, RejectedError, SaleNotActive
 from core.events import TERMINAL_EVENTS, to_ms
 from core.gateway import RedisGateway, SaleSnapshot
@@ -37,8 +34,22 @@ from core.settings import Settings
 from projections.batch import LogEntry, project
 from projections.fold import fold
 from projections.verify import Difference, read_log, verify
-from tests.daemons import SECRETS, logged, running, wait_exit, wait_started
-from tests.helpers import open_sale, pg_rows
+from tests.conftest import ProjectorFactory
+from tests.daemons import (
+    caught_up,
+    cli,
+    env_of,
+    eventually,
+    logged,
+    running,
+    start,
+    start_consumers,
+    stream_length,
+    table_count,
+    wait_exit,
+    wait_started,
+)
+from tests.helpers import open_sale, pg_rows, text
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,10 +65,6 @@ TERMINAL_TYPES = {
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def sales_in_distinct_partitions(prefix: str, count: int, partitions: int = 4) -> list[str]:
@@ -76,46 +83,6 @@ async def log_entries(gateway: RedisGateway) -> list[LogEntry]:
     """Every entry of every partition stream, in stream order per partition."""
     log = await read_log(gateway)
     return [e for p in sorted(log) for e in log[p]]
-
-
-async def stream_length(gateway: RedisGateway) -> int:
-    return sum([await gateway.client.xlen(s) for s in gateway.stream_names()])
-
-
-async def group_pending(gateway: RedisGateway) -> int:
-    """Entries delivered to the projector group and not acknowledged yet, on every stream."""
-    total = 0
-    for stream in gateway.stream_names():
-        try:
-            total += (await gateway.client.xpending(stream, CONSUMER_GROUP))["pending"]
-        except ResponseError:  # no stream or no group yet
-            continue
-    return total
-
-
-async def archived(pool: asyncpg.Pool) -> int:
-    async with pool.acquire() as conn:
-        value: int = await conn.fetchval("SELECT count(*) FROM events")
-    return value
-
-
-async def caught_up(gateway: RedisGateway, pool: asyncpg.Pool) -> bool:
-    """Every logged event archived and nothing pending in the projector group."""
-    return await archived(pool) == await stream_length(gateway) and not await group_pending(gateway)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]],
-    within: float,
-    what: str,
-    alive: Callable[[], None] | None = None,
-) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if alive is not None:
-            alive()
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 async def sleep_until(moment: datetime, margin: float = 0.2) -> None:
@@ -147,7 +114,11 @@ async def assert_lifecycle_consistent(
     async with pool.acquire() as conn:
         views = {r["sale_id"]: r for r in await conn.fetch("SELECT * FROM stock_view")}
         orders = {r["reservation_id"]: r for r in await conn.fetch("SELECT * FROM orders")}
-    assert await archived(pool) == await stream_length(gateway) == len(entries)
+    assert (
+        await table_count(pool, "events")
+        == await stream_length(gateway.client, gateway.partitions)
+        == len(entries)
+    )
     assert set(views) == set(sale_ids) == set(folded)
     assert set(orders) == {rid for s in snaps.values() for rid in s.reservations}
 
@@ -245,7 +216,11 @@ class Outcomes:
 
 
 async def test_mixed_workload_with_consumers_running_keeps_every_store_in_agreement(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     a, b, c, d = sales_in_distinct_partitions("mix", 4)
     plans = {
@@ -259,14 +234,8 @@ async def test_mixed_workload_with_consumers_running_keeps_every_store_in_agreem
 
     stop = asyncio.Event()
     expiry = ExpiryWorker(gateway, interval=0.05, batch=25)
-    projector = Projector(
-        redis_client,
-        pool,
-        settings.partitions,
-        consumer="lifecycle",
-        batch=100,
-        block_ms=50,
-        claim_idle_ms=settings.claim_idle_ms,
+    projector = make_projector(
+        "lifecycle", batch=100, block_ms=50, claim_idle_ms=settings.claim_idle_ms
     )
     daemons = [asyncio.create_task(expiry.run(stop)), asyncio.create_task(projector.run(stop))]
     out = Outcomes()
@@ -358,7 +327,11 @@ async def test_mixed_workload_with_consumers_running_keeps_every_store_in_agreem
             await gateway.reserve(d, "after-close", 1, None)
         await sleep_until(out.latest_deadline)
         final_sweep = await ExpiryWorker(gateway).sweep()
-        await eventually(lambda: caught_up(gateway, pool), 30, "projector did not catch up")
+        await eventually(
+            lambda: caught_up(gateway.client, pool, gateway.partitions),
+            30,
+            "projector did not catch up",
+        )
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*daemons), 10)
@@ -495,45 +468,6 @@ async def test_lifecycle_events_out_of_order_and_twice_converge_to_the_in_order_
 # --- consume processes ----------------------------------------------------------------------
 
 
-def consume_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
-    env.update(
-        FLASHSALE_REDIS_URL=settings.redis_url or "",
-        FLASHSALE_DATABASE_URL=settings.database_url or "",
-        FLASHSALE_PARTITIONS="4",
-        FLASHSALE_CLAIM_IDLE_MS="500",
-        FLASHSALE_CONSUMER_BLOCK_MS="100",
-        FLASHSALE_LOG_JSON="true",
-        **SECRETS,
-        **extra,
-    )
-    return env
-
-
-def start_consume(settings: Settings, log_path: Path, **extra: str) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as out:
-        return subprocess.Popen(
-            [str(FLASHSALE), "consume"],
-            env=consume_env(settings, **extra),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-async def replay_verify(settings: Settings) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(FLASHSALE),
-        "replay",
-        "verify",
-        env=consume_env(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, output.decode()
-
-
 async def place_holds(
     gateway: RedisGateway, sale_ids: Sequence[str], per_sale: int, qty_cycle: int
 ) -> tuple[dict[str, tuple[str, str, int]], datetime]:
@@ -565,6 +499,19 @@ async def pg_statuses(pool: asyncpg.Pool) -> dict[str, str]:
 # --- 3. the expiry worker killed outright and restarted -------------------------------------
 
 
+async def expired_everywhere(
+    gateway: RedisGateway, pool: asyncpg.Pool, sale_ids: Sequence[str], overdue: set[str]
+) -> bool:
+    """Every ``overdue`` hold expired in Redis and in PostgreSQL, and the projection caught up."""
+    redis_now = await redis_statuses(gateway, sale_ids)
+    pg_now = await pg_statuses(pool)
+    return (
+        all(redis_now[r] == "expired" for r in overdue)
+        and all(pg_now.get(r) == "expired" for r in overdue)
+        and await caught_up(gateway.client, pool, gateway.partitions)
+    )
+
+
 async def test_consume_killed_while_holds_pend_expires_every_overdue_hold_once_after_restart(
     gateway: RedisGateway, pool: asyncpg.Pool, settings: Settings, tmp_path: Path
 ):
@@ -572,7 +519,7 @@ async def test_consume_killed_while_holds_pend_expires_every_overdue_hold_once_a
     for sale_id in sale_ids:
         await open_sale(gateway, sale_id, stock=100, per_user_limit=2, hold_seconds=2)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = start_consume(settings, first_log)
+    first = start(["consume"], env_of(settings), first_log)
     second: subprocess.Popen[bytes] | None = None
     try:
         await wait_started(first, first_log)
@@ -596,19 +543,15 @@ async def test_consume_killed_while_holds_pend_expires_every_overdue_hold_once_a
         assert {(await redis_statuses(gateway, sale_ids))[r] for r in overdue} == {"pending"}
         assert not await expired_events(gateway)
 
-        second = start_consume(settings, second_log)
+        second = start(["consume"], env_of(settings), second_log)
         alive = running((second, second_log))
 
-        async def all_expired() -> bool:
-            redis_now = await redis_statuses(gateway, sale_ids)
-            pg_now = await pg_statuses(pool)
-            return (
-                all(redis_now[r] == "expired" for r in overdue)
-                and all(pg_now.get(r) == "expired" for r in overdue)
-                and await caught_up(gateway, pool)
-            )
-
-        await eventually(all_expired, 30, "overdue holds were not expired and projected", alive)
+        await eventually(
+            partial(expired_everywhere, gateway, pool, sale_ids, overdue),
+            30,
+            "overdue holds were not expired and projected",
+            alive,
+        )
 
         expired_log = await expired_events(gateway)
         assert set(expired_log) == overdue and set(expired_log.values()) == {1}
@@ -630,7 +573,7 @@ async def test_consume_killed_while_holds_pend_expires_every_overdue_hold_once_a
             )
         await assert_lifecycle_consistent(gateway, pool, sale_ids)
 
-        code, output = await replay_verify(settings)
+        code, output = await cli(env_of(settings), "replay", "verify")
         assert code == 0, output
         second.send_signal(signal.SIGTERM)
         assert await wait_exit(second, 15) == 0, second_log.read_text()[-3000:]
@@ -658,27 +601,21 @@ async def test_two_consume_daemons_never_expire_a_hold_twice(
     logs = [tmp_path / "consume-a.log", tmp_path / "consume-b.log"]
     # Small, frequent sweeps so the two workers' calls interleave on the same deadlines.
     tuning = {"FLASHSALE_EXPIRY_BATCH": "7", "FLASHSALE_EXPIRY_INTERVAL_MS": "20"}
-    procs = [start_consume(settings, path, **tuning) for path in logs]
+    procs = await start_consumers(env_of(settings, **tuning), *logs)
     try:
         alive = running(*zip(procs, logs, strict=True))
-        for proc, path in zip(procs, logs, strict=True):
-            await wait_started(proc, path)
         placed, _ = await place_holds(gateway, sale_ids, per_sale=100, qty_cycle=3)
         confirmed = set(list(placed)[::10])
         await asyncio.gather(*(gateway.confirm(r, placed[r][1]) for r in confirmed))
         overdue = set(placed) - confirmed
         assert len(overdue) >= 300
 
-        async def all_expired() -> bool:
-            redis_now = await redis_statuses(gateway, sale_ids)
-            pg_now = await pg_statuses(pool)
-            return (
-                all(redis_now[r] == "expired" for r in overdue)
-                and all(pg_now.get(r) == "expired" for r in overdue)
-                and await caught_up(gateway, pool)
-            )
-
-        await eventually(all_expired, 30, "holds were not expired and projected", alive)
+        await eventually(
+            partial(expired_everywhere, gateway, pool, sale_ids, overdue),
+            30,
+            "holds were not expired and projected",
+            alive,
+        )
         await asyncio.sleep(0.3)  # give a double expiry, if any, the time to show up
 
         expired_log = await expired_events(gateway)
@@ -698,10 +635,12 @@ async def test_two_consume_daemons_never_expire_a_hold_twice(
                 sold,
                 back,
             ), sale_id
-        await eventually(lambda: caught_up(gateway, pool), 10, "projector lag", alive)
+        await eventually(
+            partial(caught_up, gateway.client, pool, gateway.partitions), 10, "projector lag", alive
+        )
         await assert_lifecycle_consistent(gateway, pool, sale_ids)
 
-        code, output = await replay_verify(settings)
+        code, output = await cli(env_of(settings), "replay", "verify")
         assert code == 0, output
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -728,7 +667,11 @@ class Projected:
 
 @pytest.fixture
 async def projected(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ) -> Projected:
     paid, lapsed = sales_in_distinct_partitions("drift", 2)
     await open_sale(gateway, paid, stock=20, per_user_limit=2, hold_seconds=600)
@@ -742,7 +685,7 @@ async def projected(
         await gateway.reserve(lapsed, f"u{i}", 1 + i % 2, None)
     assert await ExpiryWorker(gateway).sweep() == 6
     await gateway.adjust_stock(paid, 4, None)
-    p = Projector(redis_client, pool, settings.partitions, consumer="drift", batch=50)
+    p = make_projector("drift", batch=50)
     await p.ensure_groups()
     while batch := await p.read_new(block_ms=10):
         await p.handle(batch)
@@ -826,7 +769,7 @@ async def test_verify_reports_lifecycle_drift_with_sale_and_field(
     other = projected.lapsed if expected.sale_id == projected.paid else projected.paid
     assert (await verify(gateway, pool, other)).clean  # the other sale is not blamed
 
-    code, output = await replay_verify(settings)
+    code, output = await cli(env_of(settings), "replay", "verify")
     assert code == 1, output
     assert output.startswith("DRIFT: 1 differences"), output
     row = next(line for line in output.splitlines() if line.startswith(expected.sale_id))

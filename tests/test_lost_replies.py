@@ -21,23 +21,22 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.cli.launcher import EmbeddedRedis
-from api.web.app import create_app
 from consumers.projector import Projector
 from core.events import ReservationPlaced
 from core.gateway import RedisGateway
 from core.settings import Settings
 from projections.verify import verify
+from tests.conftest import GatewayFactory
 from tests.daemons import caught_up, eventually
 from tests.helpers import open_sale
+from tests.http_helpers import buyer, log_events, serve
 from tests.proxy import ReplyDroppingProxy
-from tests.test_http import buyer, log_events, session_for
 
 LIMITS = {"one": 1, "many": 3}
 STOCK = {"one": 700, "many": 900}
@@ -96,9 +95,8 @@ async def fire(
 ) -> list[Answer]:
     """Send every attempt to an app whose Redis connection loses replies; a buyer with an
     Idempotency-Key who is answered 503 tries again with the same key, twice at most."""
-    server = TestServer(create_app(settings, client))
     gate = asyncio.Semaphore(64)
-    async with server, session_for(server, 64) as http:
+    async with serve(settings, client, 64) as http:
 
         async def one(attempt: Attempt) -> Answer:
             headers = buyer(attempt.user)
@@ -133,9 +131,13 @@ async def project_all(client: aioredis.Redis, pool: asyncpg.Pool, partitions: in
 
 @pytest.mark.parametrize("client_retries", [False, True], ids=["app-client", "retrying-client"])
 async def test_every_placement_is_answered_202_when_replies_are_lost(
-    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool, client_retries: bool
+    make_gateway: GatewayFactory,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    client_retries: bool,
 ):
-    direct = RedisGateway(redis_client, settings.partitions, settings.idempotency_ttl_seconds)
+    direct = make_gateway()
     for sale_id, limit in LIMITS.items():
         await open_sale(direct, sale_id, stock=STOCK[sale_id], per_user_limit=limit)
     assert settings.redis_url is not None
@@ -237,11 +239,11 @@ async def lossy_client_of(
 
 
 async def test_a_lost_reserve_reply_is_retried_and_answered_with_its_placement(
-    settings: Settings, gateway: RedisGateway
+    make_gateway: GatewayFactory, settings: Settings, gateway: RedisGateway
 ):
     await open_sale(gateway, stock=5, per_user_limit=1)
     async with lossy_client(settings, lose_reserve_replies(2)) as (client, proxy):
-        lossy = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+        lossy = make_gateway(client)
         placed = await lossy.reserve("sale-1", "ann", 1, None)
     assert proxy.dropped == 2
     assert not placed.replayed and placed.expires_at is not None  # not limit_reached
@@ -255,25 +257,26 @@ async def test_reserve_answers_503_with_the_id_it_tried_and_the_buyer_finds_it(
     settings: Settings, gateway: RedisGateway
 ):
     await open_sale(gateway, stock=5, per_user_limit=1)
-    async with lossy_client(settings, lose_reserve_replies(100)) as (client, _):
-        server = TestServer(create_app(settings, client))
-        async with server, session_for(server) as http:
-            async with http.post(
-                "/v1/sales/sale-1/reservations", json={"qty": 1}, headers=buyer("ann")
-            ) as r:
-                body = await r.json(content_type=None)
-                assert (r.status, body["code"]) == (503, "unavailable"), body
-                assert r.headers["Retry-After"] == "1"
-                rid = body["reservation_id"]
-                assert r.headers["Location"] == f"/v1/reservations/{rid}"
-                assert rid in body["detail"]
-            # Reads are answered: the buyer looks the id up, and lists what they hold.
-            async with http.get(r.headers["Location"], headers=buyer("ann")) as r:
-                assert r.status == 200
-                assert (await r.json())["status"] == "pending"
-            async with http.get("/v1/sales/sale-1/reservations/mine", headers=buyer("ann")) as r:
-                assert r.status == 200
-                mine = await r.json()
+    async with (
+        lossy_client(settings, lose_reserve_replies(100)) as (client, _),
+        serve(settings, client) as http,
+    ):
+        async with http.post(
+            "/v1/sales/sale-1/reservations", json={"qty": 1}, headers=buyer("ann")
+        ) as r:
+            body = await r.json(content_type=None)
+            assert (r.status, body["code"]) == (503, "unavailable"), body
+            assert r.headers["Retry-After"] == "1"
+            rid = body["reservation_id"]
+            assert r.headers["Location"] == f"/v1/reservations/{rid}"
+            assert rid in body["detail"]
+        # Reads are answered: the buyer looks the id up, and lists what they hold.
+        async with http.get(r.headers["Location"], headers=buyer("ann")) as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "pending"
+        async with http.get("/v1/sales/sale-1/reservations/mine", headers=buyer("ann")) as r:
+            assert r.status == 200
+            mine = await r.json()
     assert [m["reservation_id"] for m in mine["reservations"]] == [rid]
     placed = [e for e in await log_events(gateway) if isinstance(e, ReservationPlaced)]
     assert [e.reservation_id for e in placed] == [rid]  # placed once, however often it ran
@@ -295,11 +298,11 @@ def lose_every_other(*prefixes: bytes) -> Callable[[bytes], bool]:
 
 
 async def test_admin_and_lifecycle_calls_whose_reply_is_lost_answer_what_they_did(
-    settings: Settings, gateway: RedisGateway
+    make_gateway: GatewayFactory, settings: Settings, gateway: RedisGateway
 ):
     changed = (b"*3\r\n$2\r\nok\r\n", b"*2\r\n$2\r\nok\r\n$1\r\n1\r\n")
     async with lossy_client(settings, lose_every_other(*changed)) as (client, proxy):
-        lossy = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+        lossy = make_gateway(client)
         await open_sale(lossy, stock=5, per_user_limit=2)  # not sale_exists
         ann = await gateway.reserve("sale-1", "ann", 1, None)
         bob = await gateway.reserve("sale-1", "bob", 2, None)
@@ -322,7 +325,9 @@ async def test_admin_and_lifecycle_calls_whose_reply_is_lost_answer_what_they_di
     assert (view.stock, view.remaining, view.held, view.confirmed) == (9, 8, 0, 1)
 
 
-async def test_a_lost_reply_under_wait_replicas_is_retried_and_covered_by_wait():
+async def test_a_lost_reply_under_wait_replicas_is_retried_and_covered_by_wait(
+    make_gateway: GatewayFactory,
+):
     primary = EmbeddedRedis(extra_args=["--repl-diskless-sync-delay", "0"])
     url = primary.start()
     replica = EmbeddedRedis(extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
@@ -337,11 +342,16 @@ async def test_a_lost_reply_under_wait_replicas_is_retried_and_covered_by_wait()
                 return int(await conn.wait(1, 200)) == 1
 
         await eventually(replica_acknowledges, 15, "replica did not sync")
-        direct = RedisGateway(client, 4, 3600)
+        direct = make_gateway(client, idempotency_ttl_seconds=3600)
         await open_sale(direct, stock=5, per_user_limit=1)
         for key in (None, "key-1"):
             async with lossy_client_of(url, lose_reserve_replies(1)) as (lossy_client, proxy):
-                waiting = RedisGateway(lossy_client, 4, 3600, wait_replicas=1, wait_timeout_ms=5000)
+                waiting = make_gateway(
+                    lossy_client,
+                    idempotency_ttl_seconds=3600,
+                    wait_replicas=1,
+                    wait_timeout_ms=5000,
+                )
                 user = f"ann-{key}"
                 placed = await waiting.reserve("sale-1", user, 1, key)
                 assert proxy.dropped == 1
@@ -373,8 +383,7 @@ async def test_a_buyer_lists_their_own_reservations_of_a_sale_whatever_their_sta
     third = await gateway.reserve("sale-1", "ann", 1, None)
     await gateway.reserve("sale-1", "bob", 1, None)
     await gateway.reserve("sale-2", "ann", 1, None)
-    server = TestServer(create_app(settings, redis_client))
-    async with server, session_for(server) as http:
+    async with serve(settings, redis_client) as http:
 
         async def mine(user: str | None, sale_id: str = "sale-1") -> tuple[int, Any]:
             headers = buyer(user) if user else {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -31,12 +30,21 @@ from core.events import (
     parse_event,
 )
 from core.gateway import RedisGateway
-from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream, partition_of
+from core.keys import CONSUMER_GROUP, dead_letter_stream, partition_of
 from core.settings import Settings
 from projections.batch import LogEntry, parse_stream_id, project
 from projections.fold import fold
-from tests.daemons import SECRETS
-from tests.helpers import open_sale, pg_rows
+from tests.conftest import ProjectorFactory
+from tests.daemons import (
+    cli,
+    env_of,
+    group_pending,
+    kill_frozen_when,
+    start,
+    table_count,
+    wait_exit,
+)
+from tests.helpers import open_sale, pg_rows, text
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -46,20 +54,16 @@ COUNTERS = ("stock", "remaining", "held", "confirmed", "released")
 # --- helpers --------------------------------------------------------------------------------
 
 
-def projector(
-    redis_client: aioredis.Redis,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    consumer: str,
-    **kwargs: Any,
-) -> Projector:
-    kwargs.setdefault("block_ms", settings.consumer_block_ms)
-    kwargs.setdefault("claim_idle_ms", settings.claim_idle_ms)
-    return Projector(redis_client, pool, settings.partitions, consumer=consumer, **kwargs)
+@pytest.fixture
+def projector(make_projector: ProjectorFactory, settings: Settings) -> ProjectorFactory:
+    """Projectors that poll and claim at the test settings' pace unless told otherwise."""
 
+    def make(consumer: str, **options: Any) -> Projector:
+        options.setdefault("block_ms", settings.consumer_block_ms)
+        options.setdefault("claim_idle_ms", settings.claim_idle_ms)
+        return make_projector(consumer, **options)
 
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return make
 
 
 async def drain(p: Projector) -> int:
@@ -84,19 +88,6 @@ async def log_entries(gateway: RedisGateway) -> list[LogEntry]:
         async for stream_id, fields in gateway.read_stream(partition):
             entries.append(LogEntry(partition, stream_id, parse_event(fields["event"])))
     return entries
-
-
-async def pending(client: aioredis.Redis, partitions: int) -> int:
-    total = 0
-    for p in range(partitions):
-        total += (await client.xpending(PartitionKeys(p).events, CONSUMER_GROUP))["pending"]
-    return total
-
-
-async def count(pool: asyncpg.Pool, table: str) -> int:
-    async with pool.acquire() as conn:
-        value: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
-        return value
 
 
 async def orders(pool: asyncpg.Pool) -> dict[str, tuple[str, str, int, str]]:
@@ -143,7 +134,7 @@ async def assert_projection_matches_redis(
     assert set(views) == set(sale_ids)
     for sale_id in sale_ids:
         assert views[sale_id] == await redis_counters(gateway, sale_id), sale_id
-    assert await count(pool, "events") == len(entries)
+    assert await table_count(pool, "events") == len(entries)
     async with pool.acquire() as conn:
         archived = {r["event_id"] for r in await conn.fetch("SELECT event_id FROM events")}
     assert archived == {e.event.event_id for e in entries}
@@ -166,19 +157,23 @@ def sale_ids_covering(partitions: int, per_partition: int, prefix: str) -> list[
 
 
 async def test_run_projects_every_reservation_once(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "sale-1", stock=100, per_user_limit=2)
     users = [f"user-{i}" for i in range(40)]
     await place(gateway, "sale-1", users[:20], qty=2)
     await place(gateway, "sale-1", users[20:], qty=1)
 
-    p = projector(redis_client, pool, settings, "happy", batch=7)
+    p = projector("happy", batch=7)
     await p.ensure_groups()
     stop = asyncio.Event()
     task = asyncio.create_task(p.run(stop))
     deadline = time.monotonic() + 15
-    while await count(pool, "orders") < len(users) or await pending(redis_client, 4):
+    while await table_count(pool, "orders") < len(users) or await group_pending(redis_client, 4):
         assert time.monotonic() < deadline, "projector did not catch up"
         assert not task.done(), task
         await asyncio.sleep(0.05)
@@ -199,33 +194,37 @@ async def test_run_projects_every_reservation_once(
         "confirmed": 0,
         "released": 0,
     }
-    assert await count(pool, "events") == len(users) + 1
+    assert await table_count(pool, "events") == len(users) + 1
     await assert_projection_matches_redis(gateway, pool, ["sale-1"])
     partition = partition_of("sale-1", 4)
     last = [e for e in await log_entries(gateway) if e.partition == partition][-1].stream_id
     assert await checkpoints(pool) == {partition: last}
     assert p.projected == len(users) + 1
-    assert await pending(redis_client, 4) == 0
+    assert await group_pending(redis_client, 4) == 0
 
 
 # --- 2. crash before the commit -------------------------------------------------------------
 
 
 async def test_entries_of_a_consumer_that_died_before_commit_are_reclaimed(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     sale_ids = sale_ids_covering(4, 1, "crash")
     for sale_id in sale_ids:
         await open_sale(gateway, sale_id, stock=50)
         await place(gateway, sale_id, [f"u{i}" for i in range(10)])
 
-    dead = projector(redis_client, pool, settings, "dead", batch=1000)
+    dead = projector("dead", batch=1000)
     await dead.ensure_groups()
     taken = await dead.read_new()
     assert len(taken) == 4 * 11  # read, then the process "dies" before projecting
-    assert await pending(redis_client, 4) == len(taken)
+    assert await group_pending(redis_client, 4) == len(taken)
 
-    heir = projector(redis_client, pool, settings, "heir", batch=1000, claim_idle_ms=200)
+    heir = projector("heir", batch=1000, claim_idle_ms=200)
     assert await heir.read_new(block_ms=10) == []  # nothing new: it is all pending on "dead"
     assert await heir.claim_stale() == []  # not idle long enough: a live consumer keeps its work
     await asyncio.sleep(0.3)
@@ -235,29 +234,33 @@ async def test_entries_of_a_consumer_that_died_before_commit_are_reclaimed(
     }
     assert await heir.handle(claimed) == len(taken)
 
-    assert await pending(redis_client, 4) == 0
+    assert await group_pending(redis_client, 4) == 0
     assert await heir.claim_stale() == [] and await drain(heir) == 0
     await assert_projection_matches_redis(gateway, pool, sale_ids)
 
 
 async def test_run_reclaims_more_than_one_batch_of_a_dead_consumer_without_waiting(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     sale_ids = sale_ids_covering(4, 1, "backlog")
     for sale_id in sale_ids:
         await open_sale(gateway, sale_id, stock=50)
         await place(gateway, sale_id, [f"u{i}" for i in range(30)])
 
-    dead = projector(redis_client, pool, settings, "dead", batch=20)
+    dead = projector("dead", batch=20)
     await dead.ensure_groups()
     orphaned = await dead.read_new()  # XREADGROUP COUNT is per stream: 4 x 20 entries
     assert len(orphaned) == 80
 
-    heir = projector(redis_client, pool, settings, "heir", batch=20, claim_idle_ms=0)
+    heir = projector("heir", batch=20, claim_idle_ms=0)
     stop = asyncio.Event()
     task = asyncio.create_task(heir.run(stop, claim_every=5.0))
     deadline = time.monotonic() + 3  # well before the next scheduled claim
-    while await pending(redis_client, 4) or await count(pool, "orders") < 4 * 30:
+    while await group_pending(redis_client, 4) or await table_count(pool, "orders") < 4 * 30:
         assert not task.done(), task
         assert time.monotonic() < deadline, "orphaned entries only come back one batch per claim"
         await asyncio.sleep(0.05)
@@ -270,12 +273,16 @@ async def test_run_reclaims_more_than_one_batch_of_a_dead_consumer_without_waiti
 
 
 async def test_batch_committed_but_not_acked_is_not_applied_twice(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "sale-1", stock=30, per_user_limit=3)
     await place(gateway, "sale-1", [f"u{i}" for i in range(12)], qty=2)
 
-    dead = projector(redis_client, pool, settings, "dead", batch=1000)
+    dead = projector("dead", batch=1000)
     await dead.ensure_groups()
     taken = await dead.read_new()
     entries = [LogEntry(d.partition, d.stream_id, parse_event(d.fields["event"])) for d in taken]
@@ -283,15 +290,15 @@ async def test_batch_committed_but_not_acked_is_not_applied_twice(
         assert await project(conn, CONSUMER_GROUP, entries) == 13
     # ... and the process dies here, before XACK.
     before = await pg_rows(pool)
-    assert await pending(redis_client, 4) == 13
+    assert await group_pending(redis_client, 4) == 13
 
-    heir = projector(redis_client, pool, settings, "heir", batch=1000, claim_idle_ms=0)
+    heir = projector("heir", batch=1000, claim_idle_ms=0)
     claimed = await heir.claim_stale()
     assert len(claimed) == 13
     assert await heir.handle(claimed) == 0  # every event was already archived and applied
 
     assert await pg_rows(pool) == before
-    assert await pending(redis_client, 4) == 0
+    assert await group_pending(redis_client, 4) == 0
     await assert_projection_matches_redis(gateway, pool, ["sale-1"])
     assert (await stock_view(pool))["sale-1"] == {
         "stock": 30,
@@ -454,6 +461,7 @@ POISON: dict[str, dict[str, str]] = {
 
 @pytest.mark.parametrize("use_run", [False, True], ids=["handle", "run"])
 async def test_poison_entries_are_dead_lettered_and_the_rest_projected(
+    projector: ProjectorFactory,
     gateway: RedisGateway,
     redis_client: aioredis.Redis,
     pool: asyncpg.Pool,
@@ -471,13 +479,13 @@ async def test_poison_entries_are_dead_lettered_and_the_rest_projected(
     after = await place(gateway, "sale-1", [f"late-{i}" for i in range(5)])
     assert before and after
 
-    p = projector(redis_client, pool, settings, "p", batch=4)
+    p = projector("p", batch=4)
     await p.ensure_groups()
     if use_run:
         stop = asyncio.Event()
         task = asyncio.create_task(p.run(stop))
         deadline = time.monotonic() + 15
-        while p.dead_lettered < len(POISON) or await pending(redis_client, 4):
+        while p.dead_lettered < len(POISON) or await group_pending(redis_client, 4):
             assert not task.done(), task
             assert time.monotonic() < deadline, "projector stuck on a poison entry"
             await asyncio.sleep(0.05)
@@ -487,7 +495,7 @@ async def test_poison_entries_are_dead_lettered_and_the_rest_projected(
         await drain(p)
 
     assert p.dead_lettered == len(POISON)
-    assert await pending(redis_client, 4) == 0
+    assert await group_pending(redis_client, 4) == 0
     parked = await redis_client.xrange(dead_letter_stream()) or []
     assert len(parked) == len(POISON)
     by_id = {}
@@ -509,7 +517,7 @@ async def test_poison_entries_are_dead_lettered_and_the_rest_projected(
     placed = {e.event.reservation_id for e in good if isinstance(e.event, ReservationPlaced)}
     assert set(got) == placed and len(got) == 5 + len(POISON) + 5
     assert (await stock_view(pool))["sale-1"] == await redis_counters(gateway, "sale-1")
-    assert await count(pool, "events") == len(good)
+    assert await table_count(pool, "events") == len(good)
 
 
 async def log_entries_skipping(gateway: RedisGateway, skip: set[str]) -> list[LogEntry]:
@@ -522,41 +530,6 @@ async def log_entries_skipping(gateway: RedisGateway, skip: set[str]) -> list[Lo
 
 
 # --- 6. a real daemon killed with SIGKILL mid-batch -----------------------------------------
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
-    env.update(
-        FLASHSALE_REDIS_URL=settings.redis_url or "",
-        FLASHSALE_DATABASE_URL=settings.database_url or "",
-        FLASHSALE_PARTITIONS=str(settings.partitions),
-        **SECRETS,
-        **extra,
-    )
-    return env
-
-
-def _start_consumer(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as out:
-        return subprocess.Popen(
-            [str(FLASHSALE), "consume"],
-            env=_env(
-                settings,
-                FLASHSALE_CONSUMER_BATCH="50",
-                FLASHSALE_CLAIM_IDLE_MS="500",
-                FLASHSALE_CONSUMER_BLOCK_MS="100",
-            ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-async def _wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
-    deadline = time.monotonic() + within
-    while (rc := proc.poll()) is None:
-        assert time.monotonic() < deadline, f"pid {proc.pid} did not exit"
-        await asyncio.sleep(0.05)
-    return rc
 
 
 async def test_consumer_killed_mid_batch_and_restarted_projects_everything_once(
@@ -572,7 +545,7 @@ async def test_consumer_killed_mid_batch_and_restarted_projects_everything_once(
     per_sale = 500
     total = per_sale * len(sale_ids)
     log_path = tmp_path / "consume.log"
-    first = _start_consumer(settings, log_path)
+    first = start(["consume"], env_of(settings), log_path)
     second: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 20
@@ -600,55 +573,41 @@ async def test_consumer_killed_mid_batch_and_restarted_projects_everything_once(
 
         # Freeze the daemon while it holds a batch it has read but not acknowledged, with
         # some orders already committed and not all: then kill it outright.
-        deadline = time.monotonic() + 30
-        while True:
-            await asyncio.sleep(0.01)
-            assert time.monotonic() < deadline, "never caught the daemon mid-batch"
-            assert first.poll() is None, log_path.read_text()
-            first.send_signal(signal.SIGSTOP)
-            in_hand = await pending(redis_client, 4)
-            projected = await count(pool, "orders")
-            if in_hand and 0 < projected < total:
-                first.kill()
-                break
-            first.send_signal(signal.SIGCONT)
-        assert await _wait_exit(first, 10) == -signal.SIGKILL
-        orphaned = await pending(redis_client, 4)
+        async def mid_batch() -> bool:
+            in_hand = await group_pending(redis_client, 4)
+            projected = await table_count(pool, "orders")
+            return bool(in_hand) and 0 < projected < total
+
+        await kill_frozen_when(first, log_path, mid_batch, "never caught the daemon mid-batch")
+        assert await wait_exit(first, 10) == -signal.SIGKILL
+        orphaned = await group_pending(redis_client, 4)
         assert orphaned > 0
 
-        second = _start_consumer(settings, log_path)
+        second = start(["consume"], env_of(settings), log_path)
         placed = await asyncio.wait_for(buying, 60)
         assert len(placed) == total == len(set(placed))
 
         deadline = time.monotonic() + 60
-        while await count(pool, "orders") < total or await pending(redis_client, 4):
+        while await table_count(pool, "orders") < total or await group_pending(redis_client, 4):
             assert second.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "restarted daemon did not catch up"
             await asyncio.sleep(0.1)
         stream_total = sum([await redis_client.xlen(s) for s in gateway.stream_names()])
         deadline = time.monotonic() + 10
-        while await count(pool, "events") < stream_total:
+        while await table_count(pool, "events") < stream_total:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
 
         assert set(await orders(pool)) == set(placed)
-        assert await count(pool, "orders") == total
-        assert await pending(redis_client, 4) == 0
+        assert await table_count(pool, "orders") == total
+        assert await group_pending(redis_client, 4) == 0
         await assert_projection_matches_redis(gateway, pool, sale_ids)
 
-        verify = await asyncio.create_subprocess_exec(
-            str(FLASHSALE),
-            "replay",
-            "verify",
-            env=_env(settings),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output, _ = await asyncio.wait_for(verify.communicate(), 60)
-        assert verify.returncode == 0, output.decode()
+        code, output = await cli(env_of(settings), "replay", "verify")
+        assert code == 0, output
 
         second.send_signal(signal.SIGTERM)
-        assert await _wait_exit(second, 15) == 0, log_path.read_text()
+        assert await wait_exit(second, 15) == 0, log_path.read_text()
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -6,7 +6,6 @@ leaves Redis memory flat once pruned."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,13 @@ from aiohttp.test_utils import TestServer
 from api.web.app import create_app
 from api.web.state import ORDERS_POOL
 from consumers.expiry import ExpiryWorker
-from consumers.projector import Projector
 from consumers.pruning import checkpoint_of, prune_reservations
 from consumers.retention import trim_streams
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys
 from core.settings import Settings
 from projections.verify import verify
+from tests.conftest import AppServerFactory, ProjectorFactory
 from tests.daemons import (
     env_for,
     eventually,
@@ -36,25 +35,10 @@ from tests.daemons import (
     terminate,
     wait_started,
 )
-from tests.helpers import open_sale
-from tests.test_http import ADMIN, buyer, expect_problem, session_for
+from tests.helpers import open_sale, project_all, text
+from tests.http_helpers import ADMIN, buyer, expect_problem, session_for
 
 FINAL = ("confirmed", "cancelled", "expired")
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-async def project_all(client: aioredis.Redis, pool: asyncpg.Pool, partitions: int) -> None:
-    """Run a projector until every entry of every stream is archived and acknowledged."""
-    projector = Projector(client, pool, partitions, consumer="test-projector", batch=500)
-    await projector.ensure_groups()
-    while True:
-        deliveries = await projector.read_new(block_ms=10)
-        if not deliveries:
-            return
-        await projector.handle(deliveries)
 
 
 async def add_buyer_sets(gateway: RedisGateway, client: aioredis.Redis, sale_id: str) -> None:
@@ -180,12 +164,16 @@ async def test_only_final_reservations_the_archive_holds_are_pruned(
 
 
 async def test_an_entry_not_acknowledged_by_the_group_bounds_the_pruning(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "keep", stock=10, per_user_limit=5)
     first = await place(gateway, "keep", "ann")
     await gateway.cancel(first, "ann")
-    projector = Projector(redis_client, pool, settings.partitions, consumer="p", batch=500)
+    projector = make_projector("p", batch=500)
     await projector.ensure_groups()
     await projector.handle(await projector.read_new(block_ms=10))
     second = await place(gateway, "keep", "bob")
@@ -246,12 +234,9 @@ async def test_the_consume_daemon_prunes_as_it_goes(
 
 
 @pytest.fixture
-async def http(
-    pool: asyncpg.Pool, settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[aiohttp.ClientSession]:
-    server = TestServer(create_app(settings, redis_client))
-    async with server, session_for(server) as session:
-        yield session
+async def http(pool: asyncpg.Pool, serve_app: AppServerFactory) -> aiohttp.ClientSession:
+    """The app, started after the database is reset (pruned reservations are read from it)."""
+    return await serve_app()
 
 
 async def call(

@@ -25,10 +25,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, dead_letter_stream
 from core.settings import Settings
+from tests.conftest import ProjectorFactory
 from tests.daemons import (
     consumer_name,
     env_for,
@@ -39,16 +39,13 @@ from tests.daemons import (
     running,
     sale_in_partition,
     start,
+    start_consumers,
     stop_all,
     terminate,
     wait_exit,
     wait_started,
 )
-from tests.helpers import open_sale
-
-
-def text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+from tests.helpers import open_sale, text
 
 
 def default_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -197,11 +194,8 @@ async def test_another_consumer_takes_over_a_killed_one_within_ten_seconds(
     sales = await open_sales(gateway, "takeover")
     env = default_env(settings)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = start(["consume"], env, log_a)
-    b = start(["consume"], env, log_b)
+    a, b = await start_consumers(env, log_a, log_b)
     try:
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
         alive = running((b, log_b))
         async with buying(gateway, sales) as placed:
             await eventually(lambda: _some_projected(pool), 15, "projection never started")
@@ -236,11 +230,8 @@ async def test_a_consumer_stuck_in_a_slow_transaction_keeps_its_entries(
     sales = await open_sales(gateway, "slow")
     env = default_env(settings)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = start(["consume"], env, log_a)
-    b = start(["consume"], env, log_b)
+    a, b = await start_consumers(env, log_a, log_b)
     try:
-        await wait_started(a, log_a)
-        await wait_started(b, log_b)
         alive = running((a, log_a), (b, log_b))
         placed = [
             (await gateway.reserve(sale, f"u{i}", 1, None)).reservation_id
@@ -283,6 +274,7 @@ async def _holds_any(client: aioredis.Redis) -> bool:
 
 @pytest.mark.parametrize("stable_name", [False, True], ids=["new-names", "stable-name"])
 async def test_restarts_during_an_outage_never_park_healthy_events(
+    make_projector: ProjectorFactory,
     gateway: RedisGateway,
     redis_client: aioredis.Redis,
     pool: asyncpg.Pool,
@@ -295,7 +287,7 @@ async def test_restarts_during_an_outage_never_park_healthy_events(
     try:
         for restart in range(6):
             name = "projector" if stable_name else f"projector-{restart}"
-            p = Projector(redis_client, down, 4, consumer=name, claim_idle_ms=300)
+            p = make_projector(name, pool=down, claim_idle_ms=300)
             stop = asyncio.Event()
             task = asyncio.create_task(p.run(stop))
             taken = functools.partial(_taken_or_parked, redis_client, name)
@@ -308,7 +300,7 @@ async def test_restarts_during_an_outage_never_park_healthy_events(
     finally:
         await down.close()
     # PostgreSQL is back: the next consumer projects all of it, and parks nothing.
-    heir = Projector(redis_client, pool, 4, consumer="heir", claim_idle_ms=300)
+    heir = make_projector("heir", claim_idle_ms=300)
     stop = asyncio.Event()
     task = asyncio.create_task(heir.run(stop))
     await eventually(lambda: _all_in(pool, rids), 10, "not projected once PostgreSQL was back")

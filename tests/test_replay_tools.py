@@ -14,7 +14,6 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.projector import Projector
 from core.errors import LimitReached
 from core.gateway import RedisGateway, SaleRepair
 from core.keys import PartitionKeys, partition_of
@@ -23,8 +22,9 @@ from projections.rebuild import Rebuild
 from projections.repair import repair_redis
 from projections.tables.events import archive
 from projections.verify import read_log, verify
-from tests.helpers import open_sale
-from tests.test_verify import cli_env, project_all, run_cli
+from tests.conftest import ProjectorFactory
+from tests.helpers import open_sale, project_all
+from tests.test_verify import cli_env, run_cli
 
 USERS = [f"user-{i}" for i in range(6)]
 
@@ -72,7 +72,7 @@ async def sales(
         }
         await gateway.confirm(placed[sale_id]["user-0"], "user-0")
         await gateway.cancel(placed[sale_id]["user-1"], "user-1")
-    await project_all(redis_client, pool, settings)
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
     assert (await verify(gateway, pool)).clean
     return Sales(placed)
 
@@ -380,7 +380,8 @@ async def test_postgres_drift_is_named_then_rebuilt(
 ):
     async with pool.acquire() as conn:
         field = await drift(conn, sales, gateway, redis_client)
-    await project_all(redis_client, pool, settings)  # the projector skips what is archived
+    # the projector skips what is archived
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
 
     code, out, err = await replay(settings, "verify")
     assert code == 1, out + err
@@ -395,10 +396,14 @@ async def test_postgres_drift_is_named_then_rebuilt(
 
 
 async def test_an_acknowledged_event_missing_from_the_archive_is_archived_again(
-    sales: Sales, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    make_projector: ProjectorFactory,
+    sales: Sales,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
 ):
     placed = await gateway.reserve("sale-2", "lost", 1, None)
-    buggy = Projector(redis_client, pool, 4, consumer="acks-too-early")
+    buggy = make_projector("acks-too-early")
     delivered = await buggy.read_new(block_ms=10)
     await buggy.ack(delivered)  # acknowledged, never written to PostgreSQL
     (lost,) = [d for d in (await verify(gateway, pool)).differences]
@@ -415,15 +420,19 @@ async def test_an_acknowledged_event_missing_from_the_archive_is_archived_again(
 
 
 async def test_an_event_in_flight_on_the_projector_is_counted_once(
-    sales: Sales, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    make_projector: ProjectorFactory,
+    sales: Sales,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
 ):
     await gateway.reserve("sale-1", "slow", 1, None)
-    dead = Projector(redis_client, pool, 4, consumer="dead", claim_idle_ms=0)
+    dead = make_projector("dead", claim_idle_ms=0)
     assert len(await dead.read_new(block_ms=10)) == 1  # delivered, not projected yet
 
     report = await Rebuild(gateway, pool).run()
     assert report.rearchived == 1  # folded into the new tables, so archived with them
-    rescuer = Projector(redis_client, pool, 4, consumer="rescuer", claim_idle_ms=0)
+    rescuer = make_projector("rescuer", claim_idle_ms=0)
     assert await rescuer.handle(await rescuer.claim_stale()) == 0  # not applied twice
     assert (await verify(gateway, pool)).clean
     async with pool.acquire() as conn:
@@ -524,12 +533,16 @@ async def test_trimmed_streams_lose_nothing(
 
 
 async def test_rebuild_under_live_traffic_ends_with_verify_clean(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     names = ["live-1", "live-2", "live-3"]
     for name in names:
         await open_sale(gateway, name, stock=100_000, per_user_limit=1)
-    projector = Projector(redis_client, pool, 4, consumer="live", batch=50, block_ms=5)
+    projector = make_projector("live", batch=50, block_ms=5)
     await projector.ensure_groups()
     stop = asyncio.Event()
     placed: list[str] = []
@@ -557,7 +570,7 @@ async def test_rebuild_under_live_traffic_ends_with_verify_clean(
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-    await project_all(redis_client, pool, settings)
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
 
     assert report.caught_up > 0
     assert (await verify(gateway, pool)).differences == []

@@ -13,6 +13,7 @@ from core.errors import LimitReached, SaleExists, SaleNotActive, SaleNotFound, S
 from core.events import AnyEvent, ReservationPlaced, SaleCreated, parse_event
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys
+from tests.conftest import GatewayFactory
 from tests.helpers import open_sale
 
 
@@ -126,8 +127,10 @@ async def test_contention_never_oversells(gateway: RedisGateway, redis_client: a
     assert len(placed) == 50 and len({e.user_id for e in placed}) == 50
 
 
-async def test_sold_out_hint_spares_redis_and_expires(redis_client: aioredis.Redis):
-    gateway = RedisGateway(redis_client, 4, 3600, sold_out_hint_seconds=0.3)
+async def test_sold_out_hint_spares_redis_and_expires(
+    make_gateway: GatewayFactory, redis_client: aioredis.Redis
+):
+    gateway = make_gateway(idempotency_ttl_seconds=3600, sold_out_hint_seconds=0.3)
     await open_sale(gateway, stock=1)
     first = await gateway.reserve("sale-1", "ann", 1, None)
     with pytest.raises(SoldOut):

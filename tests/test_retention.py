@@ -11,12 +11,12 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from consumers.deadletter import list_parked, retry_parked
-from consumers.projector import Projector
 from consumers.retention import trim_partition, trim_streams
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
 from projections.verify import verify
+from tests.conftest import ProjectorFactory
 from tests.daemons import (
     caught_up,
     cli,
@@ -33,33 +33,18 @@ from tests.daemons import (
     terminate,
     wait_started,
 )
-from tests.helpers import open_sale
-
-REFUSE_MALLORY = """
-CREATE FUNCTION refuse_mallory() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.user_id = 'mallory' THEN RAISE EXCEPTION 'orders of mallory are refused'; END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER refuse_mallory BEFORE INSERT ON orders
-    FOR EACH ROW EXECUTE FUNCTION refuse_mallory();
-"""
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+from tests.helpers import REFUSE_MALLORY, open_sale, place, text
 
 
 async def stream_ids(client: aioredis.Redis, stream: str) -> list[str]:
     return await entry_ids(client, stream)
 
 
-async def place(gateway: RedisGateway, sale_id: str, users: list[str]) -> list[str]:
-    return [(await gateway.reserve(sale_id, u, 1, None)).reservation_id for u in users]
-
-
 async def test_trim_keeps_whatever_a_group_has_not_acknowledged_or_the_archive_lacks(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
 ):
     sale = sale_in_partition(1, prefix="keep")
     await open_sale(gateway, sale, stock=50)
@@ -67,7 +52,7 @@ async def test_trim_keeps_whatever_a_group_has_not_acknowledged_or_the_archive_l
     stream = gateway.keys_for_sale(sale).events
     ids = await stream_ids(redis_client, stream)  # SaleCreated + 12 placements
 
-    p = Projector(redis_client, pool, 4, consumer="p", batch=5, max_deliveries=1)
+    p = make_projector("p", batch=5, max_deliveries=1)
     await p.ensure_groups()
     await p.handle(await p.read_new(block_ms=10))  # entries 0-4: acknowledged and archived
     held = await p.read_new(block_ms=10)  # entries 5-9: pending; 10-12: not delivered
@@ -125,10 +110,13 @@ async def test_trim_keeps_whatever_a_group_has_not_acknowledged_or_the_archive_l
 
 
 async def test_trimmed_log_verifies_clean_and_replays_everything(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
 ):
     sales = [sale_in_partition(p, prefix="trim") for p in range(4)]
-    p = Projector(redis_client, pool, 4, consumer="p", batch=100)
+    p = make_projector("p", batch=100)
     await p.ensure_groups()
     rids: list[str] = []
     for round_ in range(3):
@@ -200,14 +188,17 @@ async def test_consume_daemon_trims_its_streams_as_it_goes(
 
 
 async def test_a_long_backlog_is_trimmed_one_chunk_per_xtrim(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    make_projector: ProjectorFactory,
 ):
     sale = sale_in_partition(2, prefix="steps")
     await open_sale(gateway, sale, stock=50)
     await place(gateway, sale, [f"u{i}" for i in range(12)])
     stream = gateway.keys_for_sale(sale).events
     ids = await stream_ids(redis_client, stream)  # SaleCreated + 12 placements
-    p = Projector(redis_client, pool, 4, consumer="p", batch=100)
+    p = make_projector("p", batch=100)
     await p.ensure_groups()
     await p.handle(await p.read_new(block_ms=10))
 

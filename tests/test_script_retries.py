@@ -17,7 +17,7 @@ from core.events import ReservationExpired
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys
 from tests.helpers import open_sale
-from tests.test_http import log_events
+from tests.http_helpers import log_events
 
 
 class RunTwice:

@@ -16,12 +16,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys, partition_of
 from core.settings import Settings
 from projections.verify import Difference, verify
-from tests.helpers import open_sale
+from tests.conftest import ProjectorFactory
+from tests.helpers import open_sale, project_all
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -61,13 +61,6 @@ async def replay_verify(settings: Settings, *flags: str) -> tuple[int, str, str]
     return await run_cli(cli_env(settings), "replay", "verify", *flags)
 
 
-async def project_all(redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings) -> None:
-    p = Projector(redis_client, pool, settings.partitions, consumer="verify-test", batch=100)
-    await p.ensure_groups()
-    while batch := await p.read_new(block_ms=10):
-        await p.handle(batch)
-
-
 @pytest.fixture
 async def projected_sales(
     gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
@@ -81,7 +74,7 @@ async def projected_sales(
             (await gateway.reserve(sale_id, user, 1 + i % 2, None)).reservation_id
             for i, user in enumerate(USERS)
         ]
-    await project_all(redis_client, pool, settings)
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
     return placed
 
 
@@ -126,7 +119,8 @@ async def test_verify_skips_malformed_log_entries(
     old_version = {"type": "SaleClosed", "v": 0, "event_id": "x", "sale_id": "sale-1"}
     await redis_client.xadd(stream, {"event": json.dumps(old_version | {"occurred_at": 1})})
     await gateway.reserve("sale-1", "alice", 1, None)
-    await project_all(redis_client, pool, settings)  # parks both on the dead-letter stream
+    # parks both on the dead-letter stream
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
 
     report = await verify(gateway, pool)
     assert report.clean, report.differences
@@ -351,12 +345,16 @@ async def test_verify_with_a_malformed_database_url_is_a_clear_error():
 
 
 async def test_verify_during_live_traffic_reports_no_drift(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     sale_ids = ["live-1", "live-2", "live-3"]
     for sale_id in sale_ids:
         await open_sale(gateway, sale_id, stock=100_000, per_user_limit=1)
-    p = Projector(redis_client, pool, settings.partitions, consumer="live", batch=5, block_ms=5)
+    p = make_projector("live", batch=5, block_ms=5)
     await p.ensure_groups()
     stop = asyncio.Event()
 
@@ -381,29 +379,38 @@ async def test_verify_during_live_traffic_reports_no_drift(
 
 
 async def test_entries_pending_on_a_dead_consumer_are_lag_not_drift(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "sale-1", stock=50, per_user_limit=1)
     for i in range(5):
         await gateway.reserve("sale-1", f"early-{i}", 1, None)
-    dead = Projector(redis_client, pool, settings.partitions, consumer="dead")
+    dead = make_projector("dead")
     await dead.ensure_groups()
     assert len(await dead.read_new(block_ms=10)) == 6  # read, then the process dies
     for i in range(5):
         await gateway.reserve("sale-1", f"late-{i}", 1, None)
-    await project_all(redis_client, pool, settings)  # another consumer projects the rest
+    # another consumer projects the rest
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
 
     report = await verify(gateway, pool)
     assert report.clean, report.differences
 
 
 async def test_an_event_acknowledged_but_never_projected_is_reported_lost(
-    gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
 ):
     await open_sale(gateway, "sale-1", stock=5, per_user_limit=1)
-    await project_all(redis_client, pool, settings)
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
     placed = await gateway.reserve("sale-1", "u1", 1, None)
-    buggy = Projector(redis_client, pool, settings.partitions, consumer="acks-too-early")
+    buggy = make_projector("acks-too-early")
     await buggy.ensure_groups()
     delivered = await buggy.read_new(block_ms=10)
     assert len(delivered) == 1

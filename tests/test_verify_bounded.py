@@ -23,8 +23,9 @@ from projections.fold import fold
 from projections.log import LogReader
 from projections.repair import repair_redis
 from projections.verify import LogTail, compare_redis, read_log, verify
+from tests.conftest import GatewayFactory
+from tests.helpers import project_all, text
 from tests.test_lost_replies import lossy_client_of
-from tests.test_verify import project_all
 
 # The goal is no command over 10 ms (bench/bench_verify.py measures it). SLOWLOG times by the
 # wall clock, so on a loaded CI machine a cheap command the scheduler pauses can pass 10 ms;
@@ -81,10 +82,6 @@ async def fill(gateway: RedisGateway, sale_id: str, count: int, batch: int = 200
     for start in range(0, count, batch):
         users = (f"u{n}" for n in range(start, min(start + batch, count)))
         await asyncio.gather(*(gateway.reserve(sale_id, user, 1, None) for user in users))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def slow_commands(client: aioredis.Redis) -> list[tuple[float, str]]:
@@ -173,7 +170,7 @@ async def test_group_progress_reads_a_large_backlog_in_chunks(
     gateway: RedisGateway, redis_client: aioredis.Redis
 ):
     stream = PartitionKeys(1).events
-    ids = [_text(await redis_client.xadd(stream, {"event": "{}"})) for _ in range(25)]
+    ids = [text(await redis_client.xadd(stream, {"event": "{}"})) for _ in range(25)]
     await redis_client.xgroup_create(stream, "g", id="0")
     await redis_client.xreadgroup("g", "c", {stream: ">"}, count=20)
     progress = await gateway.group_progress("g", chunk=3)
@@ -248,7 +245,7 @@ async def test_a_trim_racing_the_snapshot_is_read_from_the_archive(
                 self.raced = True
                 await self.reserve(sale_id, "trimmed-buyer", 1, None)
                 await self.reserve(sale_id, "kept-buyer", 1, None)
-                await project_all(redis_client, pool, settings)
+                await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
                 newest = await redis_client.xrevrange(keys.events, "+", "-", count=1) or []
                 await redis_client.xtrim(keys.events, minid=newest[0][0], approximate=False)
             fenced = await super()._fence_sale(keys, sale_id, position, users, rids, tail_limit)
@@ -259,7 +256,7 @@ async def test_a_trim_racing_the_snapshot_is_read_from_the_archive(
     await gateway.create_sale(NewSale(sale_id="trim", stock=100, per_user_limit=1))
     for n in range(5):
         await gateway.reserve("trim", f"early-{n}", 1, None)
-    await project_all(redis_client, pool, settings)
+    await project_all(redis_client, pool, settings.partitions, "verify-test", 100)
 
     reader = LogReader(gateway, pool)
     snap = await gateway.snapshot_sale("trim", LogTail(reader))
@@ -311,7 +308,10 @@ async def test_many_changes_during_the_read_are_read_again_in_chunks_first(
 
 
 async def test_snapshot_and_repair_send_a_command_again_when_its_reply_is_lost(
-    gateway: RedisGateway, redis_client: aioredis.Redis, settings: Settings
+    make_gateway: GatewayFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    settings: Settings,
 ):
     """A snapshot is many short commands now, so more of them can lose their reply: each
     one (a read, or a fenced repair part) is sent again, and the answer is unchanged."""
@@ -331,7 +331,7 @@ async def test_snapshot_and_repair_send_a_command_again_when_its_reply_is_lost(
 
     assert settings.redis_url is not None
     async with lossy_client_of(settings.redis_url, every_third_array) as (client, proxy):
-        lossy = RedisGateway(client, settings.partitions, settings.idempotency_ttl_seconds)
+        lossy = make_gateway(client)
         snap = await lossy.snapshot_sale("lossy", chunk=100)
         assert proxy.dropped > 5
         assert snap == expected
