@@ -23,6 +23,7 @@ from api.cli.launcher import death_signal_setter
 from api.cli.processes import Services, open_services, run_consumers, running_api
 from api.web.auth import issue_token
 from core.settings import Settings
+from projections.tables import orders, stock_view
 from projections.verify import verify
 
 Result = tuple[int, str, float, str]  # status, outcome code, seconds, reservation id
@@ -292,14 +293,9 @@ async def read_back(services: Services, report: DemoReport, finished: float, pla
     deadline = time.monotonic() + 60
     async with services.pool.acquire() as conn:
         while time.monotonic() < deadline:
-            row = await conn.fetchrow(
-                "SELECT remaining, held, confirmed,"
-                " (SELECT count(*) FROM orders WHERE sale_id = $1) AS orders"
-                " FROM stock_view WHERE sale_id = $1",
-                report.sale_id,
-            )
+            row = await stock_view.read_row(conn, report.sale_id)
             if row is not None and (
-                row["orders"],
+                await orders.count_of_sale(conn, report.sale_id),
                 row["remaining"],
                 row["held"],
                 row["confirmed"],
@@ -307,20 +303,14 @@ async def read_back(services: Services, report: DemoReport, finished: float, pla
                 report.catch_up_seconds = time.perf_counter() - finished
                 break
             await asyncio.sleep(0.05)
-        rows = await conn.fetch(
-            "SELECT status, count(*) AS n, sum(qty) AS units FROM orders"
-            " WHERE sale_id = $1 GROUP BY status",
-            report.sale_id,
-        )
-        report.postgres_status = {r["status"]: r["n"] for r in rows}
+        totals = await orders.status_totals(conn, report.sale_id)
+        report.postgres_status = {status: n for status, (n, _) in totals.items()}
         report.postgres_orders = sum(report.postgres_status.values())
         report.expired = report.postgres_status.get("expired", 0)
-        active_units = sum(r["units"] for r in rows if r["status"] in ("pending", "confirmed"))
-        report.duplicate_buyers = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT user_id FROM orders WHERE sale_id = $1"
-            " AND status IN ('pending', 'confirmed') GROUP BY user_id HAVING sum(qty) > 1) d",
-            report.sale_id,
+        active_units = sum(
+            units for status, (_, units) in totals.items() if status in ("pending", "confirmed")
         )
+        report.duplicate_buyers = await orders.buyers_over_one_unit(conn, report.sale_id)
     report.oversold = max(
         0,
         active_units - report.stock,

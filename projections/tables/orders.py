@@ -160,3 +160,29 @@ async def orders_of_sale(
         r["reservation_id"]: (r["status"], r["qty"], r["user_id"])
         async for r in conn.cursor(_OF_SALE, sale_id, prefetch=prefetch)
     }
+
+
+async def count_of_sale(conn: asyncpg.Connection, sale_id: str) -> int:
+    """How many rows the sale has, whatever their status."""
+    count: int = await conn.fetchval("SELECT count(*) FROM orders WHERE sale_id = $1", sale_id)
+    return count
+
+
+async def status_totals(conn: asyncpg.Connection, sale_id: str) -> dict[str, tuple[int, int]]:
+    """``status -> (rows, units)`` of the sale's rows."""
+    rows = await conn.fetch(
+        "SELECT status, count(*) AS n, sum(qty) AS units FROM orders"
+        " WHERE sale_id = $1 GROUP BY status",
+        sale_id,
+    )
+    return {r["status"]: (r["n"], r["units"]) for r in rows}
+
+
+async def buyers_over_one_unit(conn: asyncpg.Connection, sale_id: str) -> int:
+    """How many buyers of the sale hold more than one unit in pending or confirmed rows."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM (SELECT user_id FROM orders WHERE sale_id = $1"
+        " AND status IN ('pending', 'confirmed') GROUP BY user_id HAVING sum(qty) > 1) d",
+        sale_id,
+    )
+    return count
