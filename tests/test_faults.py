@@ -380,7 +380,7 @@ async def test_redis_with_aof_always_killed_under_load_loses_no_accepted_reserva
     try:
         strict = settings.model_copy(update={"redis_url": url, "durability": "strict"})
         assert (await check_durability(client, strict)).fsyncs_every_write
-        gateway = RedisGateway(client, 4, strict.idempotency_ttl_seconds)
+        gateway = RedisGateway.from_settings(client, strict)
         sales = [sale_in_partition(p, prefix="aof") for p in range(4)]
         for sale in sales:
             await open_sale(gateway, sale, stock=100_000)
@@ -496,7 +496,7 @@ async def test_wait_replicas_answers_503_until_a_replica_has_the_reservation(set
         waiting = settings.model_copy(
             update={"redis_url": url, "wait_replicas": 1, "wait_timeout_ms": 300}
         )
-        gateway = RedisGateway(client, 4, waiting.idempotency_ttl_seconds)
+        gateway = RedisGateway.from_settings(client, waiting)
         await open_sale(gateway, "replicated", stock=10)
         keys = gateway.keys_for_sale("replicated")
 
