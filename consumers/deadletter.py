@@ -28,7 +28,8 @@ from consumers.entries import decode_fields, readable, text, to_bytes
 from consumers.faults import describe, is_transient
 from core.events import parse_event
 from core.keys import PartitionKeys, dead_letter_stream
-from projections.batch import LogEntry, parse_stream_id, project
+from projections.batch import project
+from projections.entries import LogEntry, parse_stream_id
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from core.keys import PartitionKeys, dead_letter_stream
-from projections.batch import parse_stream_id
+from projections.entries import parse_stream_id
 
 log = structlog.get_logger(__name__)
 

@@ -49,7 +49,8 @@ from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from core.events import parse_event
 from core.keys import CONSUMER_GROUP, PartitionKeys
-from projections.batch import LogEntry, project
+from projections.batch import project
+from projections.entries import LogEntry
 
 log = structlog.get_logger(__name__)
 

@@ -31,7 +31,7 @@ from consumers.faults import is_transient
 from consumers.periodic import run_periodically
 from core.events import parse_event
 from core.keys import PartitionKeys
-from projections.batch import parse_stream_id
+from projections.entries import parse_stream_id
 from projections.tables import events
 
 log = structlog.get_logger(__name__)

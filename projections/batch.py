@@ -9,7 +9,6 @@ are additive deltas and a terminal order status is never overwritten by a placem
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -24,40 +23,10 @@ from core.events import (
     SaleCreated,
     StockAdjusted,
 )
+from projections.entries import LogEntry
 from projections.tables import checkpoints, orders, stock_view
 from projections.tables.events import archive
-
-
-def parse_stream_id(stream_id: str) -> tuple[int, int]:
-    """``"1700000000000-3"`` -> ``(1700000000000, 3)``."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """An event with the stream position it was read from."""
-
-    partition: int
-    stream_id: str
-    event: AnyEvent
-
-    @property
-    def position(self) -> tuple[int, int]:
-        return parse_stream_id(self.stream_id)
-
-
-@dataclass
-class StockDelta:
-    """Additive change to one sale's stock view row, plus configuration if created."""
-
-    stock: int = 0
-    remaining: int = 0
-    held: int = 0
-    confirmed: int = 0
-    released: int = 0
-    created: SaleCreated | None = None
-    closed: bool = False
+from projections.tables.stock_view import StockDelta
 
 
 def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:

@@ -21,7 +21,7 @@ from core.errors import InfrastructureError
 from core.events import CURRENT_VERSION, AnyEvent, parse_event
 from core.gateway import GroupProgress, RedisGateway
 from core.keys import PartitionKeys
-from projections.batch import LogEntry, parse_stream_id
+from projections.entries import LogEntry, parse_stream_id
 from projections.tables import events
 
 _END = (2**63 - 1, 2**63 - 1)

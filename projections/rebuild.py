@@ -38,7 +38,7 @@ import structlog
 from core.errors import FlashsaleError
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP
-from projections.batch import LogEntry, parse_stream_id
+from projections.entries import LogEntry, parse_stream_id
 from projections.log import LogChunk, LogReader, acknowledged
 from projections.rows import ORDER_COLUMNS, STOCK_COLUMNS, RowFold
 from projections.tables import checkpoints, events, staging

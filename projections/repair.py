@@ -24,7 +24,7 @@ import structlog
 from core.events import to_ms
 from core.gateway import RedisGateway, ReservationRecord, SaleRepair, SaleSnapshot
 from core.keys import partition_of
-from projections.batch import parse_stream_id
+from projections.entries import parse_stream_id
 from projections.log import LogReader, read_sale_tail, read_whole_log
 from projections.rows import RowFold
 from projections.verify import FINAL, LOG_CHUNK, Difference, LogTail, compare_redis

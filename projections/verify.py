@@ -22,7 +22,7 @@ import asyncpg
 
 from core.gateway import GroupProgress, RedisGateway, SaleSnapshot, Touched
 from core.keys import CONSUMER_GROUP, partition_of
-from projections.batch import LogEntry, parse_stream_id
+from projections.entries import LogEntry, parse_stream_id
 from projections.fold import SaleState, fold
 from projections.log import LogReader, acknowledged, read_sale_tail, read_whole_log
 from projections.tables import events, stock_view

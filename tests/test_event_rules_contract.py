@@ -27,7 +27,8 @@ import pytest
 import core.events as ev
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys, partition_of, partition_of_reservation
-from projections.batch import LogEntry, project
+from projections.batch import project
+from projections.entries import LogEntry
 from projections.fold import SaleState, apply, fold
 from projections.schema import migrate
 from tests.helpers import open_sale, sale_counts, text

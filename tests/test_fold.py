@@ -18,8 +18,9 @@ from core.events import (
     SaleCreated,
     StockAdjusted,
 )
-from projections.batch import StockDelta, stock_deltas
+from projections.batch import stock_deltas
 from projections.fold import SaleState, fold
+from projections.tables.stock_view import StockDelta
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 _ids = itertools.count()

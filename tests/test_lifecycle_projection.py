@@ -31,7 +31,8 @@ from core.events import TERMINAL_EVENTS, to_ms
 from core.gateway import RedisGateway, SaleSnapshot
 from core.keys import CONSUMER_GROUP, partition_of
 from core.settings import Settings
-from projections.batch import LogEntry, project
+from projections.batch import project
+from projections.entries import LogEntry
 from projections.fold import fold
 from projections.verify import Difference, read_log, verify
 from tests.conftest import ProjectorFactory

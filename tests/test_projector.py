@@ -32,7 +32,8 @@ from core.events import (
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream, partition_of
 from core.settings import Settings
-from projections.batch import LogEntry, parse_stream_id, project
+from projections.batch import project
+from projections.entries import LogEntry, parse_stream_id
 from projections.fold import fold
 from tests.conftest import ProjectorFactory
 from tests.daemons import (

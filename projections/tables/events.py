@@ -8,14 +8,11 @@ pruning.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import asyncpg
 
 from core.events import dump_event
-
-if TYPE_CHECKING:
-    from projections.batch import LogEntry
+from projections.entries import LogEntry
 
 Position = tuple[int, int]
 

@@ -7,12 +7,25 @@ verify reads the rows back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import asyncpg
 
-if TYPE_CHECKING:
-    from projections.batch import StockDelta
+from core.events import SaleCreated
+
+
+@dataclass
+class StockDelta:
+    """Additive change to one sale's stock view row, plus configuration if created."""
+
+    stock: int = 0
+    remaining: int = 0
+    held: int = 0
+    confirmed: int = 0
+    released: int = 0
+    created: SaleCreated | None = None
+    closed: bool = False
+
 
 _ADD = """
 INSERT INTO stock_view AS v (sale_id, stock, remaining, held, confirmed, released,

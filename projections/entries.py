@@ -1,0 +1,27 @@
+"""Log entries: an event with the stream position it was read from, as every reader of the
+log (the projector, the log reader, verify, rebuild, retention) passes it on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.events import AnyEvent
+
+
+def parse_stream_id(stream_id: str) -> tuple[int, int]:
+    """``"1700000000000-3"`` -> ``(1700000000000, 3)``."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """An event with the stream position it was read from."""
+
+    partition: int
+    stream_id: str
+    event: AnyEvent
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return parse_stream_id(self.stream_id)
