@@ -21,6 +21,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from api.web.auth import issue_token
+from api.web.requests import BadRequest, validate
+from api.web.reservations import ReservationRequest
 from core.events import SaleCreated
 from core.gateway import RedisGateway
 from core.settings import Settings
@@ -390,6 +392,53 @@ async def test_reserve_with_malformed_json_is_400(
     ) as r:
         await expect_problem(r, 400, "malformed_json")
     assert await redis_dump(redis_client) == before
+
+
+def _answer_of_the_long_way(raw: bytes) -> tuple[int, str, str, Any] | None:
+    """(status, code, detail, errors) of ``json.loads`` then ``validate`` (None: valid)."""
+    try:
+        validate(ReservationRequest, json.loads(raw))
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError alike
+        return 400, "malformed_json", f"body is not valid JSON: {e}", None
+    except RecursionError:
+        return 400, "malformed_json", "body is nested too deeply", None
+    except BadRequest as e:
+        return e.status, e.code, e.detail, e.extra.get("errors")
+    return None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"qty": 5, "qty": 0}',
+        b'{"qty": 2, "qty": "2"}',
+        b'{"qty": NaN}',
+        b'{"qty": Infinity}',
+        b'{"qty": 1e2}',
+        b'{"qty": 1}  x',
+        b"\xef\xbb\xbf{}",
+        b'{"qty": "\xff"}',
+        b'{"q\\u0074y": 0}',
+        b'{"qty": 1, "\\ud800": 1}',
+        '{"qty": 0}'.encode("utf-16"),
+        '{"qty": 1}'.encode("utf-16"),
+        b"  ",
+        b"[" * 5000 + b"]" * 5000,
+    ],
+)
+async def test_reserve_odd_raw_bodies_get_the_answer_of_json_loads_then_validate(
+    http: aiohttp.ClientSession, gateway: RedisGateway, raw: bytes
+):
+    await open_sale(gateway)
+    answer = _answer_of_the_long_way(raw)
+    async with http.post(
+        "/v1/sales/sale-1/reservations", data=raw, headers=buyer("alice") | JSON
+    ) as r:
+        if answer is None:  # json.loads takes a BOM or UTF-16; the body is valid as before
+            assert r.status == 202, await r.text()
+            return
+        problem = await expect_problem(r, answer[0], answer[1])
+    assert (problem["detail"], problem.get("errors")) == answer[2:]
 
 
 async def test_reserve_with_a_body_over_the_limit_is_413(

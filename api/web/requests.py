@@ -31,9 +31,29 @@ class BadRequest(Exception):
 
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body, or a 400/413/415 ``BadRequest``."""
+    return _loads(await _raw_json(request))
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """The request's JSON body validated into ``model`` straight from the bytes.
+
+    One pass of pydantic's own parser on the raw body; a body it does not accept goes the
+    long way (``json.loads`` then ``validate``) so every 400/422 answer stays the same.
+    """
+    raw = await _raw_json(request)
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError:
+        return validate(model, _loads(raw))
+
+
+async def _raw_json(request: web.Request) -> bytes:
     if request.content_type != "application/json":
         raise BadRequest(415, "unsupported_media_type", "send the body as application/json")
-    raw = await request.read()
+    return await request.read()
+
+
+def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

@@ -13,7 +13,7 @@ from api.web.auth import buyer_id, is_admin
 from api.web.problems import problem
 from api.web.requests import (
     idempotency_key_of,
-    read_json,
+    read_model,
     reservation_id_of,
     sale_id_of,
     validate,
@@ -58,7 +58,11 @@ async def reserve(request: web.Request) -> web.Response:
     user_id = buyer_id(request, settings.jwt_secret)
     key = idempotency_key_of(request)
     sale_id = sale_id_of(request)
-    body = validate(ReservationRequest, await read_json(request) if request.body_exists else {})
+    body = (
+        await read_model(request, ReservationRequest)
+        if request.body_exists
+        else validate(ReservationRequest, {})
+    )
     inflight = request.app[INFLIGHT]
     if inflight[0] >= settings.max_inflight:
         metrics.reservations.labels("turned_away").inc()
