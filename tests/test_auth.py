@@ -64,45 +64,49 @@ def _claims(**extra: object) -> dict[str, object]:
 
 
 HS256 = {"alg": "HS256", "typ": "JWT"}
-ODD_TOKENS = {
-    "alg-none": jwt.encode({"sub": "alice", "exp": 2**40}, None, algorithm="none"),
-    "hs512-signed": jwt.encode(_claims(), SECRET, algorithm="HS512"),
-    "hs512-header-sha256-mac": _forge({"alg": "HS512"}, _claims()),
-    "no-alg": _forge({"typ": "JWT"}, _claims()),
-    "wrong-secret": issue_token("t" * 40, "alice"),
-    "expired": issue_token(SECRET, "alice", ttl_seconds=-60),
-    "within-leeway": issue_token(SECRET, "alice", ttl_seconds=-2),
-    "two-segments": issue_token(SECRET, "alice").rsplit(".", 1)[0],
-    "four-segments": issue_token(SECRET, "alice") + ".x",
-    "bad-padding": "a." + issue_token(SECRET, "alice").split(".", 1)[1],
-    "header-bad-char": "*" + issue_token(SECRET, "alice"),
-    "signature-bad-char": issue_token(SECRET, "alice") + "*",
-    "header-not-json": _forge(b"{not json", _claims()),
-    "payload-not-json": _forge(HS256, b"{not json"),
-    "header-a-list": _forge(["HS256"], _claims()),
-    "payload-a-list": _forge(HS256, ["alice"]),
-    "payload-a-string": _forge(HS256, "alice"),
-    "no-exp": _forge(HS256, {"sub": "alice"}),
-    "no-sub": _forge(HS256, {"exp": 2**40}),
-    "exp-string-digits": _forge(HS256, _claims(exp=str(int(time.time()) + 600))),
-    "exp-string-word": _forge(HS256, _claims(exp="soon")),
-    "exp-true": _forge(HS256, _claims(exp=True)),
-    "exp-float": _forge(HS256, _claims(exp=time.time() + 600.5)),
-    "exp-null": _forge(HS256, _claims(exp=None)),
-    "iat-future": _forge(HS256, _claims(iat=int(time.time()) + 600)),
-    "iat-string": _forge(HS256, _claims(iat="now")),
-    "iat-float": _forge(HS256, _claims(iat=time.time())),
-    "nbf-future": _forge(HS256, _claims(nbf=int(time.time()) + 600)),
-    "aud": _forge(HS256, _claims(aud="shop")),
-    "iss-number": _forge(HS256, _claims(iss=5)),
-    "jti-number": _forge(HS256, _claims(jti=5)),
-    "kid-number": _forge({"alg": "HS256", "kid": 5}, _claims()),
-    "crit": _forge({"alg": "HS256", "crit": ["b64"], "b64": False}, _claims()),
-    "sub-empty": _forge(HS256, _claims(sub="")),
-    "sub-number": _forge(HS256, _claims(sub=42)),
-    "sub-with-space": _forge(HS256, _claims(sub="a b")),
-    "sub-too-long": _forge(HS256, _claims(sub="a" * 129)),
-}
+
+
+def odd_tokens() -> dict[str, str]:
+    """Tokens that need care, minted when called: "within-leeway" is valid for 3 s only."""
+    return {
+        "alg-none": jwt.encode({"sub": "alice", "exp": 2**40}, None, algorithm="none"),
+        "hs512-signed": jwt.encode(_claims(), SECRET, algorithm="HS512"),
+        "hs512-header-sha256-mac": _forge({"alg": "HS512"}, _claims()),
+        "no-alg": _forge({"typ": "JWT"}, _claims()),
+        "wrong-secret": issue_token("t" * 40, "alice"),
+        "expired": issue_token(SECRET, "alice", ttl_seconds=-60),
+        "within-leeway": issue_token(SECRET, "alice", ttl_seconds=-2),
+        "two-segments": issue_token(SECRET, "alice").rsplit(".", 1)[0],
+        "four-segments": issue_token(SECRET, "alice") + ".x",
+        "bad-padding": "a." + issue_token(SECRET, "alice").split(".", 1)[1],
+        "header-bad-char": "*" + issue_token(SECRET, "alice"),
+        "signature-bad-char": issue_token(SECRET, "alice") + "*",
+        "header-not-json": _forge(b"{not json", _claims()),
+        "payload-not-json": _forge(HS256, b"{not json"),
+        "header-a-list": _forge(["HS256"], _claims()),
+        "payload-a-list": _forge(HS256, ["alice"]),
+        "payload-a-string": _forge(HS256, "alice"),
+        "no-exp": _forge(HS256, {"sub": "alice"}),
+        "no-sub": _forge(HS256, {"exp": 2**40}),
+        "exp-string-digits": _forge(HS256, _claims(exp=str(int(time.time()) + 600))),
+        "exp-string-word": _forge(HS256, _claims(exp="soon")),
+        "exp-true": _forge(HS256, _claims(exp=True)),
+        "exp-float": _forge(HS256, _claims(exp=time.time() + 600.5)),
+        "exp-null": _forge(HS256, _claims(exp=None)),
+        "iat-future": _forge(HS256, _claims(iat=int(time.time()) + 600)),
+        "iat-string": _forge(HS256, _claims(iat="now")),
+        "iat-float": _forge(HS256, _claims(iat=time.time())),
+        "nbf-future": _forge(HS256, _claims(nbf=int(time.time()) + 600)),
+        "aud": _forge(HS256, _claims(aud="shop")),
+        "iss-number": _forge(HS256, _claims(iss=5)),
+        "jti-number": _forge(HS256, _claims(jti=5)),
+        "kid-number": _forge({"alg": "HS256", "kid": 5}, _claims()),
+        "crit": _forge({"alg": "HS256", "crit": ["b64"], "b64": False}, _claims()),
+        "sub-empty": _forge(HS256, _claims(sub="")),
+        "sub-number": _forge(HS256, _claims(sub=42)),
+        "sub-with-space": _forge(HS256, _claims(sub="a b")),
+        "sub-too-long": _forge(HS256, _claims(sub="a" * 129)),
+    }
 
 
 def _verify_with_pyjwt(token: str, secret: str) -> str:
@@ -132,9 +136,9 @@ def _verify(token: str, secret: str) -> str:
         return f"{e.status} {e.detail}"
 
 
-@pytest.mark.parametrize("name", sorted(ODD_TOKENS))
+@pytest.mark.parametrize("name", sorted(odd_tokens()))
 def test_odd_tokens_get_the_answer_jwt_decode_gives(name: str):
-    token = ODD_TOKENS[name]
+    token = odd_tokens()[name]
     assert _verify(token, SECRET) == _verify_with_pyjwt(token, SECRET)
 
 
@@ -144,7 +148,7 @@ def test_the_direct_check_accepts_minted_tokens_and_declines_every_odd_one():
     assert sub == "alice@shop.example" and exp > time.time()
     assert _fast_claims(token, "t" * 40) is None
     accepted = {"within-leeway"}  # valid, plain tokens: the direct check needs no pyjwt
-    for name, odd in ODD_TOKENS.items():
+    for name, odd in odd_tokens().items():
         assert (_fast_claims(odd, SECRET) is not None) == (name in accepted), name
 
 
