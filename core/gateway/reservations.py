@@ -12,7 +12,7 @@ import structlog
 from core.errors import InfrastructureError, NotReplicated, ReservationOutcomeUnknown, SoldOut
 from core.gateway.decode import time_of
 from core.gateway.reads import Reads
-from core.gateway.scripts import OPERATION_TTL_SECONDS
+from core.gateway.scripts import OPERATION_TTL_SECONDS, answer_of
 from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of_reservation
 from core.models import ReservationView
 
@@ -118,21 +118,21 @@ class ReservationCommands(Reads):
 
         Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
         the primary all the same. WAIT covers the writes of its own connection only, so
-        both run on one; an answer that places nothing (a replayed Idempotency-Key, or a
-        repeated run of this call) rewrites a value as it is (ARGV[8]), which puts the
-        connection past the first placement's write and makes WAIT cover that too.
+        both run on one (one WAIT after the calls of a coalesced batch covers them all);
+        an answer that places nothing (a replayed Idempotency-Key, or a repeated run of
+        this call) rewrites a value as it is (ARGV[8]), which puts the connection past the
+        first placement's write and makes WAIT cover that too.
         """
-        async with self.client.client() as conn:
-            result = await self._call(self._reserve, keys, args, client=conn)
-            acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
-        if acknowledged < self.wait_replicas:
+        replicated = await self.scripts.run_replicated(self._reserve, keys, args)
+        result = answer_of(replicated.reply)
+        if replicated.acknowledged < self.wait_replicas:
             log.warning(
                 "reservation_not_replicated",
                 reservation_id=result[1],
-                acknowledged=acknowledged,
+                acknowledged=replicated.acknowledged,
                 wanted=self.wait_replicas,
             )
-            raise NotReplicated(result[1], acknowledged, self.wait_replicas)
+            raise NotReplicated(result[1], replicated.acknowledged, self.wait_replicas)
         return result
 
     async def confirm(self, reservation_id: str, user_id: str | None) -> bool:
@@ -196,7 +196,7 @@ class ReservationCommands(Reads):
         ]
 
         async def run() -> list[Any]:
-            reply: list[Any] = await self._expire(keys=script_keys, args=args)
+            reply: list[Any] = await self.scripts.run(self._expire, script_keys, args)
             return reply
 
         expired, left = await self._retrying(run, "redis expiry")
