@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     sold_out_hint_ms: int = Field(
         default=200, ge=0, description="Answer sold_out from memory this long after Redis did."
     )
+    sale_view_cache_ms: int = Field(
+        default=5,
+        ge=0,
+        description="GET /v1/sales/{id} answers at most this old (per API process); 0: off.",
+    )
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     consumer_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_block_ms: int = Field(default=1000, ge=1)

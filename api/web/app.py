@@ -13,7 +13,16 @@ from api.connections import postgres_pool_for, redis_client_for
 from api.web import reservations, sales, service
 from api.web.metrics import ApiMetrics
 from api.web.problems import problems_middleware
-from api.web.state import GATEWAY, HEALTH, INFLIGHT, METRICS, ORDERS_POOL, SETTINGS
+from api.web.sale_views import SaleViewCache
+from api.web.state import (
+    GATEWAY,
+    HEALTH,
+    INFLIGHT,
+    METRICS,
+    ORDERS_POOL,
+    SALE_VIEWS,
+    SETTINGS,
+)
 from consumers.health import CachedHealth
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
@@ -43,6 +52,7 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     app[SETTINGS] = settings
     app[METRICS] = ApiMetrics()
     app[INFLIGHT] = [0]
+    app[SALE_VIEWS] = SaleViewCache(settings.sale_view_cache_ms / 1000)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None

@@ -3,10 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from consumers.health import Health
+
+C = TypeVar("C", covariant=True)
+
+
+class Labelled(Protocol[C]):
+    """A metric with labels: ``labels(*values)`` is its child for those values."""
+
+    def labels(self, *values: str) -> C: ...
+
+
+class Bound(Generic[C]):
+    """A labelled metric's children, each bound once and kept.
+
+    ``labels(...)`` looks its child up under a lock on every call (about 1.3 us against
+    0.33 us for a kept child); the request path calls these instead. Only for metrics
+    whose children are never removed.
+    """
+
+    def __init__(self, metric: Labelled[C]) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], C] = {}
+
+    def __call__(self, *values: str) -> C:
+        """The child for ``values``, bound on first use."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 @dataclass
@@ -46,6 +75,10 @@ class ApiMetrics:
             "Reservation requests being processed now.",
             registry=self.registry,
         )
+        # The children the request path updates, bound once (see ``Bound``).
+        self.requests_of: Bound[Counter] = Bound(self.requests)
+        self.latency_of: Bound[Histogram] = Bound(self.latency)
+        self.outcome: Bound[Counter] = Bound(self.reservations)
         group_labels = ["group", "partition"]
         self.consumer_lag = Gauge(
             "flashsale_consumer_lag",

@@ -109,6 +109,6 @@ async def problems_middleware(
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         response = problem(500, "internal_error", "Internal error", "unexpected server error")
-    metrics.requests.labels(route_name, str(response.status)).inc()
-    metrics.latency.labels(route_name).observe(time.perf_counter() - started)
+    metrics.requests_of(route_name, str(response.status)).inc()
+    metrics.latency_of(route_name).observe(time.perf_counter() - started)
     return response
