@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,7 +11,7 @@ import structlog
 from core.errors import InfrastructureError, NotReplicated, ReservationOutcomeUnknown, SoldOut
 from core.gateway.decode import time_of
 from core.gateway.reads import Reads
-from core.gateway.scripts import OPERATION_TTL_SECONDS, answer_of
+from core.gateway.scripts import OPERATION_TTL_SECONDS, answer_of, new_id
 from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of_reservation
 from core.models import ReservationView
 
@@ -54,7 +53,7 @@ class ReservationCommands(Reads):
         if idempotency_key is None and self.sold_out_hints.says_sold_out(sale_id, qty):
             raise SoldOut()
         keys = self.keys_for_sale(sale_id)
-        reservation_id = f"{keys.partition}-{uuid.uuid4().hex}"
+        reservation_id = f"{keys.partition}-{new_id()}"
         try:
             result = await self._reserve_script(
                 keys, sale_id, user_id, qty, reservation_id, idempotency_key
@@ -98,7 +97,7 @@ class ReservationCommands(Reads):
             keys.user_reservations(sale_id, user_id),
         ]
         args: list[Any] = [
-            uuid.uuid4().hex,
+            new_id(),
             sale_id,
             user_id,
             qty,
@@ -143,7 +142,7 @@ class ReservationCommands(Reads):
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         result = await self._run(
             self._confirm,
             [
@@ -164,7 +163,7 @@ class ReservationCommands(Reads):
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         result = await self._run(
             self._cancel,
             [
@@ -185,7 +184,7 @@ class ReservationCommands(Reads):
         Returns ``(expired, still_due)``; call again at once while ``still_due`` > 0.
         """
         keys = PartitionKeys(partition)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         script_keys = [keys.deadlines, keys.events, keys.operation(operation)]
         args: list[Any] = [
             limit,

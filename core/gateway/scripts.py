@@ -5,6 +5,7 @@ policy for calls whose reply was lost."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,12 @@ LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
 # far longer than any retry of the same call, short enough that the records take little
 # memory. (Confirm and cancel keep theirs in the reservation's hash.)
 OPERATION_TTL_SECONDS = 300
+
+
+def new_id() -> str:
+    """32 random hex digits: an id for a reservation, an event or an operation (as unique
+    as a uuid4's hex, at a quarter of its cost on the purchase path)."""
+    return os.urandom(16).hex()
 
 
 def load_lua(name: str) -> str:
