@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -166,6 +167,14 @@ def serving(source: Path, env: dict[str, str], port: int) -> Iterator[Server]:
         server.stop()
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 CASES = ("reserve (stock left)", "reserve (sold out)", "sale view")
 
 
@@ -185,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument("--port", type=int, default=0, help="default: a free one")
     parser.add_argument("--compare", type=Path, help="also serve from this source checkout (B)")
     parser.add_argument("--tokens", type=int, default=200_000, help="distinct buyers")
     args = parser.parse_args()
@@ -199,6 +208,7 @@ def main() -> None:
         "FLASHSALE_JWT_SECRET": secrets.token_urlsafe(32),
         "FLASHSALE_LOG_LEVEL": "warning",
     }
+    port = args.port or free_port()
     sources = {"A": Path(__file__).resolve().parent.parent}
     if args.compare is not None:
         sources["B"] = args.compare.resolve()
@@ -209,7 +219,7 @@ def main() -> None:
         rates: dict[tuple[str, str], list[float]] = {}
         for round_ in range(args.rounds):
             for label, source in sources.items():
-                with serving(source, env, args.port) as server:
+                with serving(source, env, port) as server:
                     for case, result in measure(server, args.seconds, lua, tokens).items():
                         rates.setdefault((label, case), []).append(result.requests_per_second)
                         print(

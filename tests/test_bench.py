@@ -3,8 +3,11 @@ their speed is not asserted, only that every part of them works)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from core.settings import Settings
 from tests.daemons import env_for
@@ -42,3 +45,12 @@ def test_bench_reserve_runs_its_http_part_to_the_end(settings: Settings) -> None
     assert len(placed) == 1 and "over 20 requests" in placed[0], out
     assert placed[0].endswith("statuses [202]"), out
     assert len(sold_out) == 1 and sold_out[0].endswith("statuses [409]"), out
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_http_load_drives_each_endpoint_with_wrk_and_prints_medians(settings: Settings) -> None:
+    args = ("--seconds", "1", "--rounds", "1", "--tokens", "50")
+    out = run_bench("bench.http_load", settings, *args)
+    for case in ("reserve (stock left)", "reserve (sold out)", "sale view"):
+        assert f"round 1 A {case}: " in out, out
+        assert any(line.startswith(f"  {case}: A ") for line in out.splitlines()), out

@@ -1,20 +1,25 @@
 """A sale this process just saw sold out is refused before any other work: no auth, no
 body, no Redis call; a request with an Idempotency-Key still goes the whole way.
 
-The refusal tells nothing that GET /v1/sales does not. These tests run on a Redis of their
-own, so that INFO commandstats counts this process's script calls only.
+The refusal tells nothing that GET /v1/sales does not. The HTTP tests run on a Redis of
+their own, so that INFO commandstats counts this process's script calls only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from api.cli.launcher import EmbeddedRedis
+from core.errors import SoldOut
 from core.gateway import RedisGateway
 from core.settings import Settings
+from tests.conftest import GatewayFactory
+from tests.daemons import eventually
 from tests.helpers import open_sale
 from tests.http_helpers import JSON, bearer, buyer, expect_problem, serve
 
@@ -95,3 +100,27 @@ async def test_a_sale_with_stock_still_checks_auth_and_body_first(own_redis: Set
                 assert r.status == 202
     finally:
         await client.aclose()
+
+
+async def test_the_sold_out_hint_is_renewed_while_redis_says_so_and_lapses_after(
+    make_gateway: GatewayFactory, gateway: RedisGateway
+):
+    age = 1.0
+    hinted = make_gateway(sold_out_hint_seconds=age)
+    await open_sale(gateway, stock=1)
+    await hinted.reserve("sale-1", "ann", 1, None)
+    with pytest.raises(SoldOut):
+        await hinted.reserve("sale-1", "bob", 1, None)  # Redis's refusal sets the hint
+    # Well past its age, it still holds: background reads renewed it.
+    until = time.monotonic() + 2.5 * age
+    while time.monotonic() < until:
+        assert hinted.answers_sold_out("sale-1")
+        await asyncio.sleep(0.02)
+    # Stock comes back through another process: no renewal, and the hint lapses.
+    await gateway.adjust_stock("sale-1", 1, None)
+
+    async def lapsed() -> bool:
+        return not hinted.answers_sold_out("sale-1")
+
+    await eventually(lapsed, 3 * age, "the hint was renewed though stock came back")
+    assert not (await hinted.reserve("sale-1", "bob", 1, None)).replayed

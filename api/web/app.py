@@ -82,9 +82,10 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     app.cleanup_ctx.append(health_ctx)
     app.cleanup_ctx.append(orders_ctx)
     router = app.router
-    router.add_post("/v1/sales", sales.create_sale)
-    router.add_get("/v1/sales/{sale_id}", sales.get_sale)
+    # The hot routes first: aiohttp tries the routes under one path prefix in this order.
     router.add_post("/v1/sales/{sale_id}/reservations", reservations.reserve)
+    router.add_get("/v1/sales/{sale_id}", sales.get_sale)
+    router.add_post("/v1/sales", sales.create_sale)
     router.add_get("/v1/sales/{sale_id}/reservations/mine", reservations.my_reservations)
     router.add_get("/v1/reservations/{reservation_id}", reservations.get_reservation)
     router.add_post("/v1/reservations/{reservation_id}/confirm", reservations.confirm_reservation)

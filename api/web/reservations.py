@@ -62,8 +62,8 @@ async def reserve(request: web.Request) -> web.Response:
     """
     gateway = request.app[GATEWAY]
     metrics = request.app[METRICS]
-    if "Idempotency-Key" not in request.headers and gateway.sold_out_hints.says_sold_out(
-        request.match_info["sale_id"], 1
+    if "Idempotency-Key" not in request.headers and gateway.answers_sold_out(
+        request.match_info["sale_id"]
     ):
         metrics.outcome(SoldOut.code).inc()
         return from_error(SoldOut())

@@ -2,9 +2,9 @@
 in one pipeline, on one connection, in one round trip.
 
 Under a stampede a process has a hundred purchases in flight; sent one by one, each pays a
-round trip and the client's per-command overhead, and one process reached 19-24k script
-calls/s. Sent as one pipeline per loop turn, the same process reached 49-52k/s. Nothing
-about a call changes: each script still runs atomically on its own, and each caller still
+round trip and the client's per-command overhead (issue 10 measured one process at 19-24k
+script calls/s that way, and at 49-52k/s with one pipeline per loop turn). Nothing about a
+call changes: each script still runs atomically on its own, and each caller still
 gets its own reply or its own error.
 
 - A reply that is an error (a script that failed, or any ``ResponseError``) fails its own

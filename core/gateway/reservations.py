@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,6 +36,30 @@ class Placed:
 
 class ReservationCommands(Reads):
     """The scripts that change one reservation; each logs its event in the same step."""
+
+    def answers_sold_out(self, sale_id: str) -> bool:
+        """True while this process knows ``sale_id`` is sold out even for one unit, so a
+        request without an Idempotency-Key can be refused from memory before any work.
+
+        Past half the hint's age, one background read of the sale renews it while Redis
+        still says sold out (stamped with the read's start, so the hint's bound holds).
+        """
+        if not self.sold_out_hints.says_sold_out(sale_id, 1):
+            return False
+        if self.sold_out_hints.renewal_due(sale_id):
+            self._in_background(self._renew_sold_out(sale_id))
+        return True
+
+    async def _renew_sold_out(self, sale_id: str) -> None:
+        started = time.monotonic()
+        try:
+            view = await self.get_sale(sale_id)
+        except InfrastructureError:
+            return  # the hint simply lapses
+        # Not after a ``forget`` (stock came back through this process) or a lapse.
+        still = self.sold_out_hints.says_sold_out(sale_id, 1)
+        if still and view is not None and view.status == "sold_out":
+            self.sold_out_hints.remember(sale_id, 1, at=started)
 
     async def reserve(
         self, sale_id: str, user_id: str, qty: int, idempotency_key: str | None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -87,6 +87,7 @@ class GatewayBase:
         self.sold_out_hints = SoldOutHints(sold_out_hint_seconds)
         # Every script call goes through it: one pipeline, one round trip per loop turn.
         self.scripts = ScriptPipeline(client, wait_replicas, wait_timeout_ms)
+        self._background: set[asyncio.Task[None]] = set()
         self._create_sale: AsyncScript = client.register_script(load_lua("create_sale"))
         self._reserve: AsyncScript = client.register_script(load_lua("reserve"))
         self._fence: AsyncScript = client.register_script(load_lua("fence_sale"))
@@ -132,6 +133,12 @@ class GatewayBase:
             return bool(await self.client.ping())
         except RedisError:
             return False
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on its own, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         """Run ``call`` until it answers, again after a lost reply, within ``self.retry``.
