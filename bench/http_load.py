@@ -12,12 +12,13 @@ process of its own, opens fresh sales through the admin API, and drives with ``w
 - ``reserve (sold out)``: the same on a sale with no stock;
 - ``sale view``: GET /v1/sales/{id}.
 
-``--compare DIR`` also serves from the source checkout at DIR (e.g. ``git worktree add``
-of another commit), alternating A and B each round, and prints the median of each and
-the ratio. Prints figures; asserts nothing about speed.
+``--compare DIR`` also serves from the source checkout at DIR (e.g. ``git archive`` of
+another commit unpacked there): both servers stay up and each case runs on A and B back to
+back, in turn first, every round; it prints the median of each and the median of the
+rounds' A/B ratios. Prints figures; asserts nothing about speed.
 
-The reusable pieces (``write_tokens``, ``RESERVE_LUA``, ``run_wrk``, ``Server``) are
-what other benchmarks import.
+The reusable pieces (``write_tokens``, ``RESERVE_LUA``, ``run_wrk``, ``Server``,
+``serving``, ``free_port``) are what other benchmarks import.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,23 +179,19 @@ def free_port() -> int:
 CASES = ("reserve (stock left)", "reserve (sold out)", "sale view")
 
 
-def measure(server: Server, seconds: int, lua: Path, tokens: Path) -> dict[str, WrkResult]:
-    """Each case once against ``server``, each reserve case on a fresh sale."""
-    env = {"BENCH_TOKENS": str(tokens)}
-    results: dict[str, WrkResult] = {}
-    for case, stock in (("reserve (stock left)", 10**9), ("reserve (sold out)", 0)):
-        sale_id = server.create_sale(stock)
-        url = f"{server.base}/v1/sales/{sale_id}/reservations"
-        results[case] = run_wrk(url, seconds, lua=lua, env=env)
-    results["sale view"] = run_wrk(f"{server.base}/v1/sales/{server.create_sale(10)}", seconds)
-    return results
+def case_url(server: Server, case: str) -> tuple[str, bool]:
+    """The URL that ``case`` drives on ``server`` (a fresh sale each time), and whether
+    it is a reservation (each request a new buyer)."""
+    if case == "sale view":
+        return f"{server.base}/v1/sales/{server.create_sale(10)}", False
+    stock = 10**9 if case == "reserve (stock left)" else 0
+    return f"{server.base}/v1/sales/{server.create_sale(stock)}/reservations", True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--port", type=int, default=0, help="default: a free one")
     parser.add_argument("--compare", type=Path, help="also serve from this source checkout (B)")
     parser.add_argument("--tokens", type=int, default=200_000, help="distinct buyers")
     args = parser.parse_args()
@@ -208,35 +205,51 @@ def main() -> None:
         "FLASHSALE_JWT_SECRET": secrets.token_urlsafe(32),
         "FLASHSALE_LOG_LEVEL": "warning",
     }
-    port = args.port or free_port()
     sources = {"A": Path(__file__).resolve().parent.parent}
     if args.compare is not None:
         sources["B"] = args.compare.resolve()
-    with tempfile.TemporaryDirectory() as tmp:
+    rates: dict[tuple[str, str], list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         tokens, lua = Path(tmp) / "tokens.txt", Path(tmp) / "reserve.lua"
         write_tokens(tokens, env["FLASHSALE_JWT_SECRET"], args.tokens)
         lua.write_text(RESERVE_LUA)
-        rates: dict[tuple[str, str], list[float]] = {}
+        # Every server stays up; each case runs on them back to back (in turn first), so
+        # that a ratio compares runs minutes apart at most on a machine whose speed drifts.
+        up = {
+            label: servers.enter_context(serving(source, env, free_port()))
+            for label, source in sources.items()
+        }
         for round_ in range(args.rounds):
-            for label, source in sources.items():
-                with serving(source, env, port) as server:
-                    for case, result in measure(server, args.seconds, lua, tokens).items():
-                        rates.setdefault((label, case), []).append(result.requests_per_second)
-                        print(
-                            f"round {round_ + 1} {label} {case}: "
-                            f"{result.requests_per_second:,.0f} req/s, "
-                            f"mean latency {result.latency_ms:.1f} ms, "
-                            f"non-2xx {result.non_2xx}",
-                            flush=True,
-                        )
+            for case in CASES:
+                got: dict[str, float] = {}
+                labels = list(up) if round_ % 2 == 0 else list(reversed(up))
+                for label in labels:
+                    url, reserving = case_url(up[label], case)
+                    result = run_wrk(
+                        url,
+                        args.seconds,
+                        lua=lua if reserving else None,
+                        env={"BENCH_TOKENS": str(tokens)},
+                    )
+                    got[label] = result.requests_per_second
+                    rates.setdefault((label, case), []).append(result.requests_per_second)
+                    print(
+                        f"round {round_ + 1} {label} {case}: "
+                        f"{result.requests_per_second:,.0f} req/s, "
+                        f"mean latency {result.latency_ms:.1f} ms, "
+                        f"non-2xx {result.non_2xx}",
+                        flush=True,
+                    )
+                if "B" in got:
+                    ratios.setdefault(case, []).append(got["A"] / got["B"])
     print(f"\nmedians of {args.rounds} rounds (wrk -t2 -c100 -d{args.seconds}s):")
     for case in CASES:
         line = f"  {case}: " + ", ".join(
             f"{label} {statistics.median(rates[label, case]):,.0f} req/s" for label in sources
         )
-        if "B" in sources:
-            ratio = statistics.median(rates["A", case]) / statistics.median(rates["B", case])
-            line += f", A/B {ratio:.2f}x"
+        if case in ratios:
+            line += f", A/B {statistics.median(ratios[case]):.2f}x (median of the rounds' ratios)"
         print(line)
 
 
