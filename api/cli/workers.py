@@ -201,13 +201,16 @@ class _Workers:
         self.stopping = True
         for process in self.processes:
             if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
+                    process.send_signal(signal.SIGTERM)
             else:
                 self.died.setdefault(process.pid, f"{_describe(process.returncode)} on its own")
         failures = [f"API worker {pid} {how}" for pid, how in self.died.items()]
+        deadline = asyncio.get_running_loop().time() + STOP_TIMEOUT_S
         for process in self.processes:
             try:
-                code = await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+                async with asyncio.timeout_at(deadline):
+                    code = await process.wait()
             except TimeoutError:
                 process.kill()
                 code = await process.wait()
@@ -221,9 +224,8 @@ class _Workers:
             log.error("api_worker_died", pid=pid, how=how)
         if failures:
             others = len(self.processes) - len(self.died)
-            raise WorkerFailed(
-                f"{'; '.join(failures)} (see the log above); stopped the other {others}"
-            )
+            stopped = f"; stopped the other {others}" if self.died else ""
+            raise WorkerFailed(f"{'; '.join(failures)} (see the log above){stopped}")
 
 
 @contextlib.asynccontextmanager
