@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -188,6 +189,34 @@ async def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
         assert f"error: WorkerFailed: API worker {dead} killed by SIGKILL on its own" in text
         assert "stopped the other 1" in text
         assert [r["pid"] for r in logged(service.log_path, "api_worker_died")] == [dead]
+
+
+async def test_a_stop_while_workers_start_ends_the_run_cleanly(env: dict[str, str], tmp_path: Path):
+    log_path = tmp_path / "serve.log"
+    proc = start(["serve", "--workers", "2"], env, log_path)
+    try:
+
+        async def spawning() -> bool:
+            return bool(logged(log_path, "durability_checked")) and bool(children_of(proc.pid))
+
+        await eventually(spawning, 30, "serve spawned no worker", running((proc, log_path)))
+        workers = children_of(proc.pid)
+        assert await terminate(proc, within=15) == 0, log_path.read_text()[-3000:]
+        await wait_gone(workers, 5, "a worker outlived a stop during start-up")
+        # Stopped before the workers all listened (a worker takes a second or so to start).
+        assert not [r for r in logged(log_path, "api_listening") if "pids" in r]
+    finally:
+        stop_all(proc)
+
+
+async def test_a_port_in_use_is_refused_before_any_worker_starts(env: dict[str, str]):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        rc, out = await cli(env | {"FLASHSALE_PORT": port}, "serve", "--workers", "2", within=30)
+    assert rc == 2, out
+    assert "error: OSError: [Errno 98]" in out and "api_listening" not in out, out
 
 
 async def test_one_worker_serves_in_the_command_process(env: dict[str, str], tmp_path: Path):

@@ -250,8 +250,9 @@ async def api_workers(settings: Settings, count: int, stop: asyncio.Event) -> As
         try:
             await workers.spawn(count)
             await workers.listening(stop)
-            pids = [p.pid for p in workers.processes]
-            log.info("api_listening", host=settings.host, port=port, workers=count, pids=pids)
+            if not stop.is_set():
+                pids = [p.pid for p in workers.processes]
+                log.info("api_listening", host=settings.host, port=port, workers=count, pids=pids)
             watcher = asyncio.ensure_future(workers.watch(stop))
             yield port
         finally:
