@@ -15,8 +15,8 @@ on stdout once it listens; the parent reports the service up when every worker h
 Lifecycle:
 
 - SIGTERM or SIGINT to the parent: it sends SIGTERM to every worker, waits for them (SIGKILL
-  after :data:`STOP_TIMEOUT_S`) and exits 0. Workers run in sessions of their own, so a
-  terminal's Ctrl-C reaches the parent alone and the stop is always the parent's.
+  after :data:`STOP_TIMEOUT_S`) and exits 0. Workers run in a process group of their own,
+  so a terminal's Ctrl-C reaches the parent alone and the stop is always the parent's.
 - The parent killed outright (SIGKILL, OOM): the kernel kills every worker, which starts
   with ``PR_SET_PDEATHSIG`` (:func:`api.cli.launcher.death_signal_setter`).
 - A worker exiting on its own (crash, SIGKILL, OOM): the parent stops the others and exits
@@ -40,7 +40,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +122,20 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _child_setup() -> Callable[[], None]:
+    """A worker's ``preexec_fn``: a process group of its own, so that a terminal's Ctrl-C
+    reaches the parent alone (a new session would do too, but would also give each worker
+    a scheduling autogroup of its own), and death with the parent."""
+    die_with_parent = death_signal_setter()
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        if die_with_parent is not None:
+            die_with_parent()
+
+    return setup
+
+
 def _describe(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
@@ -148,8 +162,7 @@ class _Workers:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=env,
-                start_new_session=True,
-                preexec_fn=death_signal_setter(),
+                preexec_fn=_child_setup(),
             )
             self.processes.append(process)
             assert process.stdin is not None
