@@ -137,7 +137,13 @@ def _child_setup() -> Callable[[], None]:
 
 
 def _describe(code: int) -> str:
-    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    """How a process with exit status ``code`` (negative: the signal) ended."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {-code}"
 
 
 @dataclass
