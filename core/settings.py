@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="API processes of `serve` and `up` on one port; unset: the CPUs this process"
+        " may run on. 1: the API in the command's own process.",
+    )
     partitions: int = Field(default=16, ge=1, le=1024)
     max_body_bytes: int = Field(default=16 * 1024, ge=256)
     redis_pool_size: int = Field(default=200, ge=1)

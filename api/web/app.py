@@ -44,13 +44,16 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
-def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.Application:
-    """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``."""
+def create_app(
+    settings: Settings, client: aioredis.Redis | None = None, metrics: ApiMetrics | None = None
+) -> web.Application:
+    """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``. Its metrics
+    are its own unless ``metrics`` is given (an API worker's, summed over the workers)."""
     app = web.Application(
         middlewares=[problems_middleware], client_max_size=settings.max_body_bytes
     )
     app[SETTINGS] = settings
-    app[METRICS] = ApiMetrics()
+    app[METRICS] = metrics or ApiMetrics()
     app[INFLIGHT] = [0]
     app[SALE_VIEWS] = SaleViewCache(settings.sale_view_cache_ms / 1000)
 
