@@ -42,6 +42,7 @@ def settings(servers: ServerUrls) -> Settings:
         claim_idle_ms=1000,
         consumer_block_ms=100,
         metrics_health_interval_ms=0,  # tests scrape, change state, and scrape again
+        sale_view_cache_ms=0,  # read right after a change (test_sale_view_cache tests the cache)
     )
 
 
