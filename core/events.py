@@ -7,6 +7,7 @@ aware datetimes. Stored events are never rewritten: an older ``v`` is upcast on 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -143,6 +144,12 @@ def parse_event(raw: str | bytes) -> AnyEvent:
     """
     import json
 
+    with contextlib.suppress(ValueError):
+        # The fast path, parsing and validating in one step: an event of the current
+        # version that validates as it is. Anything else takes the path that upcasts.
+        event = _adapter.validate_json(raw)
+        if event.v >= CURRENT_VERSION:
+            return event
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):

@@ -1,0 +1,284 @@
+"""Benchmark: the projector, streams into PostgreSQL.
+
+Run:  .venv/bin/python -m bench.bench_projection throughput [--placements 100000]
+      .venv/bin/python -m bench.bench_projection latency [--rate 5000] [--seconds 10]
+
+Uses ``FLASHSALE_REDIS_URL`` / ``FLASHSALE_DATABASE_URL`` when set (it flushes that Redis
+database and empties the projection tables), else starts embedded servers of its own.
+Prints figures; asserts nothing about speed.
+
+``throughput``: creates the sales through the gateway, then preloads the partition streams
+with placements written exactly as ``core/lua/reserve.lua`` writes them (one XADD of a
+compact JSON ``event`` field, pipelined), starts ``--consumers`` projectors (in this
+process, each with its own Redis client and pool) and times from their start until
+PostgreSQL holds every event.
+
+``latency``: projectors running, places reservations through the gateway (the reserve
+script) at a fixed rate and measures, per reservation, the time from the script's reply
+to its order row being committed in PostgreSQL. Method: the reply's moment is taken with
+``time.time()`` when the gateway call returns; the row's moment is the commit, read as
+PostgreSQL's ``clock_timestamp()`` which the orders row records in ``updated_at``... is
+``now()``, the transaction's start, so it is not used: instead a watcher polls ``orders``
+every ``--poll-ms`` for rows placed since its last look and stamps each with its own
+``time.time()`` when it first sees it. Both clocks are this process's, so the error is the
+poll period (a row is seen at most ``--poll-ms`` after its commit, on average half) plus the
+watcher's query time; the figures printed are upper bounds of the true lag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from api.cli.launcher import embedded_servers
+from consumers.projector import Projector
+from core.gateway import RedisGateway
+from core.keys import PartitionKeys, partition_of
+from core.models import NewSale
+from core.settings import Settings
+from projections.db import open_pool
+
+_TABLES = "events, orders, stock_view, checkpoints"
+
+
+async def reset(client: aioredis.Redis, pool: asyncpg.Pool) -> None:
+    """Flush the Redis database and empty the projection tables."""
+    await client.flushdb()
+    async with pool.acquire() as conn:
+        await conn.execute(f"TRUNCATE {_TABLES}")
+
+
+async def create_sales(gateway: RedisGateway, sales: int, stock: int) -> list[str]:
+    """Open ``sales`` sales (through the gateway: real SaleCreated events); their ids."""
+    names = [f"bench-{n}" for n in range(sales)]
+    for name in names:
+        await gateway.create_sale(
+            NewSale(sale_id=name, stock=stock, per_user_limit=10, hold_seconds=3600)
+        )
+    return names
+
+
+def placement(name: str, partitions: int, n: int, now_ms: int) -> str:
+    """A ReservationPlaced event as reserve.lua's cjson writes it (compact JSON)."""
+    return json.dumps(
+        {
+            "type": "ReservationPlaced",
+            "v": 1,
+            "event_id": uuid.uuid4().hex,
+            "sale_id": name,
+            "occurred_at": now_ms,
+            "reservation_id": f"{partition_of(name, partitions)}-{uuid.uuid4().hex}",
+            "user_id": f"user-{n}",
+            "qty": 1,
+            "expires_at": now_ms + 3_600_000,
+        },
+        separators=(",", ":"),
+    )
+
+
+async def preload(
+    client: aioredis.Redis, names: list[str], partitions: int, placements: int
+) -> None:
+    """XADD ``placements`` placements spread over the sales, pipelined."""
+    now_ms = int(time.time() * 1000)
+    chunk = 10_000
+    for start in range(0, placements, chunk):
+        async with client.pipeline(transaction=False) as pipe:
+            for n in range(start, min(start + chunk, placements)):
+                name = names[n % len(names)]
+                stream = PartitionKeys(partition_of(name, partitions)).events
+                pipe.xadd(stream, {"event": placement(name, partitions, n, now_ms)})
+            await pipe.execute()
+
+
+@contextlib.asynccontextmanager
+async def projectors(
+    settings: Settings, consumers: int, batch: int, block_ms: int
+) -> AsyncIterator[list[Projector]]:
+    """``consumers`` projectors running in this process until the block exits."""
+    clients = [aioredis.Redis.from_url(settings.redis_url or "") for _ in range(consumers)]
+    pools = [await open_pool(settings.database_url or "", 2) for _ in range(consumers)]
+    running = [
+        Projector(
+            client, pool, settings.partitions, consumer=f"bench-{i}", batch=batch, block_ms=block_ms
+        )
+        for i, (client, pool) in enumerate(zip(clients, pools, strict=True))
+    ]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(p.run(stop)) for p in running]
+    try:
+        yield running
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for pool in pools:
+            await pool.close()
+        for client in clients:
+            await client.aclose()
+
+
+async def wait_until(check: Callable[[], bool], period: float, within: float) -> None:
+    """Poll ``check`` every ``period`` seconds until true or ``within`` seconds passed."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(period)
+
+
+async def count(pool: asyncpg.Pool, table: str) -> int:
+    """Rows in ``table``."""
+    async with pool.acquire() as conn:
+        n: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+    return n
+
+
+async def throughput(settings: Settings, args: argparse.Namespace) -> None:
+    """Preload the streams, then time the projectors until PostgreSQL holds every event."""
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    pool = await open_pool(settings.database_url or "", 2)
+    try:
+        await reset(client, pool)
+        gateway = RedisGateway.from_settings(client, settings)
+        names = await create_sales(gateway, args.sales, args.placements)
+        started = time.perf_counter()
+        await preload(client, names, settings.partitions, args.placements)
+        total = args.placements + len(names)
+        print(
+            f"preloaded {args.placements:,} placements over {len(names)} sales"
+            f" in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+        )
+        started = time.perf_counter()
+        async with projectors(settings, args.consumers, args.batch, args.block_ms) as running:
+            await wait_until(lambda: sum(p.projected for p in running) >= total, 0.01, 3600)
+            seconds = time.perf_counter() - started
+        archived, orders = await count(pool, "events"), await count(pool, "orders")
+        print(
+            f"projected {total:,} events with {args.consumers} consumer(s),"
+            f" batch {args.batch}: {seconds:.2f} s, {total / seconds:,.0f} events/s"
+            f" (events {archived:,}, orders {orders:,})"
+        )
+    finally:
+        await pool.close()
+        await client.aclose()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def place_at_rate(
+    gateway: RedisGateway, names: list[str], rate: int, seconds: float, replied: dict[str, float]
+) -> None:
+    """Place reservations at ``rate`` per second for ``seconds``, recording each reply's
+    moment by reservation id. Each millisecond tick starts the placements due by then."""
+    started = time.perf_counter()
+    due = int(rate * seconds)
+    placed = 0
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(n: int) -> None:
+        result = await gateway.reserve(names[n % len(names)], f"user-{n}", 1, None)
+        replied[result.reservation_id] = time.time()
+
+    while placed < due:
+        target = min(due, int((time.perf_counter() - started) * rate) + 1)
+        while placed < target:
+            task = asyncio.create_task(one(placed))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            placed += 1
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*pending)
+
+
+async def watch_orders(
+    pool: asyncpg.Pool, seen: dict[str, float], stop: asyncio.Event, poll_ms: int
+) -> None:
+    """Stamp each order row with the moment this watcher first sees it."""
+    since = datetime.fromtimestamp(0, tz=UTC)
+    async with pool.acquire() as conn:
+        while not stop.is_set():
+            rows = await conn.fetch(
+                "SELECT reservation_id, updated_at FROM orders WHERE updated_at >= $1", since
+            )
+            now = time.time()
+            for r in rows:
+                seen.setdefault(r["reservation_id"], now)
+                since = max(since, r["updated_at"])
+            await asyncio.sleep(poll_ms / 1000)
+
+
+async def latency(settings: Settings, args: argparse.Namespace) -> None:
+    """Place at a fixed rate and print the reply-to-order-row lag percentiles."""
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    pool = await open_pool(settings.database_url or "", 2)
+    try:
+        await reset(client, pool)
+        gateway = RedisGateway.from_settings(client, settings)
+        names = await create_sales(gateway, args.sales, int(args.rate * args.seconds) + 1)
+        replied: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        stop = asyncio.Event()
+        async with projectors(settings, args.consumers, args.batch, args.block_ms):
+            watcher = asyncio.create_task(watch_orders(pool, seen, stop, args.poll_ms))
+            started = time.perf_counter()
+            await place_at_rate(gateway, names, args.rate, args.seconds, replied)
+            took = time.perf_counter() - started
+            await wait_until(lambda: len(seen.keys() & replied.keys()) >= len(replied), 0.05, 30)
+            stop.set()
+            await watcher
+        lags = [(seen[r] - t) * 1000 for r, t in replied.items() if r in seen]
+        print(
+            f"placed {len(replied):,} at {len(replied) / took:,.0f}/s (asked {args.rate}/s);"
+            f" reply -> order row in PostgreSQL (poll {args.poll_ms} ms):"
+            f" p50 {percentile(lags, 0.5):.0f} ms, p99 {percentile(lags, 0.99):.0f} ms,"
+            f" max {max(lags):.0f} ms, mean {statistics.fmean(lags):.0f} ms;"
+            f" {len(replied) - len(lags)} never seen"
+        )
+    finally:
+        await pool.close()
+        await client.aclose()
+
+
+def main() -> None:
+    """Entry point: parse the flags, use the given servers or start embedded ones, run."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=("throughput", "latency"))
+    parser.add_argument("--placements", type=int, default=100_000)
+    parser.add_argument("--sales", type=int, default=20)
+    parser.add_argument("--consumers", type=int, default=1)
+    parser.add_argument(
+        "--batch", type=int, default=Settings.model_fields["consumer_batch"].default
+    )
+    parser.add_argument(
+        "--block-ms", type=int, default=Settings.model_fields["consumer_block_ms"].default
+    )
+    parser.add_argument("--rate", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--poll-ms", type=int, default=5)
+    args = parser.parse_args()
+    env = Settings()  # FLASHSALE_* from the environment
+    with embedded_servers(env.redis_url, env.database_url) as urls:
+        settings = env.model_copy(
+            update={"redis_url": urls.redis_url, "database_url": urls.database_url}
+        )
+        asyncio.run((throughput if args.mode == "throughput" else latency)(settings, args))
+
+
+if __name__ == "__main__":
+    main()
