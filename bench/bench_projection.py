@@ -160,15 +160,16 @@ async def throughput(settings: Settings, args: argparse.Namespace) -> None:
             f" in {time.perf_counter() - started:.1f} s",
             file=sys.stderr,
         )
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         async with projectors(settings, args.consumers, args.batch, args.block_ms) as running:
             await wait_until(lambda: sum(p.projected for p in running) >= total, 0.01, 3600)
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         archived, orders = await count(pool, "events"), await count(pool, "orders")
         print(
             f"projected {total:,} events with {args.consumers} consumer(s),"
             f" batch {args.batch}: {seconds:.2f} s, {total / seconds:,.0f} events/s"
-            f" (events {archived:,}, orders {orders:,})"
+            f" (events {archived:,}, orders {orders:,});"
+            f" this process's CPU {cpu * 1e6 / total:.1f} us/event"
         )
     finally:
         await pool.close()
