@@ -13,16 +13,13 @@ compact JSON ``event`` field, pipelined), starts ``--consumers`` projectors (in 
 process, each with its own Redis client and pool) and times from their start until
 PostgreSQL holds every event.
 
-``latency``: projectors running, places reservations through the gateway (the reserve
-script) at a fixed rate and measures, per reservation, the time from the script's reply
-to its order row being committed in PostgreSQL. Method: the reply's moment is taken with
-``time.time()`` when the gateway call returns; the row's moment is the commit, read as
-PostgreSQL's ``clock_timestamp()`` which the orders row records in ``updated_at``... is
-``now()``, the transaction's start, so it is not used: instead a watcher polls ``orders``
-every ``--poll-ms`` for rows placed since its last look and stamps each with its own
-``time.time()`` when it first sees it. Both clocks are this process's, so the error is the
-poll period (a row is seen at most ``--poll-ms`` after its commit, on average half) plus the
-watcher's query time; the figures printed are upper bounds of the true lag.
+``latency``: projectors running in this process, another process places reservations
+through the gateway (the reserve script) at a fixed rate and notes when each reply came
+back; the projectors note when each placement's transaction committed (just after the
+batch's XACK, one Redis round trip after the commit). Both are ``time.time()`` of one
+machine, so the lag per reservation is exact to the clocks' resolution plus that round trip
+(well under a millisecond): an upper bound of the time from reply to a visible order row.
+With ``--consumers`` above 1 the projectors share the partitions through leases.
 """
 
 from __future__ import annotations
@@ -31,18 +28,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import statistics
+import multiprocessing
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from api.cli.launcher import embedded_servers
-from consumers.projector import Projector
+from consumers.projector import Delivery, Projector
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys, partition_of
 from core.models import NewSale
@@ -50,6 +47,7 @@ from core.settings import Settings
 from projections.db import open_pool
 
 _TABLES = "events, orders, stock_view, checkpoints"
+_IN_FLIGHT = 100
 
 
 async def reset(client: aioredis.Redis, pool: asyncpg.Pool) -> None:
@@ -104,14 +102,24 @@ async def preload(
 
 @contextlib.asynccontextmanager
 async def projectors(
-    settings: Settings, consumers: int, batch: int, block_ms: int
+    settings: Settings,
+    consumers: int,
+    batch: int,
+    block_ms: int,
+    kind: type[Projector] = Projector,
 ) -> AsyncIterator[list[Projector]]:
     """``consumers`` projectors running in this process until the block exits."""
     clients = [aioredis.Redis.from_url(settings.redis_url or "") for _ in range(consumers)]
     pools = [await open_pool(settings.database_url or "", 2) for _ in range(consumers)]
     running = [
-        Projector(
-            client, pool, settings.partitions, consumer=f"bench-{i}", batch=batch, block_ms=block_ms
+        kind(
+            client,
+            pool,
+            settings.partitions,
+            consumer=f"bench-{i}",
+            batch=batch,
+            block_ms=block_ms,
+            lease_ms=settings.consumer_lease_ms if consumers > 1 else 0,
         )
         for i, (client, pool) in enumerate(zip(clients, pools, strict=True))
     ]
@@ -183,72 +191,104 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def place_at_rate(
-    gateway: RedisGateway, names: list[str], rate: int, seconds: float, replied: dict[str, float]
-) -> None:
-    """Place reservations at ``rate`` per second for ``seconds``, recording each reply's
-    moment by reservation id. Each millisecond tick starts the placements due by then."""
-    started = time.perf_counter()
-    due = int(rate * seconds)
-    placed = 0
+    settings: Settings, names: list[str], rate: float, seconds: float, first: int
+) -> dict[str, float]:
+    """Place reservations through the gateway at ``rate`` per second for ``seconds`` (buyers
+    numbered from ``first``); the moment (``time.time()``) each reply came back, by
+    reservation id. Every millisecond tick starts the placements due by then, up to 100 in
+    flight: a placer that cannot keep up falls behind the rate, it does not pile up."""
+    client = aioredis.Redis.from_url(settings.redis_url or "", max_connections=_IN_FLIGHT)
+    gateway = RedisGateway.from_settings(client, settings)
+    replied: dict[str, float] = {}
     pending: set[asyncio.Task[None]] = set()
 
     async def one(n: int) -> None:
         result = await gateway.reserve(names[n % len(names)], f"user-{n}", 1, None)
         replied[result.reservation_id] = time.time()
 
+    started = time.perf_counter()
+    due, placed = int(rate * seconds), 0
     while placed < due:
         target = min(due, int((time.perf_counter() - started) * rate) + 1)
-        while placed < target:
-            task = asyncio.create_task(one(placed))
+        for n in range(placed, min(target, placed + _IN_FLIGHT - len(pending))):
+            task = asyncio.create_task(one(first + n))
             pending.add(task)
             task.add_done_callback(pending.discard)
             placed += 1
         await asyncio.sleep(0.001)
     await asyncio.gather(*pending)
+    await client.aclose()
+    return replied
 
 
-async def watch_orders(
-    pool: asyncpg.Pool, seen: dict[str, float], stop: asyncio.Event, poll_ms: int
+def placer(
+    settings: Settings, names: list[str], rate: float, seconds: float, first: int, out: Any
 ) -> None:
-    """Stamp each order row with the moment this watcher first sees it."""
-    since = datetime.fromtimestamp(0, tz=UTC)
-    async with pool.acquire() as conn:
-        while not stop.is_set():
-            rows = await conn.fetch(
-                "SELECT reservation_id, updated_at FROM orders WHERE updated_at >= $1", since
-            )
-            now = time.time()
-            for r in rows:
-                seen.setdefault(r["reservation_id"], now)
-                since = max(since, r["updated_at"])
-            await asyncio.sleep(poll_ms / 1000)
+    """A process of its own placing at ``rate`` (as API processes would, apart from the
+    projector), sending back ``(reply moments, seconds it took)`` through ``out``."""
+    started = time.perf_counter()
+    replied = asyncio.run(place_at_rate(settings, names, rate, seconds, first))
+    out.send((replied, time.perf_counter() - started))
+    out.close()
+
+
+class StampingProjector(Projector):
+    """A projector that notes when each reservation's placement was committed: just after
+    :meth:`Projector.handle` returns, which commits, then acknowledges (one Redis round
+    trip later than the commit)."""
+
+    committed: dict[str, float]
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> int:
+        new = await super().handle(deliveries)
+        now = time.time()
+        for d in deliveries:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.committed.setdefault(json.loads(d.fields["event"])["reservation_id"], now)
+        return new
 
 
 async def latency(settings: Settings, args: argparse.Namespace) -> None:
-    """Place at a fixed rate and print the reply-to-order-row lag percentiles."""
+    """Place at a fixed rate from another process and print the lag percentiles from each
+    script reply to the commit of its order row."""
     client = aioredis.Redis.from_url(settings.redis_url or "")
     pool = await open_pool(settings.database_url or "", 2)
     try:
         await reset(client, pool)
-        gateway = RedisGateway.from_settings(client, settings)
-        names = await create_sales(gateway, args.sales, int(args.rate * args.seconds) + 1)
-        replied: dict[str, float] = {}
-        seen: dict[str, float] = {}
-        stop = asyncio.Event()
-        async with projectors(settings, args.consumers, args.batch, args.block_ms):
-            watcher = asyncio.create_task(watch_orders(pool, seen, stop, args.poll_ms))
-            started = time.perf_counter()
-            await place_at_rate(gateway, names, args.rate, args.seconds, replied)
-            took = time.perf_counter() - started
-            await wait_until(lambda: len(seen.keys() & replied.keys()) >= len(replied), 0.05, 30)
-            stop.set()
-            await watcher
-        lags = [(seen[r] - t) * 1000 for r, t in replied.items() if r in seen]
+        names = await create_sales(
+            RedisGateway.from_settings(client, settings), args.sales, int(args.rate * args.seconds)
+        )
+        committed: dict[str, float] = {}
+        StampingProjector.committed = committed
+        async with projectors(
+            settings, args.consumers, args.batch, args.block_ms, StampingProjector
+        ):
+            spawn = multiprocessing.get_context("spawn")
+            pipes = [spawn.Pipe(duplex=False) for _ in range(args.placers)]
+            processes = [
+                spawn.Process(
+                    target=placer,
+                    args=(settings, names, args.rate / args.placers, args.seconds, i * 10**7, w),
+                )
+                for i, (_, w) in enumerate(pipes)
+            ]
+            for process in processes:
+                process.start()
+            replied: dict[str, float] = {}
+            took = 0.0
+            for r, _ in pipes:
+                part, seconds = await asyncio.to_thread(r.recv)
+                replied.update(part)
+                took = max(took, seconds)
+            for process in processes:
+                process.join()
+            await wait_until(lambda: committed.keys() >= replied.keys(), 0.05, 30)
+        lags = [(committed[r] - t) * 1000 for r, t in replied.items() if r in committed]
         print(
-            f"placed {len(replied):,} at {len(replied) / took:,.0f}/s (asked {args.rate}/s);"
-            f" reply -> order row in PostgreSQL (poll {args.poll_ms} ms):"
-            f" p50 {percentile(lags, 0.5):.0f} ms, p99 {percentile(lags, 0.99):.0f} ms,"
-            f" max {max(lags):.0f} ms, mean {statistics.fmean(lags):.0f} ms;"
+            f"placed {len(replied):,} at {len(replied) / took:,.0f}/s (asked {args.rate:,}/s),"
+            f" {args.placers} placer processes, {args.consumers} consumer(s), batch {args.batch}, block {args.block_ms} ms;"
+            f" script reply -> order row committed: p50 {percentile(lags, 0.5):.1f} ms,"
+            f" p99 {percentile(lags, 0.99):.1f} ms, max {max(lags):.1f} ms;"
             f" {len(replied) - len(lags)} never seen"
         )
     finally:
@@ -271,7 +311,7 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--poll-ms", type=int, default=5)
+    parser.add_argument("--placers", type=int, default=2, help="processes placing")
     args = parser.parse_args()
     env = Settings()  # FLASHSALE_* from the environment
     with embedded_servers(env.redis_url, env.database_url) as urls:

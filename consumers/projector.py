@@ -61,6 +61,13 @@ Position = tuple[int, str]
 _MAX_BACKOFF_S = 5.0
 
 
+def _read(task: asyncio.Task[list[Delivery]] | None) -> list[Delivery]:
+    """What a read ahead brought, if it is done and did not fail; else nothing."""
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return []
+    return task.result()
+
+
 def default_consumer_name() -> str:
     """A name unique to this process: host and pid."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -394,9 +401,11 @@ class Projector:
         """How often entries in hand are touched: a third of the reclaim threshold."""
         return self.claim_idle_ms / 3000 if self.claim_idle_ms else None
 
-    async def _handle_holding(self, in_hand: list[Delivery]) -> int:
+    async def _handle_holding(
+        self, in_hand: list[Delivery], ahead: asyncio.Task[list[Delivery]] | None = None
+    ) -> int:
         """:meth:`handle`, touching the batch meanwhile so that a slow PostgreSQL (or a large
-        batch) does not make it look abandoned."""
+        batch) does not make it look abandoned; and so the batch read ``ahead``, once read."""
         heartbeat = self._heartbeat
         if heartbeat is None:
             return await self.handle(in_hand)
@@ -404,7 +413,7 @@ class Projector:
         async def keep_claimed() -> None:
             while True:
                 await asyncio.sleep(heartbeat)
-                await self._touch(in_hand)
+                await self._touch(in_hand + _read(ahead))
 
         keeper = asyncio.create_task(keep_claimed())
         try:
@@ -497,8 +506,10 @@ class Projector:
                     if not in_hand:
                         in_hand, prefetch = await (prefetch or self.read_new()), None
                     if in_hand and not resume and time.monotonic() < next_claim:
-                        prefetch = asyncio.create_task(self.read_new())
-                    await self._handle_holding(in_hand)
+                        # Without blocking: a read ahead is for a backlog, and must never
+                        # keep a failed batch waiting for it.
+                        prefetch = asyncio.create_task(self.read_new(block_ms=0))
+                    await self._handle_holding(in_hand, prefetch)
                     in_hand = []
                     backoff = 0.1
                 except Exception as e:
