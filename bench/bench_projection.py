@@ -32,7 +32,8 @@ import multiprocessing
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -100,40 +101,85 @@ async def preload(
             await pipe.execute()
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerRun:
+    """What one consumer process did: events new to PostgreSQL, its CPU seconds, and
+    (stamping) when each reservation's placement was committed."""
+
+    projected: int
+    cpu: float
+    committed: dict[str, float]
+
+
+async def consume(
+    settings: Settings, name: str, options: argparse.Namespace, go: Any, stop: Any, ready: Any
+) -> ConsumerRun:
+    """Run one projector from ``go`` until ``stop`` (multiprocessing events), saying
+    ``ready`` first (imports done, pool open)."""
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    pool = await open_pool(settings.database_url or "", 2)
+    projector = StampingProjector(
+        client,
+        pool,
+        settings.partitions,
+        consumer=name,
+        batch=options.batch,
+        block_ms=options.block_ms,
+        lease_ms=settings.consumer_lease_ms if options.consumers > 1 else 0,
+    )
+    projector.committed = {}
+    projector.stamping = options.mode == "latency"
+    await projector.ensure_groups()
+    ready.send("ready")
+    await asyncio.to_thread(go.wait)
+    cpu = time.process_time()
+    stopped = asyncio.Event()
+    task = asyncio.create_task(projector.run(stopped))
+    await asyncio.to_thread(stop.wait)
+    stopped.set()
+    await task
+    await pool.close()
+    await client.aclose()
+    return ConsumerRun(projector.projected, time.process_time() - cpu, projector.committed)
+
+
+def consumer_process(
+    settings: Settings, name: str, options: argparse.Namespace, go: Any, stop: Any, out: Any
+) -> None:
+    """A consumer process of its own, as ``flashsale consume`` runs one; sends its
+    :class:`ConsumerRun` back through ``out`` once stopped."""
+    out.send(asyncio.run(consume(settings, name, options, go, stop, out)))
+    out.close()
+
+
 @contextlib.asynccontextmanager
-async def projectors(
-    settings: Settings,
-    consumers: int,
-    batch: int,
-    block_ms: int,
-    kind: type[Projector] = Projector,
-) -> AsyncIterator[list[Projector]]:
-    """``consumers`` projectors running in this process until the block exits."""
-    clients = [aioredis.Redis.from_url(settings.redis_url or "") for _ in range(consumers)]
-    pools = [await open_pool(settings.database_url or "", 2) for _ in range(consumers)]
-    running = [
-        kind(
-            client,
-            pool,
-            settings.partitions,
-            consumer=f"bench-{i}",
-            batch=batch,
-            block_ms=block_ms,
-            lease_ms=settings.consumer_lease_ms if consumers > 1 else 0,
-        )
-        for i, (client, pool) in enumerate(zip(clients, pools, strict=True))
+async def consumers(
+    settings: Settings, options: argparse.Namespace
+) -> AsyncIterator[list[ConsumerRun]]:
+    """``options.consumers`` consumer processes, ready (imports done, pools open) before the
+    block starts and stopped when it exits; the list is filled with their runs then."""
+    spawn = multiprocessing.get_context("spawn")
+    go, stop = spawn.Event(), spawn.Event()
+    pipes = [spawn.Pipe(duplex=False) for _ in range(options.consumers)]
+    processes = [
+        spawn.Process(target=consumer_process, args=(settings, f"bench-{i}", options, go, stop, w))
+        for i, (_, w) in enumerate(pipes)
     ]
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(p.run(stop)) for p in running]
+    for process in processes:
+        process.start()
+    runs: list[ConsumerRun] = []
     try:
-        yield running
+        for r, _ in pipes:
+            await asyncio.to_thread(r.recv)  # "ready"
+        go.set()
+        yield runs
     finally:
         stop.set()
-        await asyncio.gather(*tasks)
-        for pool in pools:
-            await pool.close()
-        for client in clients:
-            await client.aclose()
+        go.set()
+        for r, _ in pipes:
+            runs.append(await asyncio.to_thread(r.recv))
+        for process in processes:
+            process.join()
 
 
 async def wait_until(check: Callable[[], bool], period: float, within: float) -> None:
@@ -143,6 +189,22 @@ async def wait_until(check: Callable[[], bool], period: float, within: float) ->
         if time.monotonic() > deadline:
             return
         await asyncio.sleep(period)
+
+
+async def wait_until_async(
+    check: Callable[[], Awaitable[bool]], period: float, within: float
+) -> None:
+    """Poll ``check`` every ``period`` seconds until true or ``within`` seconds passed."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(period)
+
+
+async def count_is(pool: asyncpg.Pool, table: str, expected: int) -> bool:
+    """Whether ``table`` holds ``expected`` rows (or more)."""
+    return await count(pool, table) >= expected
 
 
 async def count(pool: asyncpg.Pool, table: str) -> int:
@@ -168,16 +230,17 @@ async def throughput(settings: Settings, args: argparse.Namespace) -> None:
             f" in {time.perf_counter() - started:.1f} s",
             file=sys.stderr,
         )
-        started, cpu = time.perf_counter(), time.process_time()
-        async with projectors(settings, args.consumers, args.batch, args.block_ms) as running:
-            await wait_until(lambda: sum(p.projected for p in running) >= total, 0.01, 3600)
-            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        async with consumers(settings, args) as runs:
+            started = time.perf_counter()
+            await wait_until_async(lambda: count_is(pool, "events", total), 0.02, 3600)
+            seconds = time.perf_counter() - started
         archived, orders = await count(pool, "events"), await count(pool, "orders")
+        cpu = sum(r.cpu for r in runs)
         print(
-            f"projected {total:,} events with {args.consumers} consumer(s),"
+            f"projected {total:,} events with {args.consumers} consumer process(es),"
             f" batch {args.batch}: {seconds:.2f} s, {total / seconds:,.0f} events/s"
-            f" (events {archived:,}, orders {orders:,});"
-            f" this process's CPU {cpu * 1e6 / total:.1f} us/event"
+            f" (events {archived:,}, orders {orders:,}, new {sum(r.projected for r in runs):,});"
+            f" consumers' CPU {cpu * 1e6 / total:.1f} us/event"
         )
     finally:
         await pool.close()
@@ -237,10 +300,13 @@ class StampingProjector(Projector):
     :meth:`Projector.handle` returns, which commits, then acknowledges (one Redis round
     trip later than the commit)."""
 
-    committed: dict[str, float]
+    committed: dict[str, float]  # reservation id -> when its batch committed
+    stamping: bool = True
 
     async def handle(self, deliveries: Sequence[Delivery]) -> int:
         new = await super().handle(deliveries)
+        if not self.stamping:
+            return new
         now = time.time()
         for d in deliveries:
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -258,11 +324,7 @@ async def latency(settings: Settings, args: argparse.Namespace) -> None:
         names = await create_sales(
             RedisGateway.from_settings(client, settings), args.sales, int(args.rate * args.seconds)
         )
-        committed: dict[str, float] = {}
-        StampingProjector.committed = committed
-        async with projectors(
-            settings, args.consumers, args.batch, args.block_ms, StampingProjector
-        ):
+        async with consumers(settings, args) as runs:
             spawn = multiprocessing.get_context("spawn")
             pipes = [spawn.Pipe(duplex=False) for _ in range(args.placers)]
             processes = [
@@ -282,11 +344,15 @@ async def latency(settings: Settings, args: argparse.Namespace) -> None:
                 took = max(took, seconds)
             for process in processes:
                 process.join()
-            await wait_until(lambda: committed.keys() >= replied.keys(), 0.05, 30)
+            await wait_until_async(lambda: count_is(pool, "orders", len(replied)), 0.05, 60)
+        committed: dict[str, float] = {}
+        for run in runs:
+            committed.update(run.committed)
         lags = [(committed[r] - t) * 1000 for r, t in replied.items() if r in committed]
         print(
             f"placed {len(replied):,} at {len(replied) / took:,.0f}/s (asked {args.rate:,}/s),"
-            f" {args.placers} placer processes, {args.consumers} consumer(s), batch {args.batch}, block {args.block_ms} ms;"
+            f" {args.placers} placer processes, {args.consumers} consumer process(es),"
+            f" batch {args.batch}, block {args.block_ms} ms;"
             f" script reply -> order row committed: p50 {percentile(lags, 0.5):.1f} ms,"
             f" p99 {percentile(lags, 0.99):.1f} ms, max {max(lags):.1f} ms;"
             f" {len(replied) - len(lags)} never seen"
