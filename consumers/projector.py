@@ -121,6 +121,7 @@ class Projector:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.streams = {PartitionKeys(p).events: p for p in range(partitions)}
+        self.stream_of = list(self.streams)  # partition -> its stream's name
         self.leases = (
             PartitionLeases(client, partitions, group, self.consumer, lease_ms)
             if lease_ms
@@ -143,7 +144,7 @@ class Projector:
         or those of the partitions it holds leases on."""
         if self.leases is None:
             return list(self.streams)
-        return [PartitionKeys(p).events for p in sorted(self.leases.owned)]
+        return [self.stream_of[p] for p in sorted(self.leases.owned)]
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every stream (idempotent)."""
@@ -320,7 +321,7 @@ class Projector:
             await park(
                 self.client,
                 parked_record(
-                    stream=PartitionKeys(d.partition).events,
+                    stream=self.stream_of[d.partition],
                     stream_id=d.stream_id,
                     group=self.group,
                     consumer=self.consumer,
@@ -329,10 +330,13 @@ class Projector:
                     fields=d.fields,
                 ),
             )
-        done = [d for d in deliveries if d.position not in retry_later]
+        done = (
+            [d for d in deliveries if d.position not in retry_later] if retry_later else deliveries
+        )
         await self.ack(done)
-        for d in done:
-            self._failures.pop(d.position, None)
+        if self._failures:
+            for d in done:
+                self._failures.pop(d.position, None)
         self.projected += new
         self.dead_lettered += len(give_up)
         return new
@@ -372,7 +376,7 @@ class Projector:
     def _by_stream(self, deliveries: Sequence[Delivery]) -> dict[str, list[StreamIdT]]:
         by_stream: dict[str, list[StreamIdT]] = {}
         for d in deliveries:
-            by_stream.setdefault(PartitionKeys(d.partition).events, []).append(d.stream_id)
+            by_stream.setdefault(self.stream_of[d.partition], []).append(d.stream_id)
         return by_stream
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -445,7 +449,7 @@ class Projector:
         it did not fail, so the next one must not bring the entries nearer to parking."""
         by_count: dict[tuple[str, int], list[StreamIdT]] = {}
         for d in in_hand:
-            key = (PartitionKeys(d.partition).events, max(d.deliveries - 1, 0))
+            key = (self.stream_of[d.partition], max(d.deliveries - 1, 0))
             by_count.setdefault(key, []).append(d.stream_id)
         with contextlib.suppress(RedisError):
             for (stream, count), ids in by_count.items():
