@@ -3,11 +3,13 @@
 Several projector processes share the partitions by owning them, each partition by one
 consumer at a time, so that each reads its partitions' entries in stream order and no two
 write the same sale's rows at once. A lease is a Redis string per partition and group
-(``SET NX PX``, value the holder's name), renewed by its holder every third of its time to
-live (compare and extend, ``lease_renew.lua``). A consumer announces itself in the group's
-member set (scored by when it expires), counts the live members, gives back the leases
-beyond its fair share (``ceil(partitions / members)``, compare and delete,
-``lease_release.lua``) and takes free ones up to it. On stop it gives back everything.
+(value the holder's name, with a time to live), taken when free or already the caller's
+(``lease_take.lua``: a consumer restarted under its name takes its own back at once) and
+renewed by its holder every third of its time to live (compare and extend,
+``lease_renew.lua``). A consumer announces itself in the group's member set (scored by when
+it expires), counts the live members, gives back the leases beyond its fair share
+(``ceil(partitions / members)``, compare and delete, ``lease_release.lua``) and takes free
+ones up to it. On stop it gives back everything.
 
 A consumer that dies stops renewing: its leases expire after ``lease_ms`` and the others
 take its partitions, and with them (XAUTOCLAIM on the streams they own) the entries it left
@@ -46,6 +48,7 @@ class PartitionLeases:
         self.members = consumer_members(group)
         self._renew: AsyncScript = client.register_script(load_lua("lease_renew"))
         self._release: AsyncScript = client.register_script(load_lua("lease_release"))
+        self._take: AsyncScript = client.register_script(load_lua("lease_take"))
         # Where this consumer starts looking for free partitions: spread by its name, so
         # that consumers starting together do not all race for partition 0 first.
         self._start = zlib.crc32(consumer.encode()) % partitions
@@ -86,8 +89,8 @@ class PartitionLeases:
             if len(owned) >= share:
                 break
             p = (self._start + step) % self.partitions
-            if p not in owned and await self.client.set(
-                self._key(p), self.consumer, nx=True, px=self.lease_ms
+            if p not in owned and await self._take(
+                keys=[self._key(p)], args=[self.consumer, self.lease_ms]
             ):
                 owned.add(p)
                 taken.append(p)

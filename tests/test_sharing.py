@@ -186,3 +186,16 @@ async def test_fair_shares_follow_the_live_members(redis_client: aioredis.Redis)
     for lease in leases[:2] * 2:
         await lease.refresh()
     assert sorted(len(lease.owned) for lease in leases[:2]) == [4, 4]
+
+
+async def test_a_consumer_restarted_under_its_name_takes_its_leases_back_at_once(
+    redis_client: aioredis.Redis,
+):
+    first = PartitionLeases(redis_client, PARTITIONS, CONSUMER_GROUP, "stable", 60_000)
+    assert await first.refresh() == set(range(PARTITIONS))
+    # Killed: nothing given back. The same name, restarted, does not wait a minute for them;
+    # another name gets nothing while they are held.
+    other = PartitionLeases(redis_client, PARTITIONS, CONSUMER_GROUP, "other", 60_000)
+    assert await other.refresh() == set()
+    again = PartitionLeases(redis_client, PARTITIONS, CONSUMER_GROUP, "stable", 60_000)
+    assert len(await again.refresh()) == PARTITIONS // 2  # its share, now two are alive
