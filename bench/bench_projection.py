@@ -9,17 +9,19 @@ Prints figures; asserts nothing about speed.
 
 ``throughput``: creates the sales through the gateway, then preloads the partition streams
 with placements written exactly as ``core/lua/reserve.lua`` writes them (one XADD of a
-compact JSON ``event`` field, pipelined), starts ``--consumers`` projectors (in this
-process, each with its own Redis client and pool) and times from their start until
-PostgreSQL holds every event.
+compact JSON ``event`` field, pipelined), starts ``--consumers`` projector processes (each
+as ``flashsale consume`` runs one, with its own Redis client and pool; above one they share
+the partitions through leases) and times from the moment all are ready (imports done,
+pools open) until PostgreSQL holds every event (``count(*)`` polled every 20 ms).
 
-``latency``: projectors running in this process, another process places reservations
-through the gateway (the reserve script) at a fixed rate and notes when each reply came
-back; the projectors note when each placement's transaction committed (just after the
-batch's XACK, one Redis round trip after the commit). Both are ``time.time()`` of one
-machine, so the lag per reservation is exact to the clocks' resolution plus that round trip
-(well under a millisecond): an upper bound of the time from reply to a visible order row.
-With ``--consumers`` above 1 the projectors share the partitions through leases.
+``latency``: the projector processes running, ``--placers`` other processes place
+reservations through the gateway (the reserve script) at a fixed rate in all and note when
+each reply came back; the projectors note when each placement's transaction committed (just
+after :meth:`Projector.handle` returns: commit, then XACK, one Redis round trip later).
+Both are ``time.time()`` of one machine, so the lag per reservation is exact to the clocks'
+resolution plus that round trip (well under a millisecond): an upper bound of the time from
+the reply to a visible order row. A placer that cannot keep the rate (at most 100 calls in
+flight each) falls behind it; the rate reached is printed.
 """
 
 from __future__ import annotations
