@@ -47,6 +47,7 @@ from redis.typing import KeyT, StreamIdT
 from consumers.deadletter import park, parked_record
 from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
+from consumers.leases import PartitionLeases
 from core.events import parse_event
 from core.keys import CONSUMER_GROUP, PartitionKeys
 from projections.batch import project
@@ -58,6 +59,13 @@ RawEntry = tuple[bytes | str, dict[bytes | str, bytes | str]]
 Position = tuple[int, str]
 
 _MAX_BACKOFF_S = 5.0
+
+
+def _read(task: asyncio.Task[list[Delivery]] | None) -> list[Delivery]:
+    """What a read ahead brought, if it is done and did not fail; else nothing."""
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return []
+    return task.result()
 
 
 def default_consumer_name() -> str:
@@ -86,7 +94,9 @@ class Delivery:
 
 
 class Projector:
-    """One consumer of the ``projector`` group, covering every partition stream."""
+    """One consumer of the ``projector`` group: reads every partition stream, or with
+    ``lease_ms`` the partitions it holds leases on (:mod:`consumers.leases`), so that
+    several consumers share the partitions."""
 
     def __init__(
         self,
@@ -100,6 +110,7 @@ class Projector:
         claim_idle_ms: int = 5_000,
         max_deliveries: int = 5,
         group: str = CONSUMER_GROUP,
+        lease_ms: int = 0,
     ) -> None:
         self.client = client
         self.pool = pool
@@ -110,6 +121,12 @@ class Projector:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.streams = {PartitionKeys(p).events: p for p in range(partitions)}
+        self.stream_of = list(self.streams)  # partition -> its stream's name
+        self.leases = (
+            PartitionLeases(client, partitions, group, self.consumer, lease_ms)
+            if lease_ms
+            else None
+        )
         self.projected = 0
         self.dead_lettered = 0
         # The last error of each entry left pending after a failure, for its parking record.
@@ -120,6 +137,14 @@ class Projector:
         """Seconds between reclaim passes: a quarter of the idle threshold, within
         0.05 s .. 5 s (so a dead consumer's entries wait at most 1.25 idle thresholds)."""
         return min(5.0, max(0.05, self.claim_idle_ms / 4000))
+
+    @property
+    def reading(self) -> list[str]:
+        """The streams this consumer reads new entries from and reclaims on: every one,
+        or those of the partitions it holds leases on."""
+        if self.leases is None:
+            return list(self.streams)
+        return [self.stream_of[p] for p in sorted(self.leases.owned)]
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every stream (idempotent)."""
@@ -155,13 +180,20 @@ class Projector:
         return deliveries
 
     async def read_new(self, block_ms: int | None = None) -> list[Delivery]:
-        """XREADGROUP new entries from every partition (blocks up to ``block_ms``)."""
+        """XREADGROUP new entries from the streams this consumer reads (blocks up to
+        ``block_ms``): whatever is there, up to ``batch`` per stream, without waiting for
+        more once something is."""
+        block = self.block_ms if block_ms is None else block_ms
+        reading = self.reading
+        if not reading:  # no partition leased yet: wait for the next lease refresh
+            await asyncio.sleep(min(block, self.leases.lease_ms / 3 if self.leases else 0) / 1000)
+            return []
         reply: Any = await self.client.xreadgroup(
             self.group,
             self.consumer,
-            dict.fromkeys(self.streams, ">"),
+            dict.fromkeys(reading, ">"),
             count=self.batch,
-            block=(self.block_ms if block_ms is None else block_ms) or None,  # 0: do not block
+            block=block or None,  # 0: do not block
         )
         deliveries: list[Delivery] = []
         for stream, entries in reply or []:
@@ -206,10 +238,10 @@ class Projector:
         }
 
     async def claim_stale(self) -> list[Delivery]:
-        """XAUTOCLAIM entries idle longer than ``claim_idle_ms`` on any consumer, with
-        their delivery counts (this claim included)."""
+        """XAUTOCLAIM entries idle longer than ``claim_idle_ms`` on any consumer, on the
+        streams this consumer reads, with their delivery counts (this claim included)."""
         deliveries: list[Delivery] = []
-        for stream in self.streams:
+        for stream in self.reading:
             start = "0-0"
             while len(deliveries) < self.batch:
                 reply = await self.client.xautoclaim(
@@ -289,7 +321,7 @@ class Projector:
             await park(
                 self.client,
                 parked_record(
-                    stream=PartitionKeys(d.partition).events,
+                    stream=self.stream_of[d.partition],
                     stream_id=d.stream_id,
                     group=self.group,
                     consumer=self.consumer,
@@ -298,10 +330,13 @@ class Projector:
                     fields=d.fields,
                 ),
             )
-        done = [d for d in deliveries if d.position not in retry_later]
+        done = (
+            [d for d in deliveries if d.position not in retry_later] if retry_later else deliveries
+        )
         await self.ack(done)
-        for d in done:
-            self._failures.pop(d.position, None)
+        if self._failures:
+            for d in done:
+                self._failures.pop(d.position, None)
         self.projected += new
         self.dead_lettered += len(give_up)
         return new
@@ -341,7 +376,7 @@ class Projector:
     def _by_stream(self, deliveries: Sequence[Delivery]) -> dict[str, list[StreamIdT]]:
         by_stream: dict[str, list[StreamIdT]] = {}
         for d in deliveries:
-            by_stream.setdefault(PartitionKeys(d.partition).events, []).append(d.stream_id)
+            by_stream.setdefault(self.stream_of[d.partition], []).append(d.stream_id)
         return by_stream
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -370,9 +405,11 @@ class Projector:
         """How often entries in hand are touched: a third of the reclaim threshold."""
         return self.claim_idle_ms / 3000 if self.claim_idle_ms else None
 
-    async def _handle_holding(self, in_hand: list[Delivery]) -> int:
+    async def _handle_holding(
+        self, in_hand: list[Delivery], ahead: asyncio.Task[list[Delivery]] | None = None
+    ) -> int:
         """:meth:`handle`, touching the batch meanwhile so that a slow PostgreSQL (or a large
-        batch) does not make it look abandoned."""
+        batch) does not make it look abandoned; and so the batch read ``ahead``, once read."""
         heartbeat = self._heartbeat
         if heartbeat is None:
             return await self.handle(in_hand)
@@ -380,7 +417,7 @@ class Projector:
         async def keep_claimed() -> None:
             while True:
                 await asyncio.sleep(heartbeat)
-                await self._touch(in_hand)
+                await self._touch(in_hand + _read(ahead))
 
         keeper = asyncio.create_task(keep_claimed())
         try:
@@ -412,7 +449,7 @@ class Projector:
         it did not fail, so the next one must not bring the entries nearer to parking."""
         by_count: dict[tuple[str, int], list[StreamIdT]] = {}
         for d in in_hand:
-            key = (PartitionKeys(d.partition).events, max(d.deliveries - 1, 0))
+            key = (self.stream_of[d.partition], max(d.deliveries - 1, 0))
             by_count.setdefault(key, []).append(d.stream_id)
         with contextlib.suppress(RedisError):
             for (stream, count), ids in by_count.items():
@@ -428,59 +465,127 @@ class Projector:
                 )
         log.info("batch_released", consumer=self.consumer, size=len(in_hand))
 
+    async def _keep_leases(self, leases: PartitionLeases, stop: asyncio.Event) -> None:
+        """Refresh the leases every :attr:`PartitionLeases.every` seconds until stopped."""
+        while not stop.is_set():
+            try:
+                await leases.refresh()
+            except RedisError as e:
+                # The leases run out if this lasts; nobody reads meanwhile anyway.
+                log.warning("lease_refresh_failed", consumer=self.consumer, error=str(e))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), leases.every)
+
+    @staticmethod
+    async def _fetched(prefetch: asyncio.Task[list[Delivery]] | None) -> list[Delivery]:
+        """What a read started ahead brought (nothing if it failed: an entry it may have
+        taken stays pending on this name and is reclaimed)."""
+        if prefetch is None:
+            return []
+        try:
+            return await prefetch
+        except Exception as e:
+            log.warning("prefetch_failed", error=str(e), error_type=type(e).__name__)
+            return []
+
+    async def _consume(self, stop: asyncio.Event, period: float) -> None:
+        """The loop of :meth:`run`: read, project, acknowledge; until stopped, then finish
+        or release what is in hand."""
+        next_claim = 0.0
+        in_hand: list[Delivery] = []
+        prefetch: asyncio.Task[list[Delivery]] | None = None
+        backoff = 0.1
+        resume = dict.fromkeys(self.streams, "0")  # this name's own pending entries first
+        try:
+            while not stop.is_set():
+                try:
+                    if not in_hand and resume:
+                        in_hand = await self.read_own(resume)
+                    if not in_hand and time.monotonic() >= next_claim:
+                        in_hand = await self.claim_stale()
+                        # A full claim means more stale entries may be waiting (a dead consumer
+                        # can hold a batch per partition): claim again at once, not later.
+                        full = len(in_hand) >= self.batch
+                        next_claim = 0.0 if full else time.monotonic() + period
+                    if not in_hand:
+                        in_hand, prefetch = await (prefetch or self.read_new()), None
+                    if in_hand and not resume and time.monotonic() < next_claim:
+                        # Without blocking: a read ahead is for a backlog, and must never
+                        # keep a failed batch waiting for it.
+                        prefetch = asyncio.create_task(self.read_new(block_ms=0))
+                    await self._handle_holding(in_hand, prefetch)
+                    in_hand = []
+                    backoff = 0.1
+                except Exception as e:
+                    # The batch read ahead joins the one in hand: both are kept claimed, and
+                    # both are retried or released together.
+                    in_hand += await self._fetched(prefetch)
+                    prefetch = None
+                    if isinstance(e, ResponseError) and "NOGROUP" in str(e):
+                        # The stream or its group went away (a Redis restart without
+                        # persistence, a flush): make them again and carry on.
+                        log.warning("consumer_group_missing", error=str(e))
+                        with contextlib.suppress(RedisError):
+                            await self.ensure_groups()
+                    elif is_transient(e):
+                        log.warning(
+                            "projector_retry",
+                            error=str(e),
+                            error_type=type(e).__name__,
+                            in_hand=len(in_hand),
+                            retry_in=backoff,
+                        )
+                    else:
+                        log.exception("projector_error", in_hand=len(in_hand), retry_in=backoff)
+                    await self._pause(stop, backoff, in_hand)
+                    backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        except asyncio.CancelledError:
+            if prefetch is not None:
+                prefetch.cancel()
+            raise
+        fetched = await self._fetched(prefetch)
+        if fetched and not in_hand:
+            try:
+                await self._handle_holding(fetched)
+            except Exception as e:
+                log.warning("projector_retry", error=str(e), in_hand=len(fetched))
+                in_hand = fetched
+        else:
+            in_hand += fetched
+        if in_hand:
+            await self._release(in_hand)
+
     async def run(self, stop: asyncio.Event, claim_every: float | None = None) -> None:
         """Consume until ``stop`` is set, then finish or release the batch in hand.
 
+        While PostgreSQL writes one batch, the next is read from Redis (one read ahead, not
+        acknowledged before its own commit), so that neither waits for the other.
         ``claim_every`` is the period of reclaim passes (default :attr:`claim_every`).
         """
         period = self.claim_every if claim_every is None else claim_every
         await self.ensure_groups()
+        upkeep: asyncio.Task[None] | None = None
+        if self.leases is not None:
+            with contextlib.suppress(RedisError):
+                await self.leases.refresh()
+            upkeep = asyncio.create_task(self._keep_leases(self.leases, stop))
         log.info(
             "projector_started",
             consumer=self.consumer,
             streams=len(self.streams),
+            leased=sorted(self.leases.owned) if self.leases else None,
             max_deliveries=self.max_deliveries,
         )
-        next_claim = 0.0
-        in_hand: list[Delivery] = []
-        backoff = 0.1
-        resume = dict.fromkeys(self.streams, "0")  # this name's own pending entries first
-        while not stop.is_set():
-            try:
-                if not in_hand and resume:
-                    in_hand = await self.read_own(resume)
-                if not in_hand and time.monotonic() >= next_claim:
-                    in_hand = await self.claim_stale()
-                    # A full claim means more stale entries may be waiting (a dead consumer
-                    # can hold a batch per partition): claim again at once, not later.
-                    full = len(in_hand) >= self.batch
-                    next_claim = 0.0 if full else time.monotonic() + period
-                if not in_hand:
-                    in_hand = await self.read_new()
-                await self._handle_holding(in_hand)
-                in_hand = []
-                backoff = 0.1
-            except Exception as e:
-                if isinstance(e, ResponseError) and "NOGROUP" in str(e):
-                    # The stream or its group went away (a Redis restart without
-                    # persistence, a flush): make them again and carry on.
-                    log.warning("consumer_group_missing", error=str(e))
-                    with contextlib.suppress(RedisError):
-                        await self.ensure_groups()
-                elif is_transient(e):
-                    log.warning(
-                        "projector_retry",
-                        error=str(e),
-                        error_type=type(e).__name__,
-                        in_hand=len(in_hand),
-                        retry_in=backoff,
-                    )
-                else:
-                    log.exception("projector_error", in_hand=len(in_hand), retry_in=backoff)
-                await self._pause(stop, backoff, in_hand)
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
-        if in_hand:
-            await self._release(in_hand)
+        try:
+            await self._consume(stop, period)
+        finally:
+            # Also when cancelled: a consumer that dies must stop renewing its leases.
+            if upkeep is not None:
+                upkeep.cancel()
+                await asyncio.wait({upkeep})
+        if self.leases is not None:
+            with contextlib.suppress(RedisError):
+                await self.leases.release_all()
         log.info(
             "projector_stopped",
             consumer=self.consumer,

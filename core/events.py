@@ -7,6 +7,7 @@ aware datetimes. Stored events are never rewritten: an older ``v`` is upcast on 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -14,17 +15,21 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, TypeAdapter
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NUMBERS = (int, float)
 
 
 def from_ms(ms: int) -> datetime:
     """The moment ``ms`` milliseconds after the epoch, exactly: no float of seconds on the
     way, which cannot hold every millisecond of far-future times."""
-    return EPOCH + timedelta(milliseconds=ms)
+    seconds, millis = divmod(ms, 1000)
+    # Positional: several times faster than ``timedelta(milliseconds=ms)``, same value;
+    # this runs for every time field of every event read.
+    return EPOCH + timedelta(0, seconds, millis * 1000)
 
 
 def _from_ms(value: Any) -> Any:
     # Events written before times were kept whole may hold a rounded float (1.2345e+14).
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         return from_ms(round(value))
     return value
 
@@ -143,6 +148,13 @@ def parse_event(raw: str | bytes) -> AnyEvent:
     """
     import json
 
+    with contextlib.suppress(Exception):
+        # The fast path, parsing and validating in one step: an event of the current
+        # version that validates as it is. Anything else (an old version, any failure)
+        # takes the path that upcasts, which also says what is wrong.
+        event = _adapter.validate_json(raw)
+        if event.v >= CURRENT_VERSION:
+            return event
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):

@@ -77,6 +77,11 @@ class PartitionKeys:
         """String marking an admin's stock adjustment Idempotency-Key as applied."""
         return f"{PREFIX}:{self.tag}:idem-stock:{sale_id}:{key}"
 
+    def lease(self, group: str) -> str:
+        """String naming the consumer of ``group`` that owns the partition (its lease),
+        expiring unless the holder renews it."""
+        return f"{PREFIX}:{self.tag}:lease:{group}"
+
     def operation(self, operation_id: str) -> str:
         """String recording a sale operation's first outcome for a short while, so that a
         retried script call with the same operation id answers the same."""
@@ -94,3 +99,8 @@ def partition_of_reservation(reservation_id: str) -> int | None:
 def dead_letter_stream() -> str:
     """Stream where events that cannot be projected are parked."""
     return f"{PREFIX}:dead-letter"
+
+
+def consumer_members(group: str) -> str:
+    """Sorted set of the live consumers of ``group``, scored by when each expires (ms)."""
+    return f"{PREFIX}:members:{group}"

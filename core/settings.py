@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     consumer_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_block_ms: int = Field(default=1000, ge=1)
     claim_idle_ms: int = Field(default=5_000, ge=0)
+    consumer_lease_ms: int = Field(
+        default=5_000,
+        ge=0,
+        description="How long a projector's lease on a partition lasts unless renewed (a dead"
+        " consumer's partitions wait this long for another); 0: no leases, every consumer"
+        " reads every partition.",
+    )
     max_deliveries: int = Field(
         default=5,
         ge=1,

@@ -14,6 +14,7 @@ from datetime import datetime
 import asyncpg
 
 from core.events import (
+    TERMINAL_EVENTS,
     AnyEvent,
     ReservationCancelled,
     ReservationConfirmed,
@@ -24,8 +25,8 @@ from core.events import (
     StockAdjusted,
 )
 from projections.entries import LogEntry
-from projections.tables import checkpoints, orders, stock_view
-from projections.tables.events import archive
+from projections.tables import checkpoints, incoming, orders, stock_view
+from projections.tables.events import archive_incoming
 from projections.tables.stock_view import StockDelta
 
 
@@ -57,53 +58,52 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
     return deltas
 
 
-async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> None:
-    """Apply new (never applied before) events to the orders and stock view tables."""
+async def apply_staged(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> None:
+    """Apply new (never applied before) events, staged in ``incoming``, to the orders and
+    stock view tables."""
     deltas = sorted(stock_deltas(events).items())
     if deltas:
         await stock_view.add_deltas(conn, deltas)
-    placed = sorted(
-        {e.reservation_id: e for e in events if isinstance(e, ReservationPlaced)}.values(),
-        key=lambda e: e.reservation_id,
+    await orders.write_incoming(
+        conn,
+        placed=any(isinstance(e, ReservationPlaced) for e in events),
+        finished=any(isinstance(e, TERMINAL_EVENTS) for e in events),
     )
-    if placed:
-        await orders.write_placed(conn, placed)
-    finished = sorted(
-        {
-            e.reservation_id: e
-            for e in events
-            if isinstance(e, ReservationConfirmed | ReservationCancelled | ReservationExpired)
-        }.values(),
-        key=lambda e: e.reservation_id,
-    )
-    if finished:
-        await orders.write_finished(conn, finished)
 
 
 async def advance_checkpoints(
     conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]
 ) -> None:
     """Move each partition's checkpoint forward to the highest position in ``entries``."""
-    highest: dict[int, LogEntry] = {}
+    highest: dict[int, tuple[tuple[int, int], str]] = {}
     for entry in entries:
+        position = entry.position
         best = highest.get(entry.partition)
-        if best is None or entry.position > best.position:
-            highest[entry.partition] = entry
-    ordered = sorted(highest.values(), key=lambda e: e.partition)
+        if best is None or position > best[0]:
+            highest[entry.partition] = (position, entry.stream_id)
     await checkpoints.advance_group(
-        conn, group, [(e.partition, e.stream_id, e.position) for e in ordered]
+        conn, group, [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
     )
 
 
 async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]) -> int:
-    """Archive, apply and checkpoint ``entries`` in one transaction; return how many were new."""
+    """Archive, apply and checkpoint ``entries`` in one transaction; return how many were new.
+
+    The batch is COPIED once into the scratch table ``incoming``, and every table takes its
+    rows from there; the events the archive already held are dropped from it first.
+    """
     if not entries:
         return 0
-    # Sorted, so that two projectors writing overlapping batches lock rows in one order.
-    unique = sorted({e.event.event_id: e for e in entries}.values(), key=lambda e: e.event.event_id)
+    unique = list({e.event.event_id: e for e in entries}.values())
     async with conn.transaction():
-        new_ids = await archive(conn, unique)
-        await apply_events(conn, [e.event for e in unique if e.event.event_id in new_ids])
+        await incoming.stage(conn, unique)
+        new_ids = await archive_incoming(conn)
+        if len(new_ids) < len(unique):
+            await incoming.keep_only(conn, new_ids)
+            fresh = set(new_ids)
+            await apply_staged(conn, [e.event for e in unique if e.event.event_id in fresh])
+        else:
+            await apply_staged(conn, [e.event for e in unique])
         await advance_checkpoints(conn, group, unique)
     return len(new_ids)
 

@@ -110,6 +110,7 @@ def projector_for(services: Services, **overrides: int) -> Projector:
         block_ms=overrides.get("block_ms", s.consumer_block_ms),
         claim_idle_ms=overrides.get("claim_idle_ms", s.claim_idle_ms),
         max_deliveries=overrides.get("max_deliveries", s.max_deliveries),
+        lease_ms=overrides.get("lease_ms", s.consumer_lease_ms),
     )
 
 

@@ -37,6 +37,15 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 
+# From the projector's scratch table, in event id order (two projectors writing overlapping
+# batches take the unique index's locks in one order).
+_ARCHIVE_INCOMING = f"""
+INSERT INTO events ({", ".join(COLUMNS)})
+SELECT {", ".join(COLUMNS)} FROM incoming ORDER BY event_id
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+
 _RANGE = """
 SELECT event_id, stream_id, payload::text AS payload FROM events
 WHERE (partition, stream_ms, stream_seq) > ($1, $2, $3)
@@ -92,6 +101,13 @@ async def archive(conn: asyncpg.Connection, entries: Sequence[LogEntry]) -> set[
         [dump_event(e.event) for e in entries],
     )
     return {r["event_id"] for r in rows}
+
+
+async def archive_incoming(conn: asyncpg.Connection) -> list[str]:
+    """Archive the batch staged in ``incoming`` (:mod:`projections.tables.incoming`); return
+    the event ids that were not there yet."""
+    rows = await conn.fetch(_ARCHIVE_INCOMING)
+    return [r[0] for r in rows]
 
 
 async def archive_missing(conn: asyncpg.Connection, entries: Sequence[LogEntry]) -> int:

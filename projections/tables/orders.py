@@ -8,29 +8,22 @@ reservations here: they are pruned from Redis once the archive holds their final
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import asyncpg
 
 from core.errors import InfrastructureError
 from core.events import to_ms
 from core.models import ReservationView
 
-if TYPE_CHECKING:
-    from core.events import (
-        ReservationCancelled,
-        ReservationConfirmed,
-        ReservationExpired,
-        ReservationPlaced,
-    )
-
-# A placement never overwrites the status: a terminal event may have arrived first.
+# From the projector's scratch table (``incoming``), which holds only events new to the
+# archive. One row per reservation (the event with the highest id, as a batch sorted by
+# event id and folded into a dict kept), in reservation order, so that writers lock in one
+# order. A placement never overwrites the status: a terminal event may have arrived first.
 _PLACED = """
 INSERT INTO orders AS o (reservation_id, sale_id, user_id, qty, status, placed_at, expires_at)
-SELECT r, s, u, q, 'pending', p, e
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::timestamptz[],
-            $6::timestamptz[]) AS t(r, s, u, q, p, e)
+SELECT DISTINCT ON (reservation_id)
+       reservation_id, sale_id, user_id, qty, 'pending', occurred_at, expires_at
+FROM incoming WHERE type = 'ReservationPlaced'
+ORDER BY reservation_id, event_id DESC
 ON CONFLICT (reservation_id) DO UPDATE SET
     placed_at = EXCLUDED.placed_at, expires_at = EXCLUDED.expires_at, updated_at = now()
 """
@@ -42,8 +35,17 @@ SELECT r, s, u, q, st,
        CASE WHEN st = 'confirmed' THEN at END,
        CASE WHEN st = 'cancelled' THEN at END,
        CASE WHEN st = 'expired' THEN at END
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::timestamptz[])
-     AS t(r, s, u, q, st, at)
+FROM (
+    SELECT DISTINCT ON (reservation_id)
+           reservation_id, sale_id, user_id, qty,
+           CASE type WHEN 'ReservationConfirmed' THEN 'confirmed'
+                     WHEN 'ReservationCancelled' THEN 'cancelled'
+                     ELSE 'expired' END,
+           occurred_at
+    FROM incoming
+    WHERE type IN ('ReservationConfirmed', 'ReservationCancelled', 'ReservationExpired')
+    ORDER BY reservation_id, event_id DESC
+) AS t(r, s, u, q, st, at)
 ON CONFLICT (reservation_id) DO UPDATE SET
     status = EXCLUDED.status,
     confirmed_at = COALESCE(EXCLUDED.confirmed_at, o.confirmed_at),
@@ -52,11 +54,6 @@ ON CONFLICT (reservation_id) DO UPDATE SET
     updated_at = now()
 """
 
-_TERMINAL_STATUS = {
-    "ReservationConfirmed": "confirmed",
-    "ReservationCancelled": "cancelled",
-    "ReservationExpired": "expired",
-}
 
 _OF_SALE = "SELECT reservation_id, status, qty, user_id FROM orders WHERE sale_id = $1"
 
@@ -121,34 +118,14 @@ async def final_orders_of(
     return [(to_ms(row["placed_at"]), _view(row)) for row in rows]
 
 
-async def write_placed(conn: asyncpg.Connection, placed: Sequence[ReservationPlaced]) -> None:
-    """Write placements (pending unless a final event got there first); pass them sorted
-    by reservation, so that writers lock in one order."""
-    await conn.execute(
-        _PLACED,
-        [e.reservation_id for e in placed],
-        [e.sale_id for e in placed],
-        [e.user_id for e in placed],
-        [e.qty for e in placed],
-        [e.occurred_at for e in placed],
-        [e.expires_at for e in placed],
-    )
-
-
-async def write_finished(
-    conn: asyncpg.Connection,
-    finished: Sequence[ReservationConfirmed | ReservationCancelled | ReservationExpired],
-) -> None:
-    """Write final states (confirmed, cancelled, expired); pass them sorted by reservation."""
-    await conn.execute(
-        _FINISHED,
-        [e.reservation_id for e in finished],
-        [e.sale_id for e in finished],
-        [e.user_id for e in finished],
-        [e.qty for e in finished],
-        [_TERMINAL_STATUS[e.type] for e in finished],
-        [e.occurred_at for e in finished],
-    )
+async def write_incoming(conn: asyncpg.Connection, placed: bool, finished: bool) -> None:
+    """Write the batch staged in ``incoming``: placements (pending unless a final event got
+    there first), then final states (confirmed, cancelled, expired). ``placed`` and
+    ``finished`` say whether the batch holds any of each, to skip an empty statement."""
+    if placed:
+        await conn.execute(_PLACED)
+    if finished:
+        await conn.execute(_FINISHED)
 
 
 async def orders_of_sale(

@@ -1,0 +1,116 @@
+"""Partition leases: which consumer of a group reads which partition stream.
+
+Several projector processes share the partitions by owning them, each partition by one
+consumer at a time, so that each reads its partitions' entries in stream order and no two
+write the same sale's rows at once. A lease is a Redis string per partition and group
+(value the holder's name, with a time to live), taken when free or already the caller's
+(``lease_take.lua``: a consumer restarted under its name takes its own back at once) and
+renewed by its holder every third of its time to live (compare and extend,
+``lease_renew.lua``). A consumer announces itself in the group's member set (scored by when
+it expires), counts the live members, gives back the leases beyond its fair share
+(``ceil(partitions / members)``, compare and delete, ``lease_release.lua``) and takes free
+ones up to it. On stop it gives back everything.
+
+A consumer that dies stops renewing: its leases expire after ``lease_ms`` and the others
+take its partitions, and with them (XAUTOCLAIM on the streams they own) the entries it left
+pending. Correctness never rests on the leases alone: a consumer that stalled past its lease
+may still commit a batch of a partition someone else now reads, and that is safe because
+the projection dedupes on ``event_id`` and is order-tolerant (:mod:`projections.batch`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.commands.core import AsyncScript
+
+from core.gateway.scripts import load_lua
+from core.keys import PartitionKeys, consumer_members
+
+log = structlog.get_logger(__name__)
+
+
+class PartitionLeases:
+    """The partitions one consumer of ``group`` owns, kept up to date by :meth:`refresh`."""
+
+    def __init__(
+        self, client: aioredis.Redis, partitions: int, group: str, consumer: str, lease_ms: int
+    ) -> None:
+        self.client = client
+        self.partitions = partitions
+        self.group = group
+        self.consumer = consumer
+        self.lease_ms = lease_ms
+        self.owned: set[int] = set()
+        self.members = consumer_members(group)
+        self._renew: AsyncScript = client.register_script(load_lua("lease_renew"))
+        self._release: AsyncScript = client.register_script(load_lua("lease_release"))
+        self._take: AsyncScript = client.register_script(load_lua("lease_take"))
+        # Where this consumer starts looking for free partitions: spread by its name, so
+        # that consumers starting together do not all race for partition 0 first.
+        self._start = zlib.crc32(consumer.encode()) % partitions
+
+    @property
+    def every(self) -> float:
+        """Seconds between refreshes: a third of the lease, so two can fail before it ends."""
+        return self.lease_ms / 3000
+
+    def _key(self, partition: int) -> str:
+        return PartitionKeys(partition).lease(self.group)
+
+    async def refresh(self) -> set[int]:
+        """Announce this consumer, renew its leases, give back those beyond its fair share
+        and take free ones up to it; return the partitions it owns now."""
+        seconds, micros = await self.client.time()
+        now = seconds * 1000 + micros // 1000
+        held = sorted(self.owned)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.members, {self.consumer: now + self.lease_ms})
+            pipe.zremrangebyscore(self.members, "-inf", f"({now}")
+            pipe.zcard(self.members)
+            for p in held:
+                await self._renew(
+                    keys=[self._key(p)], args=[self.consumer, self.lease_ms], client=pipe
+                )
+            replies: list[Any] = await pipe.execute()
+        live, renewed = int(replies[2]), replies[3:]
+        lost = {p for p, ok in zip(held, renewed, strict=True) if not ok}
+        owned = set(held) - lost
+        share = -(-self.partitions // max(live, 1))
+        extra = sorted(owned)[share:]
+        for p in extra:
+            await self._release(keys=[self._key(p)], args=[self.consumer])
+        owned -= set(extra)
+        taken: list[int] = []
+        for step in range(self.partitions):
+            if len(owned) >= share:
+                break
+            p = (self._start + step) % self.partitions
+            if p not in owned and await self._take(
+                keys=[self._key(p)], args=[self.consumer, self.lease_ms]
+            ):
+                owned.add(p)
+                taken.append(p)
+        if lost or extra or taken:
+            log.info(
+                "partitions_rebalanced",
+                consumer=self.consumer,
+                members=live,
+                owned=sorted(owned),
+                taken=taken,
+                released=extra,
+                lost=sorted(lost),
+            )
+        self.owned = owned
+        return owned
+
+    async def release_all(self) -> None:
+        """Give back every lease and leave the member set (on stop)."""
+        for p in sorted(self.owned):
+            await self._release(keys=[self._key(p)], args=[self.consumer])
+        await self.client.zrem(self.members, self.consumer)
+        log.info("partitions_released", consumer=self.consumer, released=sorted(self.owned))
+        self.owned = set()

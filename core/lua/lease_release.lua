@@ -1,0 +1,14 @@
+-- Give a lease back if the caller holds it (compare and delete).
+--
+-- KEYS[1]  lease string         fs:{pN}:lease:<group>   (value: the holder's name)
+-- ARGV[1]  the caller's name
+--
+-- Safe to run again: a lease already given back, or taken by another, is left alone.
+--
+-- Returns  1 when released, 0 when the caller did not hold it
+
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    return 1
+end
+return 0

@@ -1,0 +1,88 @@
+"""Statements on ``incoming``: the projector's per-session scratch table of one batch.
+
+A batch is COPIED (binary) into this temporary table, then each projection table takes its
+rows from it with one ``INSERT ... SELECT`` (:mod:`projections.tables.events`,
+:mod:`projections.tables.orders`): far cheaper per event than binding arrays for every
+statement. The table lives as long as the connection and is emptied at every commit, so it
+holds one batch at a time; it is no part of the schema (nothing outside the transaction
+ever sees it), hence no migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+
+from core.events import dump_event
+from projections.entries import LogEntry, parse_stream_id
+
+TABLE = "incoming"
+
+COLUMNS = (
+    "event_id",
+    "partition",
+    "stream_id",
+    "stream_ms",
+    "stream_seq",
+    "sale_id",
+    "type",
+    "occurred_at",
+    "payload",
+    "reservation_id",
+    "user_id",
+    "qty",
+    "expires_at",
+)
+
+# The types of events's columns, plus the reservation fields the orders statements read.
+# ``qty`` is wider than ``orders.qty``, so that PostgreSQL refuses a quantity beyond it.
+_CREATE = f"""
+CREATE TEMPORARY TABLE IF NOT EXISTS {TABLE} (
+    event_id text, partition integer, stream_id text, stream_ms bigint, stream_seq bigint,
+    sale_id text, type text, occurred_at timestamptz, payload jsonb,
+    reservation_id text, user_id text, qty bigint, expires_at timestamptz
+) ON COMMIT DELETE ROWS
+"""
+
+_KEEP_ONLY = f"DELETE FROM {TABLE} WHERE NOT (event_id = ANY($1::text[]))"
+
+
+def _record(entry: LogEntry) -> tuple[Any, ...]:
+    event = entry.event
+    ms, seq = parse_stream_id(entry.stream_id)
+    return (
+        event.event_id,
+        entry.partition,
+        entry.stream_id,
+        ms,
+        seq,
+        event.sale_id,
+        event.type,
+        event.occurred_at,
+        dump_event(event),
+        getattr(event, "reservation_id", None),
+        getattr(event, "user_id", None),
+        getattr(event, "qty", None),
+        getattr(event, "expires_at", None),
+    )
+
+
+async def stage(conn: asyncpg.Connection, entries: Iterable[LogEntry]) -> None:
+    """COPY ``entries`` into the scratch table (inside the caller's transaction).
+
+    Raises ``asyncpg.DataError`` when a value does not fit its column."""
+    await conn.execute(_CREATE)
+    try:
+        await conn.copy_records_to_table(
+            TABLE, records=[_record(e) for e in entries], columns=list(COLUMNS), timeout=None
+        )
+    except (OverflowError, ValueError, TypeError) as e:
+        # A value no column can hold: data PostgreSQL refuses, as it does a bound argument.
+        raise asyncpg.DataError(f"invalid input for COPY: {e}") from e
+
+
+async def keep_only(conn: asyncpg.Connection, event_ids: Sequence[str]) -> None:
+    """Drop every staged row but those of ``event_ids`` (the events new to the archive)."""
+    await conn.execute(_KEEP_ONLY, list(event_ids))
