@@ -157,34 +157,42 @@ def measure(
 ) -> None:
     """Every row for every process count, rounds alternating baseline and flashsale."""
     keys = Secrets.random()
-    tokens = Path(tempfile.mkdtemp(prefix="flashsale-bench-")) / "tokens.txt"
-    buyers = int(TOKENS_PER_SECOND * max(args.workers) * max(1.0, args.seconds))
-    write_tokens(tokens, keys.jwt_secret, buyers)
-    warm_up = Load(load.use_wrk, load.threads, load.connections, 1.0)
-    for processes in args.workers:
-        with servers_for(urls, keys, processes, log) as (ours, hello, evalsha):
-            cases = cases_for(ours, keys.admin_token, args.rounds)
-            check_setup(ours, issue_token(keys.jwt_secret, "bench-probe"), cases)
-            baseline_of = {"aiohttp hello": hello, "aiohttp + json + one EVALSHA": evalsha}
-            if not args.quick:
-                for case in cases:
-                    warm_up.run(baseline_of[case.baseline] + "/", case.method, tokens)
-                    warm_up.run(ours + case.path(args.rounds), case.method, tokens)
-            for n in range(args.rounds):
-                for case in cases:
-                    print(
-                        f"  {processes} process(es), round {n + 1}: {case.endpoint}",
-                        file=sys.stderr,
-                    )
-                    case.base.runs.append(
-                        load.run(baseline_of[case.baseline] + "/", case.method, tokens)
-                    )
-                    case.ours.runs.append(load.run(ours + case.path(n), case.method, tokens))
+    with tempfile.TemporaryDirectory(prefix="flashsale-bench-") as tmp:
+        tokens = Path(tmp) / "tokens.txt"
+        buyers = int(TOKENS_PER_SECOND * max(args.workers) * max(1.0, args.seconds))
+        write_tokens(tokens, keys.jwt_secret, buyers)
+        for processes in args.workers:
+            with servers_for(urls, keys, processes, log) as (ours, hello, evalsha):
+                baseline_of = {"aiohttp hello": hello, "aiohttp + json + one EVALSHA": evalsha}
+                cases = cases_for(ours, keys.admin_token, args.rounds)
+                check_setup(ours, issue_token(keys.jwt_secret, "bench-probe"), cases)
+                run_rounds(args, load, cases, ours, baseline_of, tokens)
             for case in cases:
                 table.add(case.endpoint, processes, case.baseline, case.base, case.ours)
                 repeated = max(r.requests for r in case.ours.runs) > buyers
                 if case.method == "POST" and repeated:
                     table.notes.append(f"{case.endpoint}: more requests than buyer tokens")
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    load: Load,
+    cases: list[Case],
+    ours: str,
+    baseline_of: dict[str, str],
+    tokens: Path,
+) -> None:
+    """A warm-up (unless quick), then the rounds, baseline and flashsale in turn."""
+    warm_up = Load(load.use_wrk, load.threads, load.connections, 1.0)
+    if not args.quick:
+        for case in cases:
+            warm_up.run(baseline_of[case.baseline] + "/", case.method, tokens)
+            warm_up.run(ours + case.path(args.rounds), case.method, tokens)
+    for n in range(args.rounds):
+        for case in cases:
+            print(f"  {case.endpoint}: round {n + 1} of {args.rounds}", file=sys.stderr)
+            case.base.runs.append(load.run(baseline_of[case.baseline] + "/", case.method, tokens))
+            case.ours.runs.append(load.run(ours + case.path(n), case.method, tokens))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -249,12 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_projection:
             figures = None
         else:
-            child_env = {**os.environ, "FLASHSALE_REDIS_URL": urls.redis_url,
-                         "FLASHSALE_DATABASE_URL": urls.database_url}  # fmt: skip
+            child_env = {
+                **os.environ,
+                "FLASHSALE_REDIS_URL": urls.redis_url,
+                "FLASHSALE_DATABASE_URL": urls.database_url,
+            }
             figures = projection_figures(child_env, args.quick)
     if figures is not None:
         table.add_figure("projection into PostgreSQL", figures.events_per_second)
         table.add_figure("202 -> order row in PostgreSQL", figures.lag)
+        table.notes.extend(f"projection figures: {command}" for command in figures.commands)
     table.notes.insert(0, f"load: {load.name}; figures are medians of {args.rounds} round(s)")
     print(table.render(args.markdown))
     return 1 if table.failed else 0
