@@ -42,6 +42,7 @@ from bench.servers import (
     write_tokens,
 )
 from bench.wrk import WRK, run_wrk
+from core.logs import configure_logging
 from core.models import MAX_STOCK
 from core.settings import Settings
 
@@ -236,6 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: measure, print the table; exit 1 when any row is an error."""
     args = parse_args(argv)
+    configure_logging("warning")  # the table alone on stdout
     load = Load(
         args.loadgen != "own" and WRK is not None, args.threads, args.connections, args.seconds
     )
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = [1]
     env = Settings()
     table = Table()
+    load_at_start = os.getloadavg()[0]
     with (
         embedded_servers(env.redis_url, env.database_url) as urls,
         tempfile.TemporaryFile() as log,
@@ -267,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         table.add_figure("projection into PostgreSQL", figures.events_per_second)
         table.add_figure("202 -> order row in PostgreSQL", figures.lag)
         table.notes.extend(f"projection figures: {command}" for command in figures.commands)
-    table.notes.insert(0, f"load: {load.name}; figures are medians of {args.rounds} round(s)")
+    table.notes[:0] = [
+        f"load: {load.name}; figures are medians of {args.rounds} round(s)",
+        f"machine: {os.cpu_count()} cores, load average (1 min) {load_at_start:.1f} at the"
+        f" start, {os.getloadavg()[0]:.1f} at the end (about 1 per busy core: figures taken"
+        " on a busier machine are lower, their ratios less so)",
+    ]
     print(table.render(args.markdown))
     return 1 if table.failed else 0
 
