@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="API processes of `serve` and `up` on one port; unset: the CPUs this process"
+        " may run on. 1: the API in the command's own process.",
+    )
     partitions: int = Field(default=16, ge=1, le=1024)
     max_body_bytes: int = Field(default=16 * 1024, ge=256)
     redis_pool_size: int = Field(default=200, ge=1)
@@ -49,6 +55,11 @@ class Settings(BaseSettings):
     max_inflight: int = Field(default=2000, ge=1, description="Reservations in flight before 429.")
     sold_out_hint_ms: int = Field(
         default=200, ge=0, description="Answer sold_out from memory this long after Redis did."
+    )
+    sale_view_cache_ms: int = Field(
+        default=5,
+        ge=0,
+        description="GET /v1/sales/{id} answers at most this old (per API process); 0: off.",
     )
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     consumer_batch: int = Field(default=500, ge=1, le=10_000)

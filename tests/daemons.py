@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -172,6 +173,41 @@ def stop_all(*procs: subprocess.Popen[bytes] | None) -> None:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def is_gone(pid: int) -> bool:
+    """A process is gone once it no longer exists or is a zombie waiting for its reaper."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+async def wait_gone(pids: Iterable[int], within: float, what: str) -> None:
+    """Until every process of ``pids`` is gone; fail with ``what`` after ``within`` seconds."""
+
+    async def gone() -> bool:
+        return all(is_gone(pid) for pid in pids)
+
+    await eventually(gone, within, what)
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid``."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            children.extend(int(c) for c in task.read_text().split())
+    return [c for c in children if not is_gone(c)]
+
+
+def kill_all(pids: Iterable[int]) -> None:
+    """SIGKILL whichever of ``pids`` still runs (test clean-up)."""
+    for pid in pids:
+        if not is_gone(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def terminate(proc: subprocess.Popen[bytes], within: float = 15) -> int:

@@ -3,6 +3,7 @@ their speed is not asserted, only that every part of them works)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,12 @@ def test_bench_loaders_count_every_answer_by_status(loader: str, tmp_path: Path)
     # A run answered with anything but the expected status is reported, not timed.
     assert result.problem(202) == f"expected 202, got {result.requests} x 200"
     assert 0 < result.p50_ms <= result.p99_ms
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_http_load_drives_each_endpoint_with_wrk_and_prints_medians(settings: Settings) -> None:
+    args = ("--seconds", "1", "--rounds", "1", "--tokens", "50")
+    out = run_bench("bench.http_load", settings, *args)
+    for case in ("reserve (stock left)", "reserve (sold out)", "sale view"):
+        assert f"round 1 A {case}: " in out, out
+        assert any(line.startswith(f"  {case}: A ") for line in out.splitlines()), out

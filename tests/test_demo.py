@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.settings import DEFAULT_ADMIN_TOKEN, DEFAULT_JWT_SECRET, Settings
+from tests.daemons import is_gone
 
 FLASHSALE = str(Path(sys.executable).parent / "flashsale")
 
@@ -133,14 +134,6 @@ def _loadgen_children(parent: int) -> list[int]:
     return found
 
 
-def _is_gone(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
-
-
 async def test_demo_interrupted_leaves_no_load_generator_behind(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ):
@@ -165,11 +158,11 @@ async def test_demo_interrupted_leaves_no_load_generator_behind(
         child.send_signal(signal.SIGINT)  # as Ctrl-C would, but to the demo alone
         _, err = await asyncio.wait_for(child.communicate(), timeout=60)
         assert child.returncode == 130, err.decode()[-2000:]
-        assert all(_is_gone(pid) for pid in loadgen), f"load generator {loadgen} still runs"
+        assert all(is_gone(pid) for pid in loadgen), f"load generator {loadgen} still runs"
     finally:
         if child.returncode is None:
             child.kill()
             await child.wait()
         for pid in loadgen:
-            if not _is_gone(pid):
+            if not is_gone(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -31,26 +31,14 @@ from api.cli.launcher import (
     _valkey_binary,
     embedded_servers,
 )
+from tests.daemons import is_gone
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _is_gone(pid: int) -> bool:
-    """A process is gone once it no longer exists or is a zombie waiting for its reaper."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
-
-
 def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
-    while not _is_gone(pid):
+    while not is_gone(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
@@ -158,7 +146,7 @@ def test_redis_serves_commands_and_stop_removes_everything() -> None:
         client.close()
 
     server.stop()
-    assert _is_gone(pid)
+    assert is_gone(pid)
     assert not data_dir.exists()
     server.stop()  # a second stop is harmless
 
@@ -183,7 +171,7 @@ def test_redis_restart_after_kill_keeps_port_and_aof_data() -> None:
         port, old_pid = server.port, server.pid
 
         server.kill()
-        assert _is_gone(old_pid)
+        assert is_gone(old_pid)
         assert server.data_dir.is_dir()
 
         assert server.restart() == url  # same port, same password
@@ -221,7 +209,7 @@ def test_postgres_serves_queries_and_stop_removes_everything() -> None:
         assert asyncio.run(exercise()) == ["a", "b"]
     finally:
         server.stop()
-    assert _is_gone(pid)
+    assert is_gone(pid)
     assert not data_dir.exists()
 
 
@@ -231,7 +219,7 @@ def test_postgres_restart_after_kill_keeps_port() -> None:
     try:
         port, old_pid = server.port, server.pid
         server.kill()
-        assert _is_gone(old_pid)
+        assert is_gone(old_pid)
         assert server.restart() == url  # same port, same password
         assert server.port == port
         assert asyncio.run(_select_one(url)) == 1
@@ -304,7 +292,7 @@ def test_servers_die_with_their_parent() -> None:
             child.wait()
         child.stdout.close()
         for pid in pids:
-            if not _is_gone(pid):
+            if not is_gone(pid):
                 os.kill(pid, signal.SIGKILL)
         for directory in dirs:
             shutil.rmtree(directory, ignore_errors=True)

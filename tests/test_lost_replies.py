@@ -1,10 +1,11 @@
 """Purchases through a connection that loses Redis's replies: every placement is answered.
 
 The HTTP app talks to Redis through ``ReplyDroppingProxy``, which lets every command run but
-loses 1% of the replies (the connection is cut instead). Buyers fire about 3,000 attempts
-at a limit-1 sale and a limit-3 sale; the projector then catches up, and every reservation
-that exists must have been answered 202, and every 202 must exist, in Redis, in the log and
-in PostgreSQL alike.
+loses 7% of the reply chunks (the connection is cut instead; the app coalesces the script
+calls of a loop turn into one pipeline, so one lost chunk loses the replies of a batch).
+Buyers fire about 3,000 attempts at a limit-1 sale and a limit-3 sale; the projector then
+catches up, and every reservation that exists must have been answered 202, and every 202
+must exist, in Redis, in the log and in PostgreSQL alike.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ async def test_every_placement_is_answered_202_when_replies_are_lost(
     assert settings.redis_url is not None
     target = urlsplit(settings.redis_url)
     async with ReplyDroppingProxy(
-        target.hostname or "127.0.0.1", target.port or 6379, drop=0.01, seed=8
+        target.hostname or "127.0.0.1", target.port or 6379, drop=0.07, seed=8
     ) as proxy:
         url = through(settings.redis_url, proxy.port)
         lossy = settings.model_copy(update={"redis_url": url})

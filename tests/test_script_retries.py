@@ -1,8 +1,10 @@
 """Every state-changing script run twice with the same arguments, as a client does when the
 first reply was lost: the second run answers the first outcome and changes nothing more.
 
-``RunTwice`` makes each script call of the gateway run twice against the real Redis with
-the same keys and arguments; the tests compare both replies, the events and the counters.
+``RunTwice`` makes each call of one of the gateway's scripts run twice against the real
+Redis with the same keys and arguments (through the gateway's script runner, which
+coalesces calls into pipelines); the tests compare both replies, the events and the
+counters.
 """
 
 from __future__ import annotations
@@ -21,25 +23,27 @@ from tests.http_helpers import log_events
 
 
 class RunTwice:
-    """Stands in for a gateway script: each call runs the real script twice with the same
-    keys and arguments and answers the second reply; ``replies`` keeps both."""
+    """Stands in for the gateway's script runner: each call of ``script`` runs twice with
+    the same keys and arguments and answers the second reply; ``replies`` keeps both.
+    Calls of other scripts run once."""
 
-    def __init__(self, script: Any) -> None:
+    def __init__(self, run: Any, script: Any) -> None:
+        self.run = run
         self.script = script
         self.replies: list[tuple[Any, Any]] = []
 
-    async def __call__(
-        self, keys: list[Any], args: list[Any], client: aioredis.Redis | None = None
-    ) -> Any:
-        first = await self.script(keys=keys, args=args, client=client)
-        second = await self.script(keys=keys, args=args, client=client)
+    async def __call__(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        if script is not self.script:
+            return await self.run(script, keys, args)
+        first = await self.run(script, keys, args)
+        second = await self.run(script, keys, args)
         self.replies.append((first, second))
         return second
 
 
 def twice(monkeypatch: pytest.MonkeyPatch, gateway: RedisGateway, name: str) -> RunTwice:
-    wrapper = RunTwice(getattr(gateway, name))
-    monkeypatch.setattr(gateway, name, wrapper)
+    wrapper = RunTwice(gateway.scripts.run, getattr(gateway, name))
+    monkeypatch.setattr(gateway.scripts, "run", wrapper)
     return wrapper
 
 

@@ -67,6 +67,14 @@ def _token(settings: Settings, user_id: str, ttl: int) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -75,12 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("up", "API + consumers in one process (embedded servers if no URLs are set)"),
-        ("serve", "the HTTP API only"),
+        ("up", "API workers + consumers in one command (embedded servers if no URLs are set)"),
+        ("serve", "the HTTP API only, in --workers processes on one port"),
         ("consume", "the consumer daemons only: projector and expiry worker"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--port", type=int, default=None, help="HTTP port (FLASHSALE_PORT)")
+        if name != "consume":
+            p.add_argument(
+                "--workers",
+                type=_positive,
+                default=None,
+                help="API processes sharing the port (FLASHSALE_WORKERS; default: one per CPU)",
+            )
     token = sub.add_parser(
         "token", help="print a buyer JWT signed with FLASHSALE_JWT_SECRET (tests, demos)"
     )
@@ -104,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"error: bad FLASHSALE_* configuration:\n{e}", file=sys.stderr)
         return 2
-    if getattr(args, "port", None) is not None:
-        settings = settings.model_copy(update={"port": args.port})
+    # Flags override the environment; in the settings, they reach API worker processes too.
+    flags = {"port": getattr(args, "port", None), "workers": getattr(args, "workers", None)}
+    settings = settings.model_copy(
+        update={k: v for k, v in flags.items() if v is not None}
+        | ({"log_level": args.log_level} if args.log_level else {})
+    )
     level = args.log_level or (
         "warning" if args.command in ("demo", "replay", "status", "dlq") else settings.log_level
     )

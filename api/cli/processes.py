@@ -1,6 +1,7 @@
 """Process wiring of the ``flashsale`` command line: the connections a process shares, the
-embedded servers started for missing URLs, the HTTP API and the consumer daemons run side by
-side, and SIGINT/SIGTERM ending them."""
+embedded servers started for missing URLs, the HTTP API (in this process or in worker
+processes, see :mod:`api.cli.workers`) and the consumer daemons run side by side, and
+SIGINT/SIGTERM ending them."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import structlog
 from aiohttp import web
 
 from api.cli.launcher import embedded_servers
+from api.cli.workers import api_workers, worker_count
 from api.connections import postgres_pool_for, redis_client_for
 from api.web.app import create_app
+from api.web.metrics import ApiMetrics
 from consumers.expiry import ExpiryWorker
 from consumers.projector import Projector
 from consumers.pruning import PruningWorker
@@ -111,12 +114,15 @@ def projector_for(services: Services, **overrides: int) -> Projector:
 
 
 @contextlib.asynccontextmanager
-async def running_api(services: Services, port: int) -> AsyncIterator[int]:
-    """Serve the HTTP API until the block exits; yields the bound port."""
-    app = create_app(services.settings, services.redis)
+async def running_api(
+    services: Services, port: int, *, metrics: ApiMetrics | None = None, reuse_port: bool = False
+) -> AsyncIterator[int]:
+    """Serve the HTTP API in this process until the block exits; yields the bound port.
+    ``reuse_port``: share the port with the other API workers (SO_REUSEPORT)."""
+    app = create_app(services.settings, services.redis, metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, services.settings.host, port)
+    site = web.TCPSite(runner, services.settings.host, port, reuse_port=reuse_port)
     await site.start()
     bound = runner.addresses[0][1]
     log.info("api_listening", host=services.settings.host, port=bound)
@@ -126,12 +132,29 @@ async def running_api(services: Services, port: int) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def serving_api(services: Services, stop: asyncio.Event) -> AsyncIterator[int]:
+    """The HTTP API on the settings' port until the block exits, yielding the bound port: in
+    this process with one worker (``FLASHSALE_WORKERS``, default one per CPU), else in that
+    many worker processes, where one exiting on its own sets ``stop`` and makes the block's
+    exit raise :class:`api.cli.workers.WorkerFailed` once the others are stopped."""
+    settings = services.settings
+    count = worker_count(settings)
+    if count == 1:
+        async with running_api(services, settings.port) as port:
+            yield port
+    else:
+        async with api_workers(settings, count, stop) as port:
+            yield port
+
+
 async def serve(settings: Settings) -> None:
     """``flashsale serve``: the HTTP API until a signal."""
     async with open_services(settings) as services:
         await check_durability(services.redis, settings)
-        async with running_api(services, settings.port):
-            await stop_on_signals().wait()
+        stop = stop_on_signals()
+        async with serving_api(services, stop):
+            await stop.wait()
 
 
 def expiry_worker_for(services: Services) -> ExpiryWorker:
@@ -176,11 +199,13 @@ async def consume(settings: Settings) -> None:
 
 
 async def up(settings: Settings) -> None:
-    """``flashsale up``: the HTTP API and the consumer daemons until a signal."""
+    """``flashsale up``: the HTTP API and the consumer daemons (once, in this process,
+    whatever the number of API workers) until a signal."""
     async with open_services(settings) as services:
         await check_durability(services.redis, settings)
-        async with running_api(services, settings.port) as port:
+        stop = stop_on_signals()
+        async with serving_api(services, stop) as port:
             print(
                 f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr
             )
-            await run_consumers(services, stop_on_signals(), retention=True)
+            await run_consumers(services, stop, retention=True)

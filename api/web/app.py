@@ -13,7 +13,16 @@ from api.connections import postgres_pool_for, redis_client_for
 from api.web import reservations, sales, service
 from api.web.metrics import ApiMetrics
 from api.web.problems import problems_middleware
-from api.web.state import GATEWAY, HEALTH, INFLIGHT, METRICS, ORDERS_POOL, SETTINGS
+from api.web.sale_views import SaleViewCache
+from api.web.state import (
+    GATEWAY,
+    HEALTH,
+    INFLIGHT,
+    METRICS,
+    ORDERS_POOL,
+    SALE_VIEWS,
+    SETTINGS,
+)
 from consumers.health import CachedHealth
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
@@ -35,14 +44,18 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
-def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.Application:
-    """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``."""
+def create_app(
+    settings: Settings, client: aioredis.Redis | None = None, metrics: ApiMetrics | None = None
+) -> web.Application:
+    """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``. Its metrics
+    are its own unless ``metrics`` is given (an API worker's, summed over the workers)."""
     app = web.Application(
         middlewares=[problems_middleware], client_max_size=settings.max_body_bytes
     )
     app[SETTINGS] = settings
-    app[METRICS] = ApiMetrics()
+    app[METRICS] = metrics or ApiMetrics()
     app[INFLIGHT] = [0]
+    app[SALE_VIEWS] = SaleViewCache(settings.sale_view_cache_ms / 1000)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         own = client is None
@@ -72,9 +85,10 @@ def create_app(settings: Settings, client: aioredis.Redis | None = None) -> web.
     app.cleanup_ctx.append(health_ctx)
     app.cleanup_ctx.append(orders_ctx)
     router = app.router
-    router.add_post("/v1/sales", sales.create_sale)
-    router.add_get("/v1/sales/{sale_id}", sales.get_sale)
+    # The hot routes first: aiohttp tries the routes under one path prefix in this order.
     router.add_post("/v1/sales/{sale_id}/reservations", reservations.reserve)
+    router.add_get("/v1/sales/{sale_id}", sales.get_sale)
+    router.add_post("/v1/sales", sales.create_sale)
     router.add_get("/v1/sales/{sale_id}/reservations/mine", reservations.my_reservations)
     router.add_get("/v1/reservations/{reservation_id}", reservations.get_reservation)
     router.add_post("/v1/reservations/{reservation_id}/confirm", reservations.confirm_reservation)

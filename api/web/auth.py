@@ -122,6 +122,24 @@ def _b64decode(segment: str) -> bytes | None:
         return None
 
 
+@functools.lru_cache(maxsize=16)
+def _plain_header(segment: str) -> bool:
+    """True when a JWT header segment plainly says HS256 (with at most a ``typ``).
+
+    Every token a service issues carries the same header, so each is decoded once.
+    """
+    raw = _b64decode(segment)
+    if raw is None:
+        return False
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return False
+    if not isinstance(header, dict):
+        return False
+    return header.get("alg") == "HS256" and set(header) <= {"alg", "typ"}
+
+
 def _fast_claims(token: str, secret: str) -> tuple[str, int] | None:
     """(sub, exp) of a token that plainly passes every check pyjwt makes, else None.
 
@@ -133,22 +151,20 @@ def _fast_claims(token: str, secret: str) -> tuple[str, int] | None:
     if key is None or token.count(".") != 2:
         return None
     header_seg, payload_seg, signature_seg = token.split(".")
-    header_raw = _b64decode(header_seg)
+    if not _plain_header(header_seg):
+        return None
     payload_raw = _b64decode(payload_seg)
     signature = _b64decode(signature_seg)
-    if header_raw is None or payload_raw is None or signature is None:
+    if payload_raw is None or signature is None:
         return None
     expected = hmac.new(key, f"{header_seg}.{payload_seg}".encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, signature):
         return None
     try:
-        header = json.loads(header_raw)
         claims = json.loads(payload_raw)
     except ValueError:
         return None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        return None
-    if header.get("alg") != "HS256" or not set(header) <= {"alg", "typ"}:
+    if not isinstance(claims, dict):
         return None
     if not _CHECKED_CLAIMS.isdisjoint(claims):
         return None

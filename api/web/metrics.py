@@ -1,19 +1,54 @@
-"""Prometheus metrics of the HTTP API, in a registry of the app's own."""
+"""Prometheus metrics of the HTTP API, in a registry of the app's own, or summed over the
+API workers of ``serve --workers N`` (prometheus-client's multiprocess mode)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from api.web.consumer_metrics import ConsumerHealthCollector
 from consumers.health import Health
+
+C = TypeVar("C", covariant=True)
+
+
+class Labelled(Protocol[C]):
+    """A metric with labels: ``labels(*values)`` is its child for those values."""
+
+    def labels(self, *values: str) -> C: ...
+
+
+class Bound(Generic[C]):
+    """A labelled metric's children, each bound once and kept.
+
+    ``labels(...)`` looks its child up under a lock on every call (about 1.3 us against
+    0.33 us for a kept child); the request path calls these instead. Only for metrics
+    whose children are never removed.
+    """
+
+    def __init__(self, metric: Labelled[C]) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], C] = {}
+
+    def __call__(self, *values: str) -> C:
+        """The child for ``values``, bound on first use."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 @dataclass
 class ApiMetrics:
-    """Counters and histograms the API updates; scraped at ``/metrics``."""
+    """Counters and histograms the API updates; ``scraped`` is what ``/metrics`` shows."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    #: Set in an API worker of ``serve --workers N``: the directory (the process's
+    #: ``PROMETHEUS_MULTIPROC_DIR``) where every worker keeps its values; scrapes sum them.
+    multiprocess_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.requests = Counter(
@@ -45,60 +80,22 @@ class ApiMetrics:
             "flashsale_reservations_in_flight",
             "Reservation requests being processed now.",
             registry=self.registry,
+            multiprocess_mode="livesum",  # over the workers still running
         )
-        group_labels = ["group", "partition"]
-        self.consumer_lag = Gauge(
-            "flashsale_consumer_lag",
-            "Stream entries a consumer group has not acknowledged yet (undelivered + pending).",
-            group_labels,
-            registry=self.registry,
-        )
-        self.consumer_pending = Gauge(
-            "flashsale_consumer_pending",
-            "Stream entries delivered to a consumer group and not acknowledged yet.",
-            group_labels,
-            registry=self.registry,
-        )
-        self.consumer_oldest_pending = Gauge(
-            "flashsale_consumer_oldest_pending_seconds",
-            "Age of the oldest entry delivered to a consumer group and not acknowledged.",
-            group_labels,
-            registry=self.registry,
-        )
-        self.stream_entries = Gauge(
-            "flashsale_stream_entries",
-            "Entries kept in a partition stream (older ones are trimmed once archived).",
-            ["partition"],
-            registry=self.registry,
-        )
-        self.dead_letters = Gauge(
-            "flashsale_dead_letter_entries",
-            "Entries parked on the dead-letter stream, waiting for `flashsale dlq retry`.",
-            registry=self.registry,
-        )
-        self.consumer_health_up = Gauge(
-            "flashsale_consumer_health_up",
-            "1 when the last scrape could read consumer health from Redis, else 0.",
-            registry=self.registry,
-        )
+        # The children the request path updates, bound once (see ``Bound``).
+        self.requests_of: Bound[Counter] = Bound(self.requests)
+        self.latency_of: Bound[Histogram] = Bound(self.latency)
+        self.outcome: Bound[Counter] = Bound(self.reservations)
+        self.consumers = ConsumerHealthCollector()
+        self.scraped = self.registry
+        if self.multiprocess_dir is not None:
+            # Every worker writes its values to files there; a scrape sums them all.
+            self.scraped = CollectorRegistry()
+            MultiProcessCollector(  # type: ignore[no-untyped-call]
+                self.scraped, path=self.multiprocess_dir
+            )
+        self.scraped.register(self.consumers)
 
     def observe_consumers(self, health: Health | None) -> None:
-        """Set the consumer gauges from ``health`` (None: Redis could not be read)."""
-        for gauge in (
-            self.consumer_lag,
-            self.consumer_pending,
-            self.consumer_oldest_pending,
-            self.stream_entries,
-        ):
-            gauge.clear()  # a group or partition that went away must not linger
-        self.consumer_health_up.set(0 if health is None else 1)
-        if health is None:
-            return
-        for g in health.groups:
-            labels = (g.group, str(g.partition))
-            self.consumer_lag.labels(*labels).set(g.lag)
-            self.consumer_pending.labels(*labels).set(g.pending)
-            self.consumer_oldest_pending.labels(*labels).set(g.oldest_pending_seconds or 0)
-        for partition, length in health.stream_lengths.items():
-            self.stream_entries.labels(str(partition)).set(length)
-        self.dead_letters.set(health.dead_letters)
+        """Show ``health`` in the consumer gauges (None: Redis could not be read)."""
+        self.consumers.observe(health)

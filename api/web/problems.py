@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -48,26 +50,52 @@ _TITLE_OF: dict[str, str] = {
 
 def problem(status: int, code: str, title: str, detail: str = "", **extra: Any) -> web.Response:
     """A problem+json response."""
+    if extra:
+        text = _problem_json(status, code, title, detail or title, **extra)
+    else:
+        text = _plain_problem_json(status, code, title, detail or title)
+    return web.Response(text=text, status=status, content_type=PROBLEM_TYPE)
+
+
+def _problem_json(status: int, code: str, title: str, detail: str, **extra: Any) -> str:
     body = {
         "type": f"https://flashsale.dev/problems/{code}",
         "title": title,
         "status": status,
-        "detail": detail or title,
+        "detail": detail,
         "code": code,
         **extra,
     }
-    return web.json_response(body, status=status, content_type=PROBLEM_TYPE)
+    return json.dumps(body)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_problem_json(status: int, code: str, title: str, detail: str) -> str:
+    """The common refusals (sold_out above all) repeat the same few bodies: each is
+    serialized once."""
+    return _problem_json(status, code, title, detail)
+
+
+# Status and title of each error class met so far (the lookup walks the class's bases).
+_ANSWER_OF: dict[type[errors.FlashsaleError], tuple[int, str]] = {}
+
+
+def _status_and_title(kind: type[errors.FlashsaleError]) -> tuple[int, str]:
+    known = _ANSWER_OF.get(kind)
+    if known is None:
+        status = next((s for cls, s in _STATUS_OF.items() if issubclass(kind, cls)), 400)
+        title = _TITLE_OF.get(kind.code, kind.code.replace("_", " ").capitalize())
+        known = _ANSWER_OF[kind] = (status, title)
+    return known
 
 
 def from_error(error: errors.FlashsaleError) -> web.Response:
     """Map a domain error to its problem response."""
-    status = next((s for cls, s in _STATUS_OF.items() if isinstance(error, cls)), 400)
-    title = _TITLE_OF.get(error.code, error.code.replace("_", " ").capitalize())
+    status, title = _status_and_title(type(error))
     detail = str(error) or (error.__doc__ or title).strip()
-    headers = {"Retry-After": "1"} if status == 503 else None
     response = problem(status, error.code, title, detail)
-    if headers:
-        response.headers.update(headers)
+    if status == 503:
+        response.headers["Retry-After"] = "1"
     return response
 
 
@@ -109,6 +137,6 @@ async def problems_middleware(
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         response = problem(500, "internal_error", "Internal error", "unexpected server error")
-    metrics.requests.labels(route_name, str(response.status)).inc()
-    metrics.latency.labels(route_name).observe(time.perf_counter() - started)
+    metrics.requests_of(route_name, str(response.status)).inc()
+    metrics.latency_of(route_name).observe(time.perf_counter() - started)
     return response

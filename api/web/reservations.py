@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.web.auth import buyer_id, is_admin
-from api.web.problems import problem
+from api.web.problems import from_error, problem
 from api.web.requests import (
     idempotency_key_of,
     read_model,
@@ -28,6 +28,7 @@ from core.errors import (
     ReservationOutcomeUnknown,
     ReservationPastDeadline,
     SaleNotFound,
+    SoldOut,
 )
 from core.models import ReservationStatus, ReservationView
 from projections.tables.orders import final_order, final_orders_of
@@ -52,9 +53,21 @@ class Placement(BaseModel):
 
 
 async def reserve(request: web.Request) -> web.Response:
-    """POST /v1/sales/{sale_id}/reservations (buyer): hold stock for the payment window."""
-    settings = request.app[SETTINGS]
+    """POST /v1/sales/{sale_id}/reservations (buyer): hold stock for the payment window.
+
+    A sale this process just saw sold out (even for one unit) is refused first, before
+    auth and the body are read: the answer reveals nothing GET /v1/sales does not, and in a
+    flash sale it is the answer to almost every request. A request with an Idempotency-Key
+    goes the whole way, since its retry must find the reservation it may already hold.
+    """
+    gateway = request.app[GATEWAY]
     metrics = request.app[METRICS]
+    if "Idempotency-Key" not in request.headers and gateway.answers_sold_out(
+        request.match_info["sale_id"]
+    ):
+        metrics.outcome(SoldOut.code).inc()
+        return from_error(SoldOut())
+    settings = request.app[SETTINGS]
     user_id = buyer_id(request, settings.jwt_secret)
     key = idempotency_key_of(request)
     sale_id = sale_id_of(request)
@@ -65,27 +78,27 @@ async def reserve(request: web.Request) -> web.Response:
     )
     inflight = request.app[INFLIGHT]
     if inflight[0] >= settings.max_inflight:
-        metrics.reservations.labels("turned_away").inc()
+        metrics.outcome("turned_away").inc()
         response = problem(429, "turned_away", "Too many requests", "busy; retry shortly")
         response.headers["Retry-After"] = "1"
         return response
     inflight[0] += 1
     metrics.inflight.inc()
     try:
-        placed = await request.app[GATEWAY].reserve(sale_id, user_id, body.qty, key)
+        placed = await gateway.reserve(sale_id, user_id, body.qty, key)
     except RejectedError as e:
-        metrics.reservations.labels(e.code).inc()
+        metrics.outcome(e.code).inc()
         raise
     except NotReplicated as e:
         # The reservation stands in Redis; a retry with the same Idempotency-Key finds it.
-        metrics.reservations.labels(e.code).inc()
+        metrics.outcome(e.code).inc()
         response = problem(503, e.code, "Not replicated", str(e), reservation_id=e.reservation_id)
         response.headers["Retry-After"] = "1"
         response.headers["Location"] = f"/v1/reservations/{e.reservation_id}"
         return response
     except ReservationOutcomeUnknown as e:
         # Redis stayed silent after retries: the buyer looks this id up before trying again.
-        metrics.reservations.labels(e.code).inc()
+        metrics.outcome(e.code).inc()
         title = "Service temporarily unavailable"
         response = problem(503, e.code, title, str(e), reservation_id=e.reservation_id)
         response.headers["Retry-After"] = "1"
@@ -95,27 +108,34 @@ async def reserve(request: web.Request) -> web.Response:
         inflight[0] -= 1
         metrics.inflight.dec()
     if placed.replayed:
-        metrics.reservations.labels("replayed").inc()
+        metrics.outcome("replayed").inc()
         # Redis's view of it, read with the placement; else, once final and pruned, orders'.
         view = placed.view or await find_reservation(request.app, placed.reservation_id)
         if view is None:
             raise ReservationNotFound("the reservation of this Idempotency-Key is gone")
         if view.qty != body.qty or view.sale_id != sale_id:
             raise IdempotencyKeyReused("this Idempotency-Key was used for another request")
-        answer = Placement(
+        text = Placement(
             reservation_id=placed.reservation_id, status=view.status, expires_at=view.expires_at
-        )
+        ).model_dump_json()
     else:
-        metrics.reservations.labels("placed").inc()
+        metrics.outcome("placed").inc()
         assert placed.expires_at is not None, "a new placement always has a deadline"
-        answer = Placement(
-            reservation_id=placed.reservation_id, status="pending", expires_at=placed.expires_at
-        )
-    return web.json_response(
-        answer.model_dump(mode="json"),
+        text = placement_json(placed.reservation_id, placed.expires_at)
+    return web.Response(
+        text=text,
         status=202,
+        content_type="application/json",
         headers={"Location": f"/v1/reservations/{placed.reservation_id}"},
     )
+
+
+def placement_json(reservation_id: str, expires_at: datetime) -> str:
+    """The 202 body of a new placement, as ``Placement`` serializes it, written directly:
+    the purchase path's answer needs no model. The id is ours (digits, a dash, hex) and
+    the deadline a UTC time, so nothing needs escaping."""
+    deadline = expires_at.isoformat().replace("+00:00", "Z")
+    return f'{{"reservation_id":"{reservation_id}","status":"pending","expires_at":"{deadline}"}}'
 
 
 async def find_reservation(app: web.Application, rid: str) -> ReservationView | None:

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.web.auth import require_admin
 from api.web.requests import BadRequest, idempotency_key_of, read_json, sale_id_of, validate
-from api.web.state import GATEWAY, SETTINGS
+from api.web.state import GATEWAY, SALE_VIEWS, SETTINGS
 from core.errors import SaleNotFound
 from core.models import MAX_STOCK, NewSale
 
@@ -25,12 +25,19 @@ async def create_sale(request: web.Request) -> web.Response:
 
 
 async def get_sale(request: web.Request) -> web.Response:
-    """GET /v1/sales/{sale_id}: public counters and status."""
+    """GET /v1/sales/{sale_id}: public counters and status, at most
+    ``FLASHSALE_SALE_VIEW_CACHE_MS`` old (see ``SaleViewCache``)."""
     sale_id = sale_id_of(request)
-    view = await request.app[GATEWAY].get_sale(sale_id)
-    if view is None:
+    gateway = request.app[GATEWAY]
+
+    async def read() -> str | None:
+        view = await gateway.get_sale(sale_id)
+        return None if view is None else view.model_dump_json()
+
+    text = await request.app[SALE_VIEWS].get(sale_id, read)
+    if text is None:
         raise SaleNotFound(f"no sale {sale_id!r}")
-    return web.json_response(view.model_dump(mode="json"))
+    return web.Response(text=text, content_type="application/json")
 
 
 class StockRequest(BaseModel):
@@ -42,6 +49,7 @@ class StockRequest(BaseModel):
 
 
 async def _sale_answer(request: web.Request, sale_id: str, changed: bool) -> web.Response:
+    request.app[SALE_VIEWS].forget(sale_id)
     view = await request.app[GATEWAY].get_sale(sale_id)
     if view is None:  # pragma: no cover - sales are never deleted
         raise SaleNotFound(f"no sale {sale_id!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -11,8 +13,9 @@ from api.web.state import GATEWAY, HEALTH, METRICS
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
+    """Liveness: the process answers, and which process it is (with several API workers on
+    one port, which one the kernel handed this connection)."""
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -23,10 +26,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text exposition; consumer lag and dead letters as last read (see
-    ``FLASHSALE_METRICS_HEALTH_INTERVAL_MS``)."""
-    request.app[METRICS].observe_consumers(await request.app[HEALTH].get())
-    body = generate_latest(request.app[METRICS].registry)
+    """Prometheus text exposition, summed over the API workers when there are several;
+    consumer lag and dead letters as last read (see ``FLASHSALE_METRICS_HEALTH_INTERVAL_MS``)."""
+    metrics = request.app[METRICS]
+    metrics.observe_consumers(await request.app[HEALTH].get())
+    body = generate_latest(metrics.scraped)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from api.web.metrics import ApiMetrics
+from api.web.sale_views import SaleViewCache
 from consumers.health import CachedHealth
 from core.gateway import RedisGateway
 from core.settings import Settings
@@ -15,6 +16,7 @@ GATEWAY = web.AppKey("gateway", RedisGateway)
 METRICS = web.AppKey("metrics", ApiMetrics)
 # One counter in a list, so that views can change it in place.
 INFLIGHT = web.AppKey("inflight", list)
+SALE_VIEWS = web.AppKey("sale_views", SaleViewCache)
 HEALTH = web.AppKey("health", CachedHealth)
 # Present only when a database is configured; only reads of pruned reservations use it.
 ORDERS_POOL = web.AppKey("orders_pool", asyncpg.Pool)

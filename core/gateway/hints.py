@@ -16,15 +16,20 @@ class SoldOutHints:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._until: dict[str, tuple[float, int]] = {}
+        self._renew_at: dict[str, float] = {}
 
-    def remember(self, sale_id: str, qty: int) -> None:
-        """Redis refused ``qty`` units of ``sale_id`` as sold out just now."""
+    def remember(self, sale_id: str, qty: int, at: float | None = None) -> None:
+        """Redis refused ``qty`` units of ``sale_id`` as sold out just now (or at ``at``, a
+        ``time.monotonic()`` reading)."""
         if self.ttl > 0:
-            self._until[sale_id] = (time.monotonic() + self.ttl, qty)
+            now = time.monotonic() if at is None else at
+            self._until[sale_id] = (now + self.ttl, qty)
+            self._renew_at[sale_id] = now + self.ttl / 2
 
     def forget(self, sale_id: str) -> None:
         """Stock came back through this process (a cancel or a restock)."""
         self._until.pop(sale_id, None)
+        self._renew_at.pop(sale_id, None)
 
     def says_sold_out(self, sale_id: str, qty: int) -> bool:
         """True while a refusal of at most ``qty`` units is fresh."""
@@ -33,6 +38,16 @@ class SoldOutHints:
             return False
         until, refused_qty = hint
         if time.monotonic() >= until:
-            del self._until[sale_id]
+            self.forget(sale_id)
             return False
         return qty >= refused_qty
+
+    def renewal_due(self, sale_id: str) -> bool:
+        """True once per hint past half its age: the caller may read the sale and, if Redis
+        still says sold out, ``remember`` it again, so that a stampede on a sold-out sale
+        does not reach Redis all at once each time the hint lapses."""
+        renew_at = self._renew_at.get(sale_id)
+        if renew_at is None or time.monotonic() < renew_at:
+            return False
+        del self._renew_at[sale_id]
+        return True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,7 +12,7 @@ import structlog
 from core.errors import InfrastructureError, NotReplicated, ReservationOutcomeUnknown, SoldOut
 from core.gateway.decode import time_of
 from core.gateway.reads import Reads
-from core.gateway.scripts import OPERATION_TTL_SECONDS
+from core.gateway.scripts import OPERATION_TTL_SECONDS, answer_of, new_id
 from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of_reservation
 from core.models import ReservationView
 
@@ -37,6 +37,30 @@ class Placed:
 class ReservationCommands(Reads):
     """The scripts that change one reservation; each logs its event in the same step."""
 
+    def answers_sold_out(self, sale_id: str) -> bool:
+        """True while this process knows ``sale_id`` is sold out even for one unit, so a
+        request without an Idempotency-Key can be refused from memory before any work.
+
+        Past half the hint's age, one background read of the sale renews it while Redis
+        still says sold out (stamped with the read's start, so the hint's bound holds).
+        """
+        if not self.sold_out_hints.says_sold_out(sale_id, 1):
+            return False
+        if self.sold_out_hints.renewal_due(sale_id):
+            self._in_background(self._renew_sold_out(sale_id))
+        return True
+
+    async def _renew_sold_out(self, sale_id: str) -> None:
+        started = time.monotonic()
+        try:
+            view = await self.get_sale(sale_id)
+        except InfrastructureError:
+            return  # the hint simply lapses
+        # Not after a ``forget`` (stock came back through this process) or a lapse.
+        still = self.sold_out_hints.says_sold_out(sale_id, 1)
+        if still and view is not None and view.status == "sold_out":
+            self.sold_out_hints.remember(sale_id, 1, at=started)
+
     async def reserve(
         self, sale_id: str, user_id: str, qty: int, idempotency_key: str | None
     ) -> Placed:
@@ -54,7 +78,7 @@ class ReservationCommands(Reads):
         if idempotency_key is None and self.sold_out_hints.says_sold_out(sale_id, qty):
             raise SoldOut()
         keys = self.keys_for_sale(sale_id)
-        reservation_id = f"{keys.partition}-{uuid.uuid4().hex}"
+        reservation_id = f"{keys.partition}-{new_id()}"
         try:
             result = await self._reserve_script(
                 keys, sale_id, user_id, qty, reservation_id, idempotency_key
@@ -98,7 +122,7 @@ class ReservationCommands(Reads):
             keys.user_reservations(sale_id, user_id),
         ]
         args: list[Any] = [
-            uuid.uuid4().hex,
+            new_id(),
             sale_id,
             user_id,
             qty,
@@ -118,21 +142,21 @@ class ReservationCommands(Reads):
 
         Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
         the primary all the same. WAIT covers the writes of its own connection only, so
-        both run on one; an answer that places nothing (a replayed Idempotency-Key, or a
-        repeated run of this call) rewrites a value as it is (ARGV[8]), which puts the
-        connection past the first placement's write and makes WAIT cover that too.
+        both run on one (one WAIT after the calls of a coalesced batch covers them all);
+        an answer that places nothing (a replayed Idempotency-Key, or a repeated run of
+        this call) rewrites a value as it is (ARGV[8]), which puts the connection past the
+        first placement's write and makes WAIT cover that too.
         """
-        async with self.client.client() as conn:
-            result = await self._call(self._reserve, keys, args, client=conn)
-            acknowledged = int(await conn.wait(self.wait_replicas, self.wait_timeout_ms))
-        if acknowledged < self.wait_replicas:
+        replicated = await self.scripts.run_replicated(self._reserve, keys, args)
+        result = answer_of(replicated.reply)
+        if replicated.acknowledged < self.wait_replicas:
             log.warning(
                 "reservation_not_replicated",
                 reservation_id=result[1],
-                acknowledged=acknowledged,
+                acknowledged=replicated.acknowledged,
                 wanted=self.wait_replicas,
             )
-            raise NotReplicated(result[1], acknowledged, self.wait_replicas)
+            raise NotReplicated(result[1], replicated.acknowledged, self.wait_replicas)
         return result
 
     async def confirm(self, reservation_id: str, user_id: str | None) -> bool:
@@ -143,7 +167,7 @@ class ReservationCommands(Reads):
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         result = await self._run(
             self._confirm,
             [
@@ -164,7 +188,7 @@ class ReservationCommands(Reads):
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         result = await self._run(
             self._cancel,
             [
@@ -185,7 +209,7 @@ class ReservationCommands(Reads):
         Returns ``(expired, still_due)``; call again at once while ``still_due`` > 0.
         """
         keys = PartitionKeys(partition)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         script_keys = [keys.deadlines, keys.events, keys.operation(operation)]
         args: list[Any] = [
             limit,
@@ -196,7 +220,7 @@ class ReservationCommands(Reads):
         ]
 
         async def run() -> list[Any]:
-            reply: list[Any] = await self._expire(keys=script_keys, args=args)
+            reply: list[Any] = await self.scripts.run(self._expire, script_keys, args)
             return reply
 
         expired, left = await self._retrying(run, "redis expiry")

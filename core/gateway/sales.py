@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-
 import structlog
 
 from core.errors import SaleExists
 from core.events import to_ms
 from core.gateway.reads import Reads
-from core.gateway.scripts import OPERATION_TTL_SECONDS
+from core.gateway.scripts import OPERATION_TTL_SECONDS, new_id
 from core.models import NewSale, SaleView
 
 log = structlog.get_logger(__name__)
@@ -21,7 +19,7 @@ class SaleCommands(Reads):
     async def create_sale(self, sale: NewSale) -> SaleView:
         """Open a sale; raises ``SaleExists`` if the id is taken."""
         keys = self.keys_for_sale(sale.sale_id)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         await self._run(
             self._create_sale,
             [keys.sale(sale.sale_id), keys.events, keys.operation(operation)],
@@ -49,7 +47,7 @@ class SaleCommands(Reads):
         Raises ``SaleNotFound`` or ``NotEnoughUnsoldStock``.
         """
         keys = self.keys_for_sale(sale_id)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         result = await self._run(
             self._adjust_stock,
             [
@@ -74,7 +72,7 @@ class SaleCommands(Reads):
     async def close_sale(self, sale_id: str) -> bool:
         """Close a sale early; False when it was already closed. Raises ``SaleNotFound``."""
         keys = self.keys_for_sale(sale_id)
-        operation = uuid.uuid4().hex
+        operation = new_id()
         result = await self._run(
             self._close_sale,
             [keys.sale(sale_id), keys.events, keys.operation(operation)],
