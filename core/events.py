@@ -19,10 +19,12 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def from_ms(ms: int) -> datetime:
     """The moment ``ms`` milliseconds after the epoch, exactly: no float of seconds on the
     way, which cannot hold every millisecond of far-future times."""
-    return EPOCH + timedelta(milliseconds=ms)
+    return EPOCH + timedelta(0, 0, 0, ms)  # positional: a third faster than milliseconds=
 
 
 def _from_ms(value: Any) -> Any:
+    if type(value) is int:  # nearly always: checked first, as every event has a time or two
+        return EPOCH + timedelta(0, 0, 0, value)
     # Events written before times were kept whole may hold a rounded float (1.2345e+14).
     if isinstance(value, int | float) and not isinstance(value, bool):
         return from_ms(round(value))
