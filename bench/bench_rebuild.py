@@ -110,27 +110,29 @@ async def write_streams(client: aioredis.Redis, rows: list[Row], batch: int = 10
             await pipe.execute()
 
 
-async def write_archive(pool: asyncpg.Pool, rows: list[Row]) -> None:
-    """COPY every row into the events archive."""
-    records = [
-        (
-            str(r.event["event_id"]),
-            r.partition,
-            r.stream_id,
-            r.ms,
-            r.seq,
-            str(r.event["sale_id"]),
-            str(r.event["type"]),
-            datetime.fromtimestamp(r.ms / 1000, tz=UTC),
-            json.dumps(r.event),
-        )
-        for r in rows
-    ]
+async def write_archive(pool: asyncpg.Pool, rows: list[Row], batch: int = 100_000) -> None:
+    """COPY every row into the events archive, ``batch`` rows per COPY: one COPY of a
+    million rows can outlast the pool's command timeout on a busy machine."""
     columns = ["event_id", "partition", "stream_id", "stream_ms", "stream_seq", "sale_id", "type"]
-    async with pool.acquire() as conn:
-        await conn.copy_records_to_table(
-            "events", records=records, columns=[*columns, "occurred_at", "payload"], timeout=None
-        )
+    for start in range(0, len(rows), batch):
+        records = [
+            (
+                str(r.event["event_id"]),
+                r.partition,
+                r.stream_id,
+                r.ms,
+                r.seq,
+                str(r.event["sale_id"]),
+                str(r.event["type"]),
+                datetime.fromtimestamp(r.ms / 1000, tz=UTC),
+                json.dumps(r.event),
+            )
+            for r in rows[start : start + batch]
+        ]
+        async with pool.acquire() as conn:
+            await conn.copy_records_to_table(
+                "events", records=records, columns=[*columns, "occurred_at", "payload"]
+            )
 
 
 class PhaseClock:

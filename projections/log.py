@@ -11,7 +11,7 @@ positions it removed are read from the archive instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -92,7 +92,7 @@ class LogReader:
         until: str | None = None,
         *,
         check_archive: bool = False,
-    ) -> AsyncIterator[LogChunk]:
+    ) -> AsyncGenerator[LogChunk, None]:
         """Yield the partition's events after ``after`` (up to ``until``, inclusive).
 
         The next stream chunk, and the archive's positions of this one, are asked for as

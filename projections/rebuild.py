@@ -224,8 +224,9 @@ class Rebuild:
                 if writing is not None:
                     await writing
             except BaseException:
-                if writing is not None:
+                if writing is not None:  # stopped before the transaction rolls back
                     writing.cancel()
+                    await asyncio.gather(writing, return_exceptions=True)
                 raise
             await self._checkpoint(conn)
         self.progress("writing rows", rows, rows)
