@@ -114,9 +114,10 @@ async def test_demo_report_shows_the_attempts_per_second_of_each_wave(
     assert len(took) == len(rates) == 2, report
     for attempts, seconds, rate in zip((200, 40), took, rates, strict=True):
         assert float(seconds) > 0, report
-        assert int(rate.replace(",", "")) == pytest.approx(
-            attempts / float(seconds), rel=0.05, abs=1
-        )
+        # The time is printed to 0.01 s: the rate was worked out from the unrounded one.
+        fastest, slowest = max(float(seconds) - 0.005, 1e-9), float(seconds) + 0.005
+        reached = int(rate.replace(",", ""))
+        assert attempts / slowest - 1 <= reached <= attempts / fastest + 1, report
 
 
 def _loadgen_children(parent: int) -> list[int]:
