@@ -172,9 +172,15 @@ async def test_second_projector_takes_over_what_a_killed_one_held(
     try:
         victim = consumer_name(a)
 
+        killed = asyncio.Event()
+
         async def buy() -> list[str]:
+            """Buyers arrive until the victim is killed (and 1,000 of them at least), so
+            that it is caught holding a batch however fast it projects."""
             placed: list[str] = []
-            for chunk in range(0, 250, 25):
+            for chunk in range(0, 1000, 25):
+                if killed.is_set() and chunk >= 250:
+                    break
                 for sale in sales:
                     placed += await place(
                         gateway, sale, [f"u{j}" for j in range(chunk, chunk + 25)]
@@ -190,6 +196,7 @@ async def test_second_projector_takes_over_what_a_killed_one_held(
             return bool(await group_pending(redis_client, 4, victim))
 
         await kill_frozen_when(a, log_a, holding, "never caught the daemon holding a batch")
+        killed.set()
         assert await wait_exit(a, 10) == -signal.SIGKILL
         orphaned = await group_pending(redis_client, 4, victim)
         assert orphaned > 0
@@ -203,7 +210,7 @@ async def test_second_projector_takes_over_what_a_killed_one_held(
         await eventually(taken_over, 30, "the survivor did not take over", running((b, log_b)))
         assert sum(r["count"] for r in logged(log_b, "entries_reclaimed")) >= orphaned
         assert await order_ids(pool) == set(placed)
-        assert await table_count(pool, "orders") == len(placed) == 1000
+        assert await table_count(pool, "orders") == len(placed) >= 1000
         assert await redis_client.xlen(dead_letter_stream()) == 0
         rc, out = await cli(env, "replay", "verify")
         assert rc == 0, out
