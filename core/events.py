@@ -21,13 +21,14 @@ _NUMBERS = (int, float)
 def from_ms(ms: int) -> datetime:
     """The moment ``ms`` milliseconds after the epoch, exactly: no float of seconds on the
     way, which cannot hold every millisecond of far-future times."""
-    seconds, millis = divmod(ms, 1000)
-    # Positional: several times faster than ``timedelta(milliseconds=ms)``, same value;
-    # this runs for every time field of every event read.
-    return EPOCH + timedelta(0, seconds, millis * 1000)
+    # Positional (days, seconds, microseconds, milliseconds): a third faster than
+    # ``milliseconds=ms``, same value; this runs for every time field of every event read.
+    return EPOCH + timedelta(0, 0, 0, ms)
 
 
 def _from_ms(value: Any) -> Any:
+    if type(value) is int:  # nearly always: checked first, as every event has a time or two
+        return EPOCH + timedelta(0, 0, 0, value)
     # Events written before times were kept whole may hold a rounded float (1.2345e+14).
     if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         return from_ms(round(value))

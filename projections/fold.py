@@ -82,21 +82,11 @@ class SaleState:
 
 def apply(sales: dict[str, SaleState], event: AnyEvent) -> None:
     """Apply one event to the folded state, in log order."""
-    sale = sales.setdefault(event.sale_id, SaleState(sale_id=event.sale_id))
+    sale = sales.get(event.sale_id)
+    if sale is None:  # not setdefault: that would build a SaleState for every event
+        sale = sales[event.sale_id] = SaleState(sale_id=event.sale_id)
     match event:
-        case SaleCreated():
-            if sale.created:
-                sale.problems.append(f"SaleCreated twice ({event.event_id})")
-            sale.created = True
-            sale.stock += event.stock
-            sale.remaining += event.stock
-            sale.per_user_limit = event.per_user_limit
-            sale.hold_seconds = event.hold_seconds
-        case StockAdjusted():
-            sale.stock += event.delta
-            sale.remaining += event.delta
-        case SaleClosed():
-            sale.closed = True
+        # Reservation events first: they are nearly all of a log.
         case ReservationPlaced():
             if event.reservation_id in sale.reservations:
                 sale.problems.append(f"reservation {event.reservation_id} placed twice")
@@ -130,6 +120,19 @@ def apply(sales: dict[str, SaleState], event: AnyEvent) -> None:
                 sale.holders[event.user_id] = left
             else:
                 sale.holders.pop(event.user_id, None)
+        case SaleCreated():
+            if sale.created:
+                sale.problems.append(f"SaleCreated twice ({event.event_id})")
+            sale.created = True
+            sale.stock += event.stock
+            sale.remaining += event.stock
+            sale.per_user_limit = event.per_user_limit
+            sale.hold_seconds = event.hold_seconds
+        case StockAdjusted():
+            sale.stock += event.delta
+            sale.remaining += event.delta
+        case SaleClosed():
+            sale.closed = True
 
 
 def fold(events: Iterable[AnyEvent]) -> dict[str, SaleState]:

@@ -10,7 +10,8 @@ positions it removed are read from the archive instead.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -19,7 +20,7 @@ from redis.exceptions import RedisError
 
 from core.errors import InfrastructureError
 from core.events import CURRENT_VERSION, AnyEvent, parse_event
-from core.gateway import GroupProgress, RedisGateway
+from core.gateway import GroupProgress, RedisGateway, StreamChunk
 from core.keys import PartitionKeys
 from projections.entries import LogEntry, parse_stream_id
 from projections.tables import events
@@ -91,81 +92,120 @@ class LogReader:
         until: str | None = None,
         *,
         check_archive: bool = False,
-    ) -> AsyncIterator[LogChunk]:
-        """Yield the partition's events after ``after`` (up to ``until``, inclusive)."""
+    ) -> AsyncGenerator[LogChunk, None]:
+        """Yield the partition's events after ``after`` (up to ``until``, inclusive).
+
+        The next stream chunk, and the archive's positions of this one, are asked for as
+        soon as the chunk arrives, and parsed meanwhile: the reader waits on round trips
+        only when the servers are slower than the parsing."""
         position = after
         upper = _successor(parse_stream_id(until)) if until else _END
         seen: set[str] = set()
-        while True:
-            head = await self.gateway.read_stream_chunk(
-                partition, position, self.chunk, until or "+"
-            )
-            first = parse_stream_id(head.first_id) if head.first_id else None
-            if self.pool is not None and (first is None or first > parse_stream_id(position)):
-                # The positions between ours and the stream's first entry are gone from the
-                # stream (trimmed) or never were there: the archive has them if they exist.
-                below = min(first, upper) if first is not None else upper
-                async for chunk in self._archive(partition, position, below, seen):
-                    position = chunk.last_id
-                    yield chunk
-            if first is None:
-                return
-            if head.entries:
-                chunk = LogChunk(partition, [], head.entries[-1][0], "stream")
-                for stream_id, fields in head.entries:
-                    event = None
-                    if stream_id not in head.undecodable:
-                        event = _event_or_none(fields.get("event", ""))
-                    if event is None:
-                        # The projector parks such entries on the dead-letter stream.
-                        chunk.malformed += 1
-                        continue
-                    if event.event_id not in seen:
-                        seen.add(event.event_id)
-                        chunk.entries.append(LogEntry(partition, stream_id, event))
-                if check_archive and chunk.entries:
-                    chunk.unarchived = await self._unarchived(chunk.entries)
+        read: asyncio.Future[StreamChunk] | None = asyncio.ensure_future(
+            self.gateway.read_stream_chunk(partition, position, self.chunk, until or "+")
+        )
+        archived: asyncio.Future[set[str]] | None = None
+        try:
+            while read is not None:
+                head = await read
+                read = archived = None
+                if len(head.entries) == self.chunk:
+                    last = head.entries[-1][0]
+                    read = asyncio.ensure_future(
+                        self.gateway.read_stream_chunk(partition, last, self.chunk, until or "+")
+                    )
+                if check_archive and head.entries and self.pool is not None:
+                    lo, hi = head.entries[0][0], head.entries[-1][0]
+                    archived = asyncio.ensure_future(self._archived(partition, lo, hi))
+                first = parse_stream_id(head.first_id) if head.first_id else None
+                if self.pool is not None and (first is None or first > parse_stream_id(position)):
+                    # The positions between ours and the stream's first entry are gone from
+                    # the stream (trimmed) or never were there: the archive has them if any.
+                    below = min(first, upper) if first is not None else upper
+                    async for chunk in self._archive(partition, position, below, seen):
+                        position = chunk.last_id
+                        yield chunk
+                if not head.entries:
+                    return
+                chunk = self._stream_chunk(partition, head, seen)
+                if archived is not None:
+                    if chunk.entries:
+                        held = await archived
+                        chunk.unarchived = [e for e in chunk.entries if e.stream_id not in held]
+                    else:
+                        archived.cancel()
+                    archived = None
                 position = chunk.last_id
                 yield chunk
-            if len(head.entries) < self.chunk:
-                return
+        finally:
+            for pending in (read, archived):
+                if pending is not None:
+                    pending.cancel()
+
+    @staticmethod
+    def _stream_chunk(partition: int, head: StreamChunk, seen: set[str]) -> LogChunk:
+        """The events of a stream chunk not ``seen`` yet (which it adds them to)."""
+        chunk = LogChunk(partition, [], head.entries[-1][0], "stream")
+        for stream_id, fields in head.entries:
+            event = None
+            if stream_id not in head.undecodable:
+                event = _event_or_none(fields.get("event", ""))
+            if event is None:
+                # The projector parks such entries on the dead-letter stream.
+                chunk.malformed += 1
+                continue
+            if event.event_id not in seen:
+                seen.add(event.event_id)
+                chunk.entries.append(LogEntry(partition, stream_id, event))
+        return chunk
 
     async def _archive(
         self, partition: int, after: str, below: tuple[int, int], seen: set[str]
     ) -> AsyncIterator[LogChunk]:
-        """Archived events of a partition with positions in (``after``, ``below``)."""
-        assert self.pool is not None
-        start = parse_stream_id(after)
-        while True:
-            async with self.pool.acquire() as conn:
-                rows = await events.read_range(conn, partition, start, below, self.chunk)
-            if not rows:
-                return
-            chunk = LogChunk(partition, [], rows[-1]["stream_id"], "archive")
-            for row in rows:
-                event = _event_or_none(row["payload"])
-                if event is None:
-                    chunk.malformed += 1
-                    continue
-                if event.event_id not in seen:
-                    seen.add(event.event_id)
-                    chunk.entries.append(LogEntry(partition, row["stream_id"], event))
-            yield chunk
-            if len(rows) < self.chunk:
-                return
-            start = parse_stream_id(chunk.last_id)
+        """Archived events of a partition with positions in (``after``, ``below``); the
+        next page is asked for while this one is parsed."""
+        read: asyncio.Future[list[asyncpg.Record]] | None = asyncio.ensure_future(
+            self._archive_page(partition, parse_stream_id(after), below)
+        )
+        try:
+            while read is not None:
+                rows = await read
+                read = None
+                if not rows:
+                    return
+                if len(rows) == self.chunk:
+                    start = parse_stream_id(rows[-1]["stream_id"])
+                    read = asyncio.ensure_future(self._archive_page(partition, start, below))
+                chunk = LogChunk(partition, [], rows[-1]["stream_id"], "archive")
+                for row in rows:
+                    event = _event_or_none(row["payload"])
+                    if event is None:
+                        chunk.malformed += 1
+                        continue
+                    if event.event_id not in seen:
+                        seen.add(event.event_id)
+                        chunk.entries.append(LogEntry(partition, row["stream_id"], event))
+                yield chunk
+        finally:
+            if read is not None:
+                read.cancel()
 
-    async def _unarchived(self, entries: list[LogEntry]) -> list[LogEntry]:
-        """The entries (one partition, in order) that the archive does not hold.
-
-        The archive records each event at the stream position it was read from, so an
-        entry is archived when its position is.
-        """
+    async def _archive_page(
+        self, partition: int, after: tuple[int, int], below: tuple[int, int]
+    ) -> list[asyncpg.Record]:
         assert self.pool is not None
-        lo, hi = entries[0], entries[-1]
         async with self.pool.acquire() as conn:
-            archived = await events.archived_positions(conn, lo.partition, lo.position, hi.position)
-        return [e for e in entries if e.position not in archived]
+            return await events.read_range(conn, partition, after, below, self.chunk)
+
+    async def _archived(self, partition: int, first: str, last: str) -> set[str]:
+        """The stream ids in [``first``, ``last``] that the archive holds: an entry is
+        archived when its position is, as the archive records each event at the stream
+        position it was read from."""
+        assert self.pool is not None
+        lo, hi = parse_stream_id(first), parse_stream_id(last)
+        async with self.pool.acquire() as conn:
+            held = await events.archived_positions(conn, partition, lo, hi)
+        return {f"{ms}-{seq}" for ms, seq in held}  # as Redis spells ids
 
     async def estimate(self, partition: int) -> int:
         """About how many entries a whole read of the partition will yield (for progress)."""

@@ -24,6 +24,7 @@ partition that the rebuilt tables reflect.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -47,6 +48,9 @@ log = structlog.get_logger(__name__)
 
 # Any constant works; it only has to be the same for every process rebuilding this database.
 _REBUILD_LOCK = 7_401_953
+
+Rows = tuple[list[str], list[tuple[Any, ...]]]
+"""The keys of some rows, and the rows (some keys may have none: unknown reservations)."""
 
 Progress = Callable[[str, int, int | None], None]
 """Called as ``progress(phase, done, total)``; ``total`` is None when unknown."""
@@ -136,6 +140,7 @@ class Rebuild:
         # (live table, live name) of each constraint and index given to the new tables.
         self._constraints: list[tuple[str, str]] = []
         self._indexes: list[tuple[str, str]] = []
+        self._loaded: set[str] = set()  # the sales whose rows the load wrote
 
     async def run(self) -> RebuildReport:
         """Rebuild and swap; raises ``RebuildError`` (or a database error) on failure, in
@@ -189,28 +194,42 @@ class Rebuild:
         return len(chunk.entries)
 
     async def _load(self, conn: asyncpg.Connection) -> None:
-        """Fold the whole log, then COPY every row and add the indexes."""
+        """Fold the whole log and COPY every row, then add the indexes.
+
+        A sale's events are all in its partition's log, so its rows are final once that
+        partition is folded: they are written while the next partition is folded, and
+        PostgreSQL stores them on the other core meanwhile."""
         total = 0
         for partition in range(self.partitions):
             total += await self.reader.estimate(partition)
-        done = 0
+        done = rows = 0
         self.progress("folding the log", 0, total)
-        with _gc_paused():
-            for partition in range(self.partitions):
-                async for chunk in self.reader.chunks(partition, check_archive=True):
-                    done += self._take(chunk)
-                    self.progress("folding the log", done, max(total, done))
-        stock = [self.fold.stock_row(s) for s in self.fold.sales]
-        orders = list(self.fold.all_orders())
-        self.progress("writing rows", 0, len(stock) + len(orders))
         async with conn.transaction():
-            await self._copy(conn, "stock_view", STOCK_COLUMNS, stock)
-            self.progress("writing rows", len(stock), len(stock) + len(orders))
-            await self._copy(conn, "orders", ORDER_COLUMNS, orders)
+            writing: asyncio.Future[None] | None = None
+            try:
+                with _gc_paused():
+                    for partition in range(self.partitions):
+                        async for chunk in self.reader.chunks(partition, check_archive=True):
+                            done += self._take(chunk)
+                            self.progress("folding the log", done, max(total, done))
+                        # A sale met again (its events in two partitions' logs: the number
+                        # of partitions changed) has rows already: they are replaced.
+                        again = not self._loaded.isdisjoint(self.fold.dirty_sales)
+                        self._loaded.update(self.fold.dirty_sales)
+                        sales, orders = self._dirty_rows()
+                        rows += len(sales[1]) + len(orders[1])
+                        write = self._write_rows(conn, sales, orders, again, writing)
+                        writing = asyncio.ensure_future(write)
+                self.progress("writing rows", 0, rows)
+                if writing is not None:
+                    await writing
+            except BaseException:
+                if writing is not None:  # stopped before the transaction rolls back
+                    writing.cancel()
+                    await asyncio.gather(writing, return_exceptions=True)
+                raise
             await self._checkpoint(conn)
-        self.progress("writing rows", len(stock) + len(orders), len(stock) + len(orders))
-        self.fold.dirty_sales.clear()
-        self.fold.dirty_orders.clear()
+        self.progress("writing rows", rows, rows)
         self.progress("building indexes", 0, len(staging.TABLES))
         for n, table in enumerate(staging.TABLES, 1):
             await self._add_indexes(conn, table)
@@ -248,20 +267,44 @@ class Rebuild:
 
     async def _write_dirty(self, conn: asyncpg.Connection) -> None:
         """Rewrite the rows that changed since they were last written, and the checkpoint."""
-        sales = sorted(self.fold.dirty_sales)
-        orders = sorted(self.fold.dirty_orders.items())
-        if sales:
-            await staging.delete_rows(conn, "stock_view", sales)
-            await self._copy(
-                conn, "stock_view", STOCK_COLUMNS, [self.fold.stock_row(s) for s in sales]
-            )
-        if orders:
-            await staging.delete_rows(conn, "orders", [rid for rid, _ in orders])
-            rows = [self.fold.order_row(rid, sale_id) for rid, sale_id in orders]
-            await self._copy(conn, "orders", ORDER_COLUMNS, [r for r in rows if r is not None])
+        await self._write_rows(conn, *self._dirty_rows(ordered=True), replace=True)
         await self._checkpoint(conn)
+
+    def _dirty_rows(self, *, ordered: bool = False) -> tuple[Rows, Rows]:
+        """The keys and rows of the sales and orders that changed since last taken
+        (``stock_view``, then ``orders``), in key order if ``ordered``."""
+        sales = list(self.fold.dirty_sales)
+        orders = list(self.fold.dirty_orders.items())
+        if ordered:
+            sales.sort()
+            orders.sort()
         self.fold.dirty_sales.clear()
         self.fold.dirty_orders.clear()
+        order_rows = [self.fold.order_row(rid, sale_id) for rid, sale_id in orders]
+        return (
+            (sales, [self.fold.stock_row(s) for s in sales]),
+            ([rid for rid, _ in orders], [r for r in order_rows if r is not None]),
+        )
+
+    async def _write_rows(
+        self,
+        conn: asyncpg.Connection,
+        sales: Rows,
+        orders: Rows,
+        replace: bool,
+        after: asyncio.Future[None] | None = None,
+    ) -> None:
+        """COPY the rows (deleting those of the same keys first if ``replace``), once the
+        write ``after`` is done: one statement at a time on the connection."""
+        if after is not None:
+            await after
+        for table, columns, (keys, rows) in (
+            ("stock_view", STOCK_COLUMNS, sales),
+            ("orders", ORDER_COLUMNS, orders),
+        ):
+            if replace and keys:
+                await staging.delete_rows(conn, table, keys)
+            await self._copy(conn, table, columns, rows)
 
     async def _checkpoint(self, conn: asyncpg.Connection) -> None:
         await checkpoints.record_rebuilt(

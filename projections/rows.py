@@ -4,7 +4,6 @@ used by the rebuild to write rows and by the Redis repair to write reservations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -113,11 +112,3 @@ class RowFold:
             ended if r.status == "cancelled" else None,
             ended if r.status == "expired" else None,
         )
-
-    def all_orders(self) -> Iterator[tuple[Any, ...]]:
-        """Every order row."""
-        for sale_id, sale in self.sales.items():
-            for rid in sale.reservations:
-                row = self.order_row(rid, sale_id)
-                if row is not None:
-                    yield row

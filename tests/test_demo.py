@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
 from core.settings import DEFAULT_ADMIN_TOKEN, DEFAULT_JWT_SECRET, Settings
@@ -64,6 +65,9 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
     first, second = report["first"], report["second"]
     assert first["sold"] == 30
     assert sum(first["turned_away"].values()) == 600 - 30
+    # The rate the first wave reached: its attempts over first request to last answer.
+    assert first["seconds"] > 0
+    assert first["attempts_per_second"] == pytest.approx(600 / first["seconds"])
     # Every winner paid, cancelled or left; what was not paid came back and was resold.
     assert report["paid"] + report["cancelled"] + report["too_late"] + report["abandoned"] == 30
     assert report["expired"] == report["abandoned"] + report["too_late"]
@@ -79,6 +83,41 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
             report["sale_id"],
         )
     assert len({r["user_id"] for r in rows}) == 30
+
+
+async def test_demo_report_shows_the_attempts_per_second_of_each_wave(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    child = await asyncio.create_subprocess_exec(
+        FLASHSALE,
+        "demo",
+        "--stock",
+        "10",
+        "--buyers",
+        "200",
+        "--hold-seconds",
+        "3",
+        env=_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(child.communicate(), timeout=120)
+    # Whether the sale passed is the JSON test's business; this one reads the report.
+    assert child.returncode in (0, 1), err.decode()[-2000:]
+    report = out.decode()
+    assert report.startswith("flashsale demo report"), report
+    took = re.findall(
+        r"^  {3}took +([\d.]+) s, first request sent to last answer received$", report, re.M
+    )
+    rates = re.findall(r"^  {3}attempts/s reached +([\d,]+)$", report, re.M)
+    # One line each for the first wave (200 attempts) and the second (40).
+    assert len(took) == len(rates) == 2, report
+    for attempts, seconds, rate in zip((200, 40), took, rates, strict=True):
+        assert float(seconds) > 0, report
+        # The time is printed to 0.01 s: the rate was worked out from the unrounded one.
+        fastest, slowest = max(float(seconds) - 0.005, 1e-9), float(seconds) + 0.005
+        reached = int(rate.replace(",", ""))
+        assert attempts / slowest - 1 <= reached <= attempts / fastest + 1, report
 
 
 def _loadgen_children(parent: int) -> list[int]:

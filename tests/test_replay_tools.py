@@ -9,6 +9,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
@@ -18,6 +19,7 @@ from core.errors import LimitReached
 from core.gateway import RedisGateway, SaleRepair
 from core.keys import PartitionKeys, partition_of
 from core.settings import Settings
+from projections.log import LogReader
 from projections.rebuild import Rebuild
 from projections.repair import repair_redis
 from projections.tables.events import archive
@@ -578,3 +580,110 @@ async def test_rebuild_under_live_traffic_ends_with_verify_clean(
         assert await conn.fetchval("SELECT count(*) FROM orders") == len(placed)
         indexes = await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'orders'")
     assert {r["indexname"] for r in indexes} == {"orders_pkey", "orders_by_user"}
+
+
+# --- how the rebuild reads and loads a large log --------------------------------------------
+
+
+Read = list[tuple[int, str, str]]
+
+
+async def _read_partitions(reader: LogReader, partitions: int) -> tuple[Read, Read]:
+    """(partition, stream id, event id) of every entry read, and of those unarchived."""
+    read: Read = []
+    unarchived: Read = []
+    for p in range(partitions):
+        async for chunk in reader.chunks(p, check_archive=True):
+            read += [(p, e.stream_id, e.event.event_id) for e in chunk.entries]
+            unarchived += [(p, e.stream_id, e.event.event_id) for e in chunk.unarchived]
+    return read, unarchived
+
+
+@pytest.mark.parametrize("trim", [False, True])
+async def test_reading_ahead_in_small_chunks_reads_the_same_log(
+    sales: Sales,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    trim: bool,
+):
+    for n in range(3):  # in the streams, not archived yet
+        await gateway.reserve("sale-1", f"late-{n}", 1, None)
+    if trim:  # the archive holds what the streams no longer do
+        for stream in gateway.stream_names():
+            await redis_client.xtrim(stream, maxlen=4)
+    whole, unarchived = await _read_partitions(LogReader(gateway, pool, 1000), 4)
+    assert len(whole) == 2 * (1 + 6 + 2) + 3
+    assert unarchived == [w for w in whole if w[0] == partition_of("sale-1", 4)][-3:]
+    for chunk in (1, 2, 3):
+        assert await _read_partitions(LogReader(gateway, pool, chunk), 4) == (whole, unarchived)
+
+
+async def test_a_reader_left_early_leaves_no_read_running(
+    sales: Sales, gateway: RedisGateway, pool: asyncpg.Pool
+):
+    before = asyncio.all_tasks()
+    chunks = LogReader(gateway, pool, 1).chunks(partition_of("sale-1", 4), check_archive=True)
+    first = await anext(chunks)
+    assert len(first.entries) == 1
+    await chunks.aclose()
+    await asyncio.sleep(0)
+    assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+
+
+async def test_a_sale_met_in_two_partitions_logs_is_loaded_once_with_all_its_events(
+    sales: Sales, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    """As after the number of partitions changed: sale-1's later events in another log."""
+    stray = {
+        "type": "ReservationPlaced",
+        "v": 1,
+        "event_id": "stray-event",
+        "sale_id": "sale-1",
+        "occurred_at": 1_764_460_000_000,
+        "reservation_id": "stray-reservation",
+        "user_id": "stray-user",
+        "qty": 2,
+        "expires_at": 1_764_460_600_000,
+    }
+    await redis_client.xadd(keys("sale-2").events, {"event": json.dumps(stray)})
+
+    report = await Rebuild(gateway, pool).run()
+    assert (report.events, report.orders) == (2 * (1 + 6 + 2) + 1, 13)
+    async with pool.acquire() as conn:
+        stock = await conn.fetch("SELECT sale_id, held FROM stock_view ORDER BY sale_id")
+        orders = await conn.fetch("SELECT sale_id, count(*) FROM orders GROUP BY 1 ORDER BY 1")
+        status = await conn.fetchval(
+            "SELECT status FROM orders WHERE reservation_id = 'stray-reservation'"
+        )
+    # four pending buyers, two of them with 2 units, plus the stray 2
+    assert [tuple(r) for r in stock] == [("sale-1", 6 + 2), ("sale-2", 6)]
+    assert [tuple(r) for r in orders] == [("sale-1", 7), ("sale-2", 6)]
+    assert status == "pending"
+
+
+async def test_a_load_failing_midway_leaves_the_live_tables_and_a_rebuild_after_it_works(
+    sales: Sales, gateway: RedisGateway, pool: asyncpg.Pool
+):
+    class Failing(Rebuild):
+        copies = 0
+
+        async def _copy(
+            self, conn: asyncpg.Connection, table: str, columns: tuple[str, ...], rows: list[Any]
+        ) -> None:
+            Failing.copies += 1
+            if Failing.copies == 3:  # the second partition's stock_view rows
+                raise RuntimeError("disk full")
+            await super()._copy(conn, table, columns, rows)
+
+    async with pool.acquire() as conn:
+        before = await conn.fetch("SELECT * FROM orders ORDER BY reservation_id")
+    with pytest.raises(RuntimeError, match="disk full"):
+        await Failing(gateway, pool).run()
+    async with pool.acquire() as conn:
+        assert await conn.fetch("SELECT * FROM orders ORDER BY reservation_id") == before
+        assert await conn.fetchval("SELECT to_regclass('orders_rebuild')") is None
+    report = await Rebuild(gateway, pool).run()
+    assert report.orders == 12
+    assert (await verify(gateway, pool)).clean

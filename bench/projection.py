@@ -1,0 +1,64 @@
+"""The projection figures (events/s into PostgreSQL, 202-to-PostgreSQL lag), taken from
+``bench.bench_projection`` when this checkout has it; "not available" otherwise.
+
+That module is run as its own command (it flushes the Redis database and empties the
+projection tables it is given: run it after the HTTP measurements) and its printed
+figures are read back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+__all__ = ["ProjectionFigures", "projection_figures"]
+
+NOT_AVAILABLE = "not available"
+_RATE = re.compile(r"([\d,]+) events/s")
+_LAG = re.compile(r"p50 ([\d.]+) ms, p99 ([\d.]+) ms")
+
+
+@dataclass(frozen=True)
+class ProjectionFigures:
+    """The two figures as table cells, and the commands that measured them."""
+
+    events_per_second: str = NOT_AVAILABLE
+    lag: str = NOT_AVAILABLE
+    commands: tuple[str, ...] = ()
+
+
+def _cell(args: list[str], env: dict[str, str], timeout: float) -> str:
+    """Run one mode of the projection benchmark; its figure as a table cell.
+
+    A failure or overrun is an ERROR cell (with the mode's error output copied to ours).
+    """
+    command = [sys.executable, "-m", "bench.bench_projection", *args]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"ERROR: {args[0]} ran over {timeout:.0f} s"
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-3000:])
+        return f"ERROR: {args[0]} exited with {done.returncode}"
+    if args[0] == "throughput" and (rate := _RATE.search(done.stdout)):
+        return f"{rate.group(1)} events/s"
+    if args[0] == "latency" and (lag := _LAG.search(done.stdout)):
+        return f"p50 {lag.group(1)} ms, p99 {lag.group(2)} ms"
+    return f"{NOT_AVAILABLE} (output not understood)"
+
+
+def projection_figures(env: dict[str, str], quick: bool) -> ProjectionFigures:
+    """Run the projection benchmark's two modes (short ones when ``quick``)."""
+    if importlib.util.find_spec("bench.bench_projection") is None:
+        return ProjectionFigures()
+    throughput = ["throughput", "--placements", "5000" if quick else "100000"]
+    latency = ["latency", "--rate", *(("500", "--seconds", "1") if quick else ("5000",))]
+    timeout = 120.0 if quick else 600.0
+    return ProjectionFigures(
+        _cell(throughput, env, timeout),
+        _cell(latency, env, timeout),
+        tuple(f"python -m bench.bench_projection {' '.join(a)}" for a in (throughput, latency)),
+    )
