@@ -60,15 +60,19 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
 
 async def apply_staged(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> None:
     """Apply new (never applied before) events, staged in ``incoming``, to the orders and
-    stock view tables."""
-    deltas = sorted(stock_deltas(events).items())
-    if deltas:
-        await stock_view.add_deltas(conn, deltas)
+    stock view tables.
+
+    The stock view goes last: its rows (one per sale) are the only ones every consumer
+    writes, and a row stays locked until the commit, so taking them after the orders (the
+    long statement) keeps a second consumer's batch from waiting that long on them."""
     await orders.write_incoming(
         conn,
         placed=any(isinstance(e, ReservationPlaced) for e in events),
         finished=any(isinstance(e, TERMINAL_EVENTS) for e in events),
     )
+    deltas = sorted(stock_deltas(events).items())
+    if deltas:
+        await stock_view.add_deltas(conn, deltas)
 
 
 async def advance_checkpoints(
