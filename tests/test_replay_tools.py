@@ -22,7 +22,7 @@ from core.settings import Settings
 from projections.log import LogReader
 from projections.rebuild import Rebuild
 from projections.repair import repair_redis
-from projections.tables.events import archive
+from projections.tables.events import archive_missing
 from projections.verify import read_log, verify
 from tests.conftest import ProjectorFactory
 from tests.helpers import open_sale, project_all
@@ -363,7 +363,8 @@ async def _archived_not_projected(
         for e in entries
         if getattr(e.event, "reservation_id", None) == placed.reservation_id
     )
-    await archive(conn, [entry])  # archived, its effect never applied
+    async with conn.transaction():  # archived, its effect never applied
+        await archive_missing(conn, [entry])
     return f"order:{placed.reservation_id}"
 
 

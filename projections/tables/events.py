@@ -8,6 +8,7 @@ pruning.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
@@ -28,14 +29,23 @@ COLUMNS = (
     "payload",
 )
 
-_ARCHIVE = """
-INSERT INTO events (event_id, partition, stream_id, stream_ms, stream_seq,
-                    sale_id, type, occurred_at, payload)
-SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::bigint[],
-                     $6::text[], $7::text[], $8::timestamptz[], $9::jsonb[])
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
-"""
+
+def row_of(entry: LogEntry) -> tuple[Any, ...]:
+    """The archive's row of ``entry``, its values in the order of ``COLUMNS``."""
+    event = entry.event
+    ms, seq = entry.position
+    return (
+        event.event_id,
+        entry.partition,
+        entry.stream_id,
+        ms,
+        seq,
+        event.sale_id,
+        event.type,
+        event.occurred_at,
+        dump_event(event),
+    )
+
 
 # From the projector's scratch table, in event id order (two projectors writing overlapping
 # batches take the unique index's locks in one order).
@@ -86,23 +96,6 @@ LIMIT $7
 _EVENT_IDS = "SELECT event_id FROM events WHERE $1::text IS NULL OR sale_id = $1"
 
 
-async def archive(conn: asyncpg.Connection, entries: Sequence[LogEntry]) -> set[str]:
-    """Insert entries into the archive; return the event ids that were not there yet."""
-    rows = await conn.fetch(
-        _ARCHIVE,
-        [e.event.event_id for e in entries],
-        [e.partition for e in entries],
-        [e.stream_id for e in entries],
-        [e.position[0] for e in entries],
-        [e.position[1] for e in entries],
-        [e.event.sale_id for e in entries],
-        [e.event.type for e in entries],
-        [e.event.occurred_at for e in entries],
-        [dump_event(e.event) for e in entries],
-    )
-    return {r["event_id"] for r in rows}
-
-
 async def archive_incoming(conn: asyncpg.Connection) -> list[str]:
     """Archive the batch staged in ``incoming`` (:mod:`projections.tables.incoming`); return
     the event ids that were not there yet."""
@@ -119,19 +112,7 @@ async def archive_missing(conn: asyncpg.Connection, entries: Sequence[LogEntry])
     )
     await conn.copy_records_to_table(
         "rearchive",
-        records=(
-            (
-                e.event.event_id,
-                e.partition,
-                e.stream_id,
-                *e.position,
-                e.event.sale_id,
-                e.event.type,
-                e.event.occurred_at,
-                dump_event(e.event),
-            )
-            for e in entries
-        ),
+        records=(row_of(e) for e in entries),
         columns=list(COLUMNS),
         timeout=None,
     )

@@ -15,26 +15,13 @@ from typing import Any
 
 import asyncpg
 
-from core.events import dump_event
-from projections.entries import LogEntry, parse_stream_id
+from projections.entries import LogEntry
+from projections.tables import events
 
 TABLE = "incoming"
 
-COLUMNS = (
-    "event_id",
-    "partition",
-    "stream_id",
-    "stream_ms",
-    "stream_seq",
-    "sale_id",
-    "type",
-    "occurred_at",
-    "payload",
-    "reservation_id",
-    "user_id",
-    "qty",
-    "expires_at",
-)
+# The archive's columns, then the reservation fields the orders statements read.
+COLUMNS = (*events.COLUMNS, "reservation_id", "user_id", "qty", "expires_at")
 
 # The types of events's columns, plus the reservation fields the orders statements read.
 # ``qty`` is wider than ``orders.qty``, so that PostgreSQL refuses a quantity beyond it.
@@ -51,17 +38,8 @@ _KEEP_ONLY = f"DELETE FROM {TABLE} WHERE NOT (event_id = ANY($1::text[]))"
 
 def _record(entry: LogEntry) -> tuple[Any, ...]:
     event = entry.event
-    ms, seq = parse_stream_id(entry.stream_id)
     return (
-        event.event_id,
-        entry.partition,
-        entry.stream_id,
-        ms,
-        seq,
-        event.sale_id,
-        event.type,
-        event.occurred_at,
-        dump_event(event),
+        *events.row_of(entry),
         getattr(event, "reservation_id", None),
         getattr(event, "user_id", None),
         getattr(event, "qty", None),
