@@ -8,9 +8,8 @@ from datetime import datetime
 
 from core.events import (
     AnyEvent,
-    ReservationCancelled,
     ReservationConfirmed,
-    ReservationExpired,
+    ReservationEvent,
     ReservationPlaced,
     SaleClosed,
     SaleCreated,
@@ -24,7 +23,7 @@ _TERMINAL_STATUS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class ReservationState:
     """One reservation as the log tells it."""
 
@@ -80,59 +79,64 @@ class SaleState:
         return found
 
 
-def apply(sales: dict[str, SaleState], event: AnyEvent) -> None:
-    """Apply one event to the folded state, in log order."""
+def apply(sales: dict[str, SaleState], event: AnyEvent) -> bool:
+    """Apply one event to the folded state, in log order. Return whether the state took
+    it: False for an event that breaks the reservation rules (placed twice, or the end of
+    a reservation that is not pending), which is noted in the sale's problems instead."""
     sale = sales.get(event.sale_id)
     if sale is None:  # not setdefault: that would build a SaleState for every event
-        sale = sales[event.sale_id] = SaleState(sale_id=event.sale_id)
-    match event:
-        # Reservation events first: they are nearly all of a log.
-        case ReservationPlaced():
-            if event.reservation_id in sale.reservations:
+        sale = sales[event.sale_id] = SaleState(event.sale_id)
+    # Reservation events first: they are nearly all of a log.
+    if isinstance(event, ReservationEvent):
+        reservation = sale.reservations.get(event.reservation_id)
+        if isinstance(event, ReservationPlaced):
+            if reservation is not None:
                 sale.problems.append(f"reservation {event.reservation_id} placed twice")
-                return
+                return False
             sale.reservations[event.reservation_id] = ReservationState(
-                reservation_id=event.reservation_id,
-                sale_id=event.sale_id,
-                user_id=event.user_id,
-                qty=event.qty,
-                status="pending",
-                expires_at=event.expires_at,
+                event.reservation_id,
+                event.sale_id,
+                event.user_id,
+                event.qty,
+                "pending",
+                event.expires_at,
             )
             sale.remaining -= event.qty
             sale.held += event.qty
-            sale.holders[event.user_id] = sale.holders.get(event.user_id, 0) + event.qty
-        case ReservationConfirmed() | ReservationCancelled() | ReservationExpired():
-            reservation = sale.reservations.get(event.reservation_id)
-            if reservation is None or reservation.status != "pending":
-                state = "unknown" if reservation is None else reservation.status
-                sale.problems.append(f"{event.type} for {state} reservation {event.reservation_id}")
-                return
-            reservation.status = _TERMINAL_STATUS[event.type]
-            sale.held -= event.qty
-            if isinstance(event, ReservationConfirmed):
-                sale.confirmed += event.qty
-                return
-            sale.remaining += event.qty
-            sale.released += event.qty
-            left = sale.holders.get(event.user_id, 0) - event.qty
-            if left > 0:
-                sale.holders[event.user_id] = left
-            else:
-                sale.holders.pop(event.user_id, None)
-        case SaleCreated():
-            if sale.created:
-                sale.problems.append(f"SaleCreated twice ({event.event_id})")
-            sale.created = True
-            sale.stock += event.stock
-            sale.remaining += event.stock
-            sale.per_user_limit = event.per_user_limit
-            sale.hold_seconds = event.hold_seconds
-        case StockAdjusted():
-            sale.stock += event.delta
-            sale.remaining += event.delta
-        case SaleClosed():
-            sale.closed = True
+            holders = sale.holders
+            holders[event.user_id] = holders.get(event.user_id, 0) + event.qty
+            return True
+        if reservation is None or reservation.status != "pending":
+            state = "unknown" if reservation is None else reservation.status
+            sale.problems.append(f"{event.type} for {state} reservation {event.reservation_id}")
+            return False
+        reservation.status = _TERMINAL_STATUS[event.type]
+        sale.held -= event.qty
+        if isinstance(event, ReservationConfirmed):
+            sale.confirmed += event.qty
+            return True
+        sale.remaining += event.qty
+        sale.released += event.qty
+        left = sale.holders.get(event.user_id, 0) - event.qty
+        if left > 0:
+            sale.holders[event.user_id] = left
+        else:
+            sale.holders.pop(event.user_id, None)
+        return True
+    if isinstance(event, SaleCreated):
+        if sale.created:
+            sale.problems.append(f"SaleCreated twice ({event.event_id})")
+        sale.created = True
+        sale.stock += event.stock
+        sale.remaining += event.stock
+        sale.per_user_limit = event.per_user_limit
+        sale.hold_seconds = event.hold_seconds
+    elif isinstance(event, StockAdjusted):
+        sale.stock += event.delta
+        sale.remaining += event.delta
+    elif isinstance(event, SaleClosed):
+        sale.closed = True
+    return True
 
 
 def fold(events: Iterable[AnyEvent]) -> dict[str, SaleState]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from core.events import TERMINAL_EVENTS, AnyEvent, ReservationPlaced, SaleCreated
+from core.events import AnyEvent, ReservationEvent, ReservationPlaced, SaleCreated
 from projections.fold import SaleState, apply
 
 STOCK_COLUMNS = (
@@ -35,11 +35,6 @@ ORDER_COLUMNS = (
     "cancelled_at",
     "expired_at",
 )
-_STATUS = {
-    "ReservationConfirmed": "confirmed",
-    "ReservationCancelled": "cancelled",
-    "ReservationExpired": "expired",
-}
 
 
 class RowFold:
@@ -57,24 +52,24 @@ class RowFold:
 
     def add(self, event: AnyEvent) -> None:
         """Apply one event, in log order."""
-        apply(self.sales, event)
         self.events += 1
         sale_id = event.sale_id
         self.dirty_sales.add(sale_id)
-        if isinstance(event, SaleCreated):
-            self.created[sale_id] = event
-        elif isinstance(event, ReservationPlaced):
-            if event.reservation_id not in self.placed_at:
-                self.placed_at[event.reservation_id] = event.occurred_at
-                self.dirty_orders[event.reservation_id] = sale_id
-        elif isinstance(event, TERMINAL_EVENTS):
+        if not apply(self.sales, event):
+            return
+        if isinstance(event, ReservationEvent):
             rid = event.reservation_id
-            reservation = self.sales[sale_id].reservations.get(rid)
-            # Only the event the fold accepted (the first end of a pending reservation).
-            accepted = reservation is not None and reservation.status == _STATUS[event.type]
-            if accepted and rid not in self.ended_at:
+            # Only the first placement and the first end of a reservation id count (the
+            # fold took this one; another sale may have taken the same id before).
+            if isinstance(event, ReservationPlaced):
+                if rid not in self.placed_at:
+                    self.placed_at[rid] = event.occurred_at
+                    self.dirty_orders[rid] = sale_id
+            elif rid not in self.ended_at:
                 self.ended_at[rid] = event.occurred_at
                 self.dirty_orders[rid] = sale_id
+        elif isinstance(event, SaleCreated):
+            self.created[sale_id] = event
 
     def stock_row(self, sale_id: str) -> tuple[Any, ...]:
         """The ``stock_view`` row of a sale, in ``STOCK_COLUMNS`` order."""
