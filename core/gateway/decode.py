@@ -56,6 +56,30 @@ def entry_fields(raw: dict[Any, Any]) -> tuple[dict[str, str], bool]:
         return {_readable(k): _readable(v) for k, v in raw.items()}, False
 
 
+def stream_entries(batch: Any) -> tuple[list[tuple[str, dict[str, str]]], set[str]]:
+    """The entries of an XRANGE reply as Redis sends it (``[id, [field, value, ...]]`` per
+    entry), their fields as text; and the ids of those whose bytes were not all UTF-8
+    (shown as in ``entry_fields``), in one pass over the reply."""
+    entries: list[tuple[str, dict[str, str]]] = []
+    undecodable: set[str] = set()
+    for entry_id, flat in batch or ():
+        if entry_id is None or flat is None:
+            continue
+        stream_id = text(entry_id)
+        pairs = iter(flat)
+        try:
+            fields = {k.decode(): v.decode() for k, v in zip(pairs, pairs, strict=False)}
+        except UnicodeDecodeError:
+            pairs = iter(flat)
+            fields = {_readable(k): _readable(v) for k, v in zip(pairs, pairs, strict=False)}
+            undecodable.add(stream_id)
+        except AttributeError:  # a client that decodes replies itself
+            pairs = iter(flat)
+            fields = {text(k): text(v) for k, v in zip(pairs, pairs, strict=False)}
+        entries.append((stream_id, fields))
+    return entries, undecodable
+
+
 def _readable(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
