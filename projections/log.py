@@ -28,6 +28,8 @@ from projections.tables import events
 _END = (2**63 - 1, 2**63 - 1)
 
 _events: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+# The adapter's own validator: its Python wrapper costs a tenth of a parse.
+_validate_json = _events.validator.validate_json
 
 
 @dataclass
@@ -53,7 +55,7 @@ def read_event(raw: str) -> AnyEvent:
     """``core.events.parse_event``, about twice as fast for events of the current version
     (most of a rebuild's time goes here); any other goes through the upcasting path."""
     try:
-        event = _events.validate_json(raw)
+        event: AnyEvent = _validate_json(raw)
     except ValueError:
         return parse_event(raw)
     return event if event.v == CURRENT_VERSION else parse_event(raw)
@@ -63,7 +65,13 @@ def _event_or_none(raw: str) -> AnyEvent | None:
     """:func:`read_event`, or None for anything that is no event (never raises: one bad
     entry must not stop a reader)."""
     try:
-        return read_event(raw)
+        event: AnyEvent = _validate_json(raw)
+        if event.v == CURRENT_VERSION:
+            return event
+    except Exception:
+        pass
+    try:
+        return parse_event(raw)
     except Exception:
         return None
 
@@ -146,17 +154,21 @@ class LogReader:
     def _stream_chunk(partition: int, head: StreamChunk, seen: set[str]) -> LogChunk:
         """The events of a stream chunk not ``seen`` yet (which it adds them to)."""
         chunk = LogChunk(partition, [], head.entries[-1][0], "stream")
+        entries, undecodable = chunk.entries, head.undecodable
+        malformed = 0
         for stream_id, fields in head.entries:
             event = None
-            if stream_id not in head.undecodable:
+            if not (undecodable and stream_id in undecodable):
                 event = _event_or_none(fields.get("event", ""))
             if event is None:
                 # The projector parks such entries on the dead-letter stream.
-                chunk.malformed += 1
+                malformed += 1
                 continue
-            if event.event_id not in seen:
-                seen.add(event.event_id)
-                chunk.entries.append(LogEntry(partition, stream_id, event))
+            event_id = event.event_id
+            if event_id not in seen:
+                seen.add(event_id)
+                entries.append(LogEntry(partition, stream_id, event))
+        chunk.malformed = malformed
         return chunk
 
     async def _archive(
@@ -177,14 +189,17 @@ class LogReader:
                     start = parse_stream_id(rows[-1]["stream_id"])
                     read = asyncio.ensure_future(self._archive_page(partition, start, below))
                 chunk = LogChunk(partition, [], rows[-1]["stream_id"], "archive")
+                entries, malformed = chunk.entries, 0
                 for row in rows:
                     event = _event_or_none(row["payload"])
                     if event is None:
-                        chunk.malformed += 1
+                        malformed += 1
                         continue
-                    if event.event_id not in seen:
-                        seen.add(event.event_id)
-                        chunk.entries.append(LogEntry(partition, row["stream_id"], event))
+                    event_id = event.event_id
+                    if event_id not in seen:
+                        seen.add(event_id)
+                        entries.append(LogEntry(partition, row["stream_id"], event))
+                chunk.malformed = malformed
                 yield chunk
         finally:
             if read is not None:
