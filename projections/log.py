@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from pydantic import TypeAdapter
@@ -87,6 +88,16 @@ async def _send() -> None:
         await asyncio.sleep(0)
 
 
+async def _stop(*reads: asyncio.Future[Any] | None) -> None:
+    """Cancel the reads still under way and wait until they have stopped: one already sent
+    unwinds its connection first, and a reader left early must leave no read running."""
+    pending = [r for r in reads if r is not None and not r.done()]
+    for read in pending:
+        read.cancel()
+    if pending:
+        await asyncio.wait(pending)
+
+
 def _successor(position: tuple[int, int]) -> tuple[int, int]:
     return position[0], position[1] + 1
 
@@ -158,9 +169,7 @@ class LogReader:
                 position = chunk.last_id
                 yield chunk
         finally:
-            for pending in (read, archived):
-                if pending is not None:
-                    pending.cancel()
+            await _stop(read, archived)
 
     @staticmethod
     def _stream_chunk(partition: int, head: StreamChunk, seen: set[str]) -> LogChunk:
@@ -215,8 +224,7 @@ class LogReader:
                 chunk.malformed = malformed
                 yield chunk
         finally:
-            if read is not None:
-                read.cancel()
+            await _stop(read)
 
     async def _archive_page(
         self, partition: int, after: tuple[int, int], below: tuple[int, int]

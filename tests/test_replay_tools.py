@@ -633,6 +633,17 @@ async def test_a_reader_left_early_leaves_no_read_running(
     assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
 
 
+async def test_a_reader_left_early_has_stopped_its_reads_when_closed(
+    sales: Sales, gateway: RedisGateway
+):
+    # Its next read is already sent when a chunk is handed out; closing waits for it.
+    before = asyncio.all_tasks()
+    chunks = LogReader(gateway, None, 1).chunks(partition_of("sale-1", 4))
+    await anext(chunks)
+    await chunks.aclose()
+    assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+
+
 async def test_a_sale_met_in_two_partitions_logs_is_loaded_once_with_all_its_events(
     sales: Sales, gateway: RedisGateway, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ):
