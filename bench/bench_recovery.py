@@ -107,7 +107,9 @@ async def pending_of(client: aioredis.Redis, consumer: str) -> int:
     total = 0
     for p in range(PARTITIONS):
         try:
-            consumers = await client.xinfo_consumers(PartitionKeys(p).events, CONSUMER_GROUP)
+            consumers = await client.xinfo_consumers(
+                PartitionKeys(p, PARTITIONS).events, CONSUMER_GROUP
+            )
         except ResponseError:
             continue
         total += sum(
@@ -151,7 +153,7 @@ async def bad_bytes(
         await consumers.start()
     for i in range(150):
         await gateway.reserve(sales[i % PARTITIONS], f"u{i}", 1, None)
-    await gateway.client.xadd(PartitionKeys(0).events, {"event": b"\xff\xfe not utf-8"})
+    await gateway.client.xadd(PartitionKeys(0, PARTITIONS).events, {"event": b"\xff\xfe not utf-8"})
     for i in range(150, 300):
         await gateway.reserve(sales[i % PARTITIONS], f"u{i}", 1, None)
     if not live:

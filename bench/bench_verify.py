@@ -146,7 +146,7 @@ async def run(settings: Settings, reservations: int, args_nice: bool) -> None:
         await fill(gateway, reservations)
         for p in range(settings.partitions):
             await client.xgroup_create(
-                PartitionKeys(p).events, CONSUMER_GROUP, id="$", mkstream=True
+                PartitionKeys(p, settings.partitions).events, CONSUMER_GROUP, id="$", mkstream=True
             )
 
         async def do_rebuild() -> str:

@@ -170,7 +170,7 @@ async def test_verify_and_repair_of_a_big_sale_keep_every_command_short(
 async def test_group_progress_reads_a_large_backlog_in_chunks(
     gateway: RedisGateway, redis_client: aioredis.Redis
 ):
-    stream = PartitionKeys(1).events
+    stream = gateway.keys_for_partition(1).events
     ids = [text(await redis_client.xadd(stream, {"event": "{}"})) for _ in range(25)]
     await redis_client.xgroup_create(stream, "g", id="0")
     await redis_client.xreadgroup("g", "c", {stream: ">"}, count=20)

@@ -166,7 +166,7 @@ class ReservationCommands(Reads):
         ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
         """
         view = await self._reservation_of(reservation_id, user_id)
-        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        keys = self.keys_for_partition(partition_of_reservation(reservation_id) or 0)
         operation = new_id()
         result = await self._run(
             self._confirm,
@@ -187,7 +187,7 @@ class ReservationCommands(Reads):
         ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
         """
         view = await self._reservation_of(reservation_id, user_id)
-        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        keys = self.keys_for_partition(partition_of_reservation(reservation_id) or 0)
         operation = new_id()
         result = await self._run(
             self._cancel,
@@ -212,7 +212,7 @@ class ReservationCommands(Reads):
         meanwhile is left as it is. Returns ``(expired, still_due)``; call again at once
         while ``still_due`` > 0.
         """
-        keys = PartitionKeys(partition)
+        keys = self.keys_for_partition(partition)
         due = await self._retrying(lambda: self._read_due(keys, limit), "redis expiry read")
         if not due:
             return 0, 0

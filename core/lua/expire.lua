@@ -8,7 +8,8 @@
 --
 -- KEYS[1]          deadlines zset    fs:{tag}:deadlines (reservation_id scored by expires_at ms)
 -- KEYS[2]          partition stream  fs:{tag}:events
--- KEYS[3]          operation string  fs:{tag}:op:<operation_id>  (this call's count, kept ARGV[1] s)
+-- KEYS[3]          operation string  fs:{tag}:op:<operation_id>  (this call's count,
+--                                    kept ARGV[1] s)
 -- KEYS[3+j]        reservation hash  fs:{tag}:res:<ARGV[2+j]>, for j = 1 .. R
 -- KEYS[3+R+2k-1]   sale hash         fs:{tag}:sale:<ARGV[2+R+k]>, for k = 1 .. S
 -- KEYS[3+R+2k]     holders hash      fs:{tag}:sale:<ARGV[2+R+k]>:users
