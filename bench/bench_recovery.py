@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -63,6 +64,9 @@ class Consumers:
             FLASHSALE_DATABASE_URL=database_url,
             FLASHSALE_PARTITIONS=str(PARTITIONS),
             FLASHSALE_LOG_JSON="true",
+            # ``consume`` refuses the public default secrets; these consumers check no token.
+            FLASHSALE_ADMIN_TOKEN=secrets.token_urlsafe(24),
+            FLASHSALE_JWT_SECRET=secrets.token_urlsafe(32),
             **extra,
         )
         self.dir = Path(tempfile.mkdtemp(prefix="bench-recovery-"))

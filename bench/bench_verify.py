@@ -163,7 +163,8 @@ async def run(settings: Settings, reservations: int, args_nice: bool) -> None:
 
         async def do_repair() -> str:
             k = gateway.keys_for_sale(SALE)
-            rids = [_text(x) for x in await client.srandmember(k.reservations(SALE), 20)]
+            picked: Any = await client.srandmember(k.reservations(SALE), 20)
+            rids = [_text(x) for x in picked]
             async with client.pipeline(transaction=False) as pipe:
                 for rid in rids[:10]:
                     pipe.hset(k.reservation(rid), "status", "cancelled")
