@@ -220,7 +220,7 @@ async def stream_ends(client: aioredis.Redis, partitions: int) -> dict[int, tupl
     for p in range(partitions):
         last = await client.xrevrange(PartitionKeys(p, partitions).events, count=1)
         if last:
-            ends[p] = parse_stream_id(text(last[0][0]))
+            ends[p] = parse_stream_id(text(last[0][0] or ""))
     return ends
 
 
