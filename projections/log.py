@@ -97,6 +97,18 @@ async def _stop(*reads: asyncio.Future[Any] | None) -> None:
         await asyncio.wait(pending)
 
 
+async def _checked(chunk: LogChunk, archived: asyncio.Future[set[str]] | None) -> LogChunk:
+    """``chunk`` with its ``unarchived`` entries, once ``archived`` (the stream ids the
+    archive holds in the chunk's range) is in."""
+    if archived is not None:
+        if chunk.entries:
+            held = await archived
+            chunk.unarchived = [e for e in chunk.entries if e.stream_id not in held]
+        else:
+            await _stop(archived)
+    return chunk
+
+
 def _successor(position: tuple[int, int]) -> tuple[int, int]:
     return position[0], position[1] + 1
 
@@ -125,8 +137,10 @@ class LogReader:
         """Yield the partition's events after ``after`` (up to ``until``, inclusive).
 
         The next stream chunk, and the archive's positions of this one, are asked for (sent)
-        as soon as the chunk arrives, and parsed meanwhile: the reader waits on round trips
-        only when the servers are slower than the parsing."""
+        as soon as the chunk arrives, and parsed meanwhile; when the archive is checked, a
+        chunk is handed out once the next one is parsed, so its check had that long to
+        come back. The reader waits on round trips only when the servers are slower than
+        the parsing."""
         position = after
         upper = _successor(parse_stream_id(until)) if until else _END
         seen: set[str] = set()
@@ -134,6 +148,9 @@ class LogReader:
             self.gateway.read_stream_chunk(partition, position, self.chunk, until or "+")
         )
         archived: asyncio.Future[set[str]] | None = None
+        # A parsed stream chunk waiting for its archive check, and that check.
+        held: LogChunk | None = None
+        checking: asyncio.Future[set[str]] | None = None
         try:
             while read is not None:
                 head = await read
@@ -149,6 +166,9 @@ class LogReader:
                 await _send()
                 first = parse_stream_id(head.first_id) if head.first_id else None
                 if self.pool is not None and (first is None or first > parse_stream_id(position)):
+                    if held is not None:
+                        done, held = await _checked(held, checking), None
+                        yield done
                     # The positions between ours and the stream's first entry are gone from
                     # the stream (trimmed) or never were there: the archive has them if any.
                     below = min(first, upper) if first is not None else upper
@@ -156,19 +176,21 @@ class LogReader:
                         position = chunk.last_id
                         yield chunk
                 if not head.entries:
-                    return
+                    break
                 chunk = self._stream_chunk(partition, head, seen)
-                if archived is not None:
-                    if chunk.entries:
-                        held = await archived
-                        chunk.unarchived = [e for e in chunk.entries if e.stream_id not in held]
-                    else:
-                        archived.cancel()
-                    archived = None
                 position = chunk.last_id
-                yield chunk
+                if held is not None:
+                    done, held = await _checked(held, checking), None
+                    yield done
+                if archived is None:
+                    yield chunk
+                else:
+                    held, checking, archived = chunk, archived, None
+            if held is not None:
+                done, held = await _checked(held, checking), None
+                yield done
         finally:
-            await _stop(read, archived)
+            await _stop(read, archived, checking)
 
     @staticmethod
     def _stream_chunk(partition: int, head: StreamChunk, seen: set[str]) -> LogChunk:
