@@ -1,6 +1,6 @@
 """Benchmark: ``flashsale replay rebuild`` of a large log.
 
-Run:  .venv/bin/python -m bench.bench_rebuild [--events 1000000] [--layout both]
+Run:  .venv/bin/python -m bench.bench_rebuild [--events 1000000] [--layout both] [--profile F]
 
 Writes a synthetic but valid log straight into the partition streams (XADD with explicit
 ids, pipelined) and/or the PostgreSQL archive (COPY), as the Lua scripts and the projector
@@ -17,7 +17,9 @@ machine); asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 import uuid
@@ -167,7 +169,9 @@ class PhaseClock:
         return "phases: " + ", ".join(f"{p} {s:.2f} s" for p, s in self.seconds.items())
 
 
-async def run(settings: Settings, events: int, sales: int, layout: str, vacuum: bool) -> None:
+async def run(
+    settings: Settings, events: int, sales: int, layout: str, vacuum: bool, profile: str | None
+) -> None:
     """Write the log in ``layout``, rebuild, check the rebuilt tables and print the figures."""
     client = aioredis.Redis.from_url(settings.redis_url or "")
     pool = await open_pool(settings.database_url or "", 4)
@@ -193,10 +197,15 @@ async def run(settings: Settings, events: int, sales: int, layout: str, vacuum: 
         gateway = RedisGateway.from_settings(client, settings)
         line = ProgressLine(sys.stderr)
         clock = PhaseClock(line)
+        profiler = cProfile.Profile() if profile else None
         cpu = time.process_time()
         try:
+            if profiler is not None:
+                profiler.enable()
             report = await rebuild(gateway, pool, progress=clock)
         finally:
+            if profiler is not None:
+                profiler.disable()
             clock.stop(time.perf_counter())
             line.close()
         cpu = time.process_time() - cpu
@@ -211,6 +220,9 @@ async def run(settings: Settings, events: int, sales: int, layout: str, vacuum: 
             f" ({cpu / max(report.events, 1) * 1e6:.1f} us per event; the servers' not counted)"
         )
         print(clock.summary())
+        if profiler is not None and profile:
+            profiler.dump_stats(profile)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(15)
     finally:
         await pool.close()
         await client.aclose()
@@ -223,10 +235,15 @@ def main() -> None:
     parser.add_argument("--sales", type=int, default=100)
     parser.add_argument("--layout", choices=("both", "trimmed", "stream"), default="both")
     parser.add_argument("--no-vacuum", action="store_true", help="skip VACUUM after writing")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="cProfile the rebuild into FILE; print its top costs"
+    )
     args = parser.parse_args()
     with embedded_servers(None, None) as urls:
         settings = Settings(redis_url=urls.redis_url, database_url=urls.database_url)
-        run_async(run(settings, args.events, args.sales, args.layout, not args.no_vacuum))
+        run_async(
+            run(settings, args.events, args.sales, args.layout, not args.no_vacuum, args.profile)
+        )
 
 
 if __name__ == "__main__":
