@@ -46,7 +46,7 @@ import redis.asyncio as aioredis
 
 from api.cli.launcher import embedded_servers
 from consumers.entries import text
-from consumers.projector import Delivery, Projector
+from consumers.projector import Delivery, Prepared, Projector
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
 from core.models import NewSale
@@ -332,8 +332,8 @@ class StampingProjector(Projector):
     committed: dict[str, float]  # reservation id -> when its batch committed
     stamping: bool = True
 
-    async def handle(self, deliveries: Sequence[Delivery]) -> int:
-        new = await super().handle(deliveries)
+    async def handle(self, deliveries: Sequence[Delivery], prepared: Prepared | None = None) -> int:
+        new = await super().handle(deliveries, prepared)
         if not self.stamping:
             return new
         now = time.time()

@@ -50,7 +50,7 @@ from consumers.faults import REFUSED_DATA, describe, is_transient
 from consumers.leases import PartitionLeases
 from core.events import parse_event
 from core.keys import CONSUMER_GROUP, PartitionKeys
-from projections.batch import project
+from projections.batch import Batch, prepare, project, write
 from projections.entries import LogEntry
 
 log = structlog.get_logger(__name__)
@@ -61,11 +61,11 @@ Position = tuple[int, str]
 _MAX_BACKOFF_S = 5.0
 
 
-def _read(task: asyncio.Task[list[Delivery]] | None) -> list[Delivery]:
+def _read(task: asyncio.Task[Prepared] | None) -> list[Delivery]:
     """What a read ahead brought, if it is done and did not fail; else nothing."""
     if task is None or not task.done() or task.cancelled() or task.exception() is not None:
         return []
-    return task.result()
+    return task.result().deliveries
 
 
 def default_consumer_name() -> str:
@@ -91,6 +91,17 @@ class Delivery:
     def position(self) -> Position:
         """``(partition, stream_id)``: unique across the streams."""
         return (self.partition, self.stream_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Deliveries made ready to handle (pure work, no I/O): the batch of those to project,
+    each delivery by position, and those to park at once, each with its error."""
+
+    deliveries: list[Delivery]
+    batch: Batch
+    by_position: dict[Position, Delivery]
+    give_up: list[tuple[Delivery, str]]
 
 
 class Projector:
@@ -268,14 +279,10 @@ class Projector:
             )
         return deliveries
 
-    async def handle(self, deliveries: Sequence[Delivery]) -> int:
-        """Project deliveries, park the ones to give up on, XACK all but those to retry.
-
-        Returns how many events were new to PostgreSQL. Transient failures raise, with
-        nothing acknowledged.
-        """
-        if not deliveries:
-            return 0
+    def prepare(self, deliveries: Sequence[Delivery]) -> Prepared:
+        """Parse deliveries and build their batch: the work of :meth:`handle` that needs
+        neither Redis nor PostgreSQL, done for the batch read ahead while PostgreSQL writes
+        the one in hand."""
         entries: list[LogEntry] = []
         by_position: dict[Position, Delivery] = {}
         give_up: list[tuple[Delivery, str]] = []
@@ -299,8 +306,24 @@ class Projector:
                 continue
             entries.append(LogEntry(d.partition, d.stream_id, event))
             by_position[d.position] = d
-        new, refused, failed = await self._project(entries)
-        give_up += [(by_position[(e.partition, e.stream_id)], error) for e, error in refused]
+        return Prepared(list(deliveries), prepare(entries), by_position, give_up)
+
+    async def handle(self, deliveries: Sequence[Delivery], prepared: Prepared | None = None) -> int:
+        """Project deliveries, park the ones to give up on, XACK all but those to retry.
+        ``prepared``: what :meth:`prepare` made of these very deliveries, if done already.
+
+        Returns how many events were new to PostgreSQL. Transient failures raise, with
+        nothing acknowledged.
+        """
+        if not deliveries:
+            return 0
+        if prepared is None:
+            prepared = self.prepare(deliveries)
+        by_position = prepared.by_position
+        new, refused, failed = await self._project(prepared.batch)
+        give_up = prepared.give_up + [
+            (by_position[(e.partition, e.stream_id)], error) for e, error in refused
+        ]
         retry_later: set[Position] = set()
         for entry, error in failed:
             d = by_position[(entry.partition, entry.stream_id)]
@@ -342,27 +365,27 @@ class Projector:
         return new
 
     async def _project(
-        self, entries: Sequence[LogEntry]
+        self, batch: Batch
     ) -> tuple[int, list[tuple[LogEntry, str]], list[tuple[LogEntry, str]]]:
-        """Project ``entries`` in one transaction. If that fails for a reason other than the
-        infrastructure, project them one by one instead, to find the entries at fault.
+        """Project ``batch`` in one transaction. If that fails for a reason other than the
+        infrastructure, project its entries one by one instead, to find those at fault.
 
         Returns ``(new, refused, failed)``: how many events were new, the entries whose data
         PostgreSQL refuses, and the entries that failed otherwise, each with its error.
         """
-        if not entries:
+        if not batch.entries:
             return 0, [], []
         async with self.pool.acquire() as conn:
             try:
-                return await project(conn, self.group, entries), [], []
+                return await write(conn, self.group, batch), [], []
             except Exception as e:
                 if is_transient(e):
                     raise
-                log.warning("batch_failed", size=len(entries), error=describe(e))
+                log.warning("batch_failed", size=len(batch), error=describe(e))
             new = 0
             refused: list[tuple[LogEntry, str]] = []
             failed: list[tuple[LogEntry, str]] = []
-            for entry in entries:
+            for entry in batch.entries:
                 try:
                     new += await project(conn, self.group, [entry])
                 except Exception as e:
@@ -406,13 +429,16 @@ class Projector:
         return self.claim_idle_ms / 3000 if self.claim_idle_ms else None
 
     async def _handle_holding(
-        self, in_hand: list[Delivery], ahead: asyncio.Task[list[Delivery]] | None = None
+        self,
+        in_hand: list[Delivery],
+        ahead: asyncio.Task[Prepared] | None = None,
+        prepared: Prepared | None = None,
     ) -> int:
         """:meth:`handle`, touching the batch meanwhile so that a slow PostgreSQL (or a large
         batch) does not make it look abandoned; and so the batch read ``ahead``, once read."""
         heartbeat = self._heartbeat
         if heartbeat is None:
-            return await self.handle(in_hand)
+            return await self.handle(in_hand, prepared)
 
         async def keep_claimed() -> None:
             while True:
@@ -421,7 +447,7 @@ class Projector:
 
         keeper = asyncio.create_task(keep_claimed())
         try:
-            return await self.handle(in_hand)
+            return await self.handle(in_hand, prepared)
         finally:
             keeper.cancel()
             # Bounded: a touch stuck waiting for a pooled Redis connection can swallow the
@@ -476,14 +502,18 @@ class Projector:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), leases.every)
 
+    async def _read_ahead(self) -> Prepared:
+        """Read new entries without blocking, and prepare them (:meth:`prepare`)."""
+        return self.prepare(await self.read_new(block_ms=0))
+
     @staticmethod
-    async def _fetched(prefetch: asyncio.Task[list[Delivery]] | None) -> list[Delivery]:
+    async def _fetched(prefetch: asyncio.Task[Prepared] | None) -> list[Delivery]:
         """What a read started ahead brought (nothing if it failed: an entry it may have
         taken stays pending on this name and is reclaimed)."""
         if prefetch is None:
             return []
         try:
-            return await prefetch
+            return (await prefetch).deliveries
         except Exception as e:
             log.warning("prefetch_failed", error=str(e), error_type=type(e).__name__)
             return []
@@ -493,7 +523,8 @@ class Projector:
         or release what is in hand."""
         next_claim = 0.0
         in_hand: list[Delivery] = []
-        prefetch: asyncio.Task[list[Delivery]] | None = None
+        ready: Prepared | None = None  # what the read ahead made of ``in_hand``
+        prefetch: asyncio.Task[Prepared] | None = None
         backoff = 0.1
         resume = dict.fromkeys(self.streams, "0")  # this name's own pending entries first
         try:
@@ -507,20 +538,24 @@ class Projector:
                         # can hold a batch per partition): claim again at once, not later.
                         full = len(in_hand) >= self.batch
                         next_claim = 0.0 if full else time.monotonic() + period
-                    if not in_hand:
-                        in_hand, prefetch = await (prefetch or self.read_new()), None
+                    if not in_hand and prefetch is not None:
+                        ready, prefetch = await prefetch, None
+                        in_hand = ready.deliveries
+                    elif not in_hand:
+                        in_hand = await self.read_new()
                     if in_hand and not resume and time.monotonic() < next_claim:
                         # Without blocking: a read ahead is for a backlog, and must never
-                        # keep a failed batch waiting for it.
-                        prefetch = asyncio.create_task(self.read_new(block_ms=0))
-                    await self._handle_holding(in_hand, prefetch)
-                    in_hand = []
+                        # keep a failed batch waiting for it. It also parses what it read,
+                        # while PostgreSQL writes the batch in hand.
+                        prefetch = asyncio.create_task(self._read_ahead())
+                    await self._handle_holding(in_hand, prefetch, ready)
+                    in_hand, ready = [], None
                     backoff = 0.1
                 except Exception as e:
                     # The batch read ahead joins the one in hand: both are kept claimed, and
                     # both are retried or released together.
-                    in_hand += await self._fetched(prefetch)
-                    prefetch = None
+                    in_hand = in_hand + await self._fetched(prefetch)
+                    prefetch, ready = None, None
                     if isinstance(e, ResponseError) and "NOGROUP" in str(e):
                         # The stream or its group went away (a Redis restart without
                         # persistence, a flush): make them again and carry on.

@@ -9,7 +9,9 @@ are additive deltas and a terminal order status is never overwritten by a placem
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -75,41 +77,63 @@ async def apply_staged(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> 
         await stock_view.add_deltas(conn, deltas)
 
 
-async def advance_checkpoints(
-    conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]
-) -> None:
-    """Move each partition's checkpoint forward to the highest position in ``entries``."""
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Log entries made ready to write (pure work, no I/O): one per event id, with their
+    ``incoming`` records and the checkpoint each partition moves to. Preparing the next
+    batch while PostgreSQL writes this one keeps both busy."""
+
+    entries: list[LogEntry]
+    records: list[tuple[Any, ...]]
+    checkpoints: list[tuple[int, str, tuple[int, int]]]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def prepare(entries: Iterable[LogEntry]) -> Batch:
+    """``entries`` ready to write: deduplicated on ``event_id`` (the last kept), their
+    records built, the highest position of each partition found."""
+    unique = list({e.event.event_id: e for e in entries}.values())
     highest: dict[int, tuple[tuple[int, int], str]] = {}
-    for entry in entries:
-        position = entry.position
+    records: list[tuple[Any, ...]] = []
+    for entry in unique:
+        record = incoming.record(entry)
+        records.append(record)
+        position = record[3], record[4]  # stream_ms, stream_seq
         best = highest.get(entry.partition)
         if best is None or position > best[0]:
             highest[entry.partition] = (position, entry.stream_id)
-    await checkpoints.advance_group(
-        conn, group, [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
-    )
+    checkpoints = [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
+    return Batch(unique, records, checkpoints)
 
 
-async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]) -> int:
-    """Archive, apply and checkpoint ``entries`` in one transaction; return how many were new.
+async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
+    """Archive, apply and checkpoint a prepared batch in one transaction; return how many
+    of its events were new.
 
     The batch is COPIED once into the scratch table ``incoming``, and every table takes its
     rows from there; the events the archive already held are dropped from it first.
     """
-    if not entries:
+    if not batch.entries:
         return 0
-    unique = list({e.event.event_id: e for e in entries}.values())
     async with conn.transaction():
-        await incoming.stage(conn, unique)
+        await incoming.stage_records(conn, batch.records)
         new_ids = await archive_incoming(conn)
-        if len(new_ids) < len(unique):
+        if len(new_ids) < len(batch.entries):
             await incoming.keep_only(conn, new_ids)
             fresh = set(new_ids)
-            await apply_staged(conn, [e.event for e in unique if e.event.event_id in fresh])
+            await apply_staged(conn, [e.event for e in batch.entries if e.event.event_id in fresh])
         else:
-            await apply_staged(conn, [e.event for e in unique])
-        await advance_checkpoints(conn, group, unique)
+            await apply_staged(conn, [e.event for e in batch.entries])
+        await checkpoints.advance_group(conn, group, batch.checkpoints)
     return len(new_ids)
+
+
+async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]) -> int:
+    """Archive, apply and checkpoint ``entries`` in one transaction; return how many were new
+    (:func:`prepare`, then :func:`write`)."""
+    return await write(conn, group, prepare(entries))
 
 
 def occurred(entries: Iterable[LogEntry]) -> datetime | None:

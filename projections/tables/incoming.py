@@ -10,7 +10,7 @@ ever sees it), hence no migration.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -33,10 +33,13 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {TABLE} (
 ) ON COMMIT DELETE ROWS
 """
 
+_COLUMNS = list(COLUMNS)
+
 _KEEP_ONLY = f"DELETE FROM {TABLE} WHERE NOT (event_id = ANY($1::text[]))"
 
 
-def _record(entry: LogEntry) -> tuple[Any, ...]:
+def record(entry: LogEntry) -> tuple[Any, ...]:
+    """The scratch table's row of ``entry``, its values in the order of ``COLUMNS``."""
     event = entry.event
     return (
         *events.row_of(entry),
@@ -47,15 +50,14 @@ def _record(entry: LogEntry) -> tuple[Any, ...]:
     )
 
 
-async def stage(conn: asyncpg.Connection, entries: Iterable[LogEntry]) -> None:
-    """COPY ``entries`` into the scratch table (inside the caller's transaction).
+async def stage_records(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
+    """COPY records (:func:`record`) into the scratch table (inside the caller's
+    transaction).
 
     Raises ``asyncpg.DataError`` when a value does not fit its column."""
     await conn.execute(_CREATE)
     try:
-        await conn.copy_records_to_table(
-            TABLE, records=[_record(e) for e in entries], columns=list(COLUMNS), timeout=None
-        )
+        await conn.copy_records_to_table(TABLE, records=records, columns=_COLUMNS, timeout=None)
     except (OverflowError, ValueError, TypeError) as e:
         # A value no column can hold: data PostgreSQL refuses, as it does a bound argument.
         raise asyncpg.DataError(f"invalid input for COPY: {e}") from e
