@@ -28,8 +28,10 @@ from core.events import (
 )
 from projections.entries import LogEntry
 from projections.tables import checkpoints, incoming, orders, stock_view
-from projections.tables.events import archive_incoming
+from projections.tables.events import ARCHIVE_INCOMING
 from projections.tables.stock_view import StockDelta
+
+_FINAL_TYPES = frozenset(t.model_fields["type"].default for t in TERMINAL_EVENTS)
 
 
 def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
@@ -60,21 +62,23 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
     return deltas
 
 
-async def apply_staged(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> None:
-    """Apply new (never applied before) events, staged in ``incoming``, to the orders and
-    stock view tables.
+def apply_statements(batch: Batch) -> str:
+    """The statements that apply a batch staged in ``incoming``, as one string: sent in one
+    message, so that PostgreSQL goes through them all while the consumer prepares the next
+    batch. They archive the events (dropping from ``incoming`` those the archive held),
+    write the orders (placements, then final states; each only if the batch has some) and
+    the stock view's deltas, and empty ``incoming``, whose status says how many were new.
 
     The stock view goes last: its rows (one per sale) are the only ones every consumer
     writes, and a row stays locked until the commit, so taking them after the orders (the
     long statement) keeps a second consumer's batch from waiting that long on them."""
-    await orders.write_incoming(
-        conn,
-        placed=any(isinstance(e, ReservationPlaced) for e in events),
-        finished=any(isinstance(e, TERMINAL_EVENTS) for e in events),
-    )
-    deltas = sorted(stock_deltas(events).items())
-    if deltas:
-        await stock_view.add_deltas(conn, deltas)
+    statements = [ARCHIVE_INCOMING]
+    if batch.placed:
+        statements.append(orders.PLACED_FROM_INCOMING)
+    if batch.finished:
+        statements.append(orders.FINISHED_FROM_INCOMING)
+    statements += [stock_view.ADD_INCOMING, incoming.EMPTY]
+    return ";".join(statements)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ class Batch:
     entries: list[LogEntry]
     records: list[tuple[Any, ...]]
     checkpoints: list[tuple[int, str, tuple[int, int]]]
+    placed: bool  # whether any is a placement
+    finished: bool  # whether any is a final state (confirmed, cancelled, expired)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -97,15 +103,23 @@ def prepare(entries: Iterable[LogEntry]) -> Batch:
     unique = list({e.event.event_id: e for e in entries}.values())
     highest: dict[int, tuple[tuple[int, int], str]] = {}
     records: list[tuple[Any, ...]] = []
+    types: set[str] = set()
     for entry in unique:
         record = incoming.record(entry)
         records.append(record)
+        types.add(record[6])  # type
         position = record[3], record[4]  # stream_ms, stream_seq
         best = highest.get(entry.partition)
         if best is None or position > best[0]:
             highest[entry.partition] = (position, entry.stream_id)
     checkpoints = [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
-    return Batch(unique, records, checkpoints)
+    return Batch(
+        unique,
+        records,
+        checkpoints,
+        placed="ReservationPlaced" in types,
+        finished=not types.isdisjoint(_FINAL_TYPES),
+    )
 
 
 async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
@@ -113,21 +127,16 @@ async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
     of its events were new.
 
     The batch is COPIED once into the scratch table ``incoming``, and every table takes its
-    rows from there; the events the archive already held are dropped from it first.
+    rows from there (:func:`apply_statements`); the events the archive already held are
+    dropped from it first.
     """
     if not batch.entries:
         return 0
     async with conn.transaction():
         await incoming.stage_records(conn, batch.records)
-        new_ids = await archive_incoming(conn)
-        if len(new_ids) < len(batch.entries):
-            await incoming.keep_only(conn, new_ids)
-            fresh = set(new_ids)
-            await apply_staged(conn, [e.event for e in batch.entries if e.event.event_id in fresh])
-        else:
-            await apply_staged(conn, [e.event for e in batch.entries])
+        status = await conn.execute(apply_statements(batch), timeout=None)
         await checkpoints.advance_group(conn, group, batch.checkpoints)
-    return len(new_ids)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]) -> int:
