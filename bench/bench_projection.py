@@ -268,7 +268,8 @@ async def throughput(settings: Settings, args: argparse.Namespace) -> None:
         print(
             f"projected {total:,} events with {args.consumers} consumer process(es),"
             f" batch {args.batch}: {seconds:.2f} s, {total / seconds:,.0f} events/s"
-            f" (events {archived:,}, orders {orders:,}, new {sum(r.projected for r in runs):,});"
+            f" (events {archived:,}, orders {orders:,},"
+            f" new {' + '.join(f'{r.projected:,}' for r in runs)});"
             f" consumers' CPU {cpu * 1e6 / total:.1f} us/event"
         )
     finally:

@@ -507,15 +507,21 @@ class Projector:
         log.info("batch_released", consumer=self.consumer, size=len(in_hand))
 
     async def _keep_leases(self, leases: PartitionLeases, stop: asyncio.Event) -> None:
-        """Refresh the leases every :attr:`PartitionLeases.every` seconds until stopped."""
+        """Refresh the leases every :attr:`PartitionLeases.every` seconds until stopped, and
+        at once when the members change (:meth:`PartitionLeases.unsettled`)."""
+        due = time.monotonic() + leases.every
         while not stop.is_set():
+            wait = leases.watch_every
             try:
-                await leases.refresh()
+                if time.monotonic() >= due or await leases.unsettled():
+                    await leases.refresh()
+                    due = time.monotonic() + leases.every
             except RedisError as e:
                 # The leases run out if this lasts; nobody reads meanwhile anyway.
                 log.warning("lease_refresh_failed", consumer=self.consumer, error=str(e))
+                due, wait = 0.0, leases.every
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), leases.every)
+                await asyncio.wait_for(stop.wait(), wait)
 
     async def _read_ahead(self) -> Prepared:
         """Read new entries without blocking, and prepare them (:meth:`prepare`)."""
