@@ -61,6 +61,10 @@ Position = tuple[int, str]
 
 _MAX_BACKOFF_S = 5.0
 
+# Deliveries parsed between two looks at the other tasks, when preparing a batch read ahead
+# (about a millisecond of work).
+_PARSE_CHUNK = 200
+
 # The cyclic garbage collector's first threshold while a projector runs (CPython's default
 # is 700 allocations). A batch of thousands of events allocates tens of thousands of
 # short-lived containers: at 700 the collector ran hundreds of times per batch, and each
@@ -296,11 +300,30 @@ class Projector:
 
     def prepare(self, deliveries: Sequence[Delivery]) -> Prepared:
         """Parse deliveries and build their batch: the work of :meth:`handle` that needs
-        neither Redis nor PostgreSQL, done for the batch read ahead while PostgreSQL writes
-        the one in hand."""
+        neither Redis nor PostgreSQL."""
+        prepared = Prepared(list(deliveries), prepare([]), {}, [])
+        return self._prepared(prepared, self._parse(prepared, prepared.deliveries))
+
+    async def prepare_between(self, deliveries: Sequence[Delivery]) -> Prepared:
+        """:meth:`prepare`, letting other tasks run every :data:`_PARSE_CHUNK` deliveries:
+        done for the batch read ahead while the batch in hand is written, it must not keep
+        that one's next statement waiting for all of it."""
+        prepared = Prepared(list(deliveries), prepare([]), {}, [])
         entries: list[LogEntry] = []
-        by_position: dict[Position, Delivery] = {}
-        give_up: list[tuple[Delivery, str]] = []
+        for start in range(0, len(prepared.deliveries), _PARSE_CHUNK):
+            await asyncio.sleep(0)
+            entries += self._parse(prepared, prepared.deliveries[start : start + _PARSE_CHUNK])
+        await asyncio.sleep(0)
+        return self._prepared(prepared, entries)
+
+    @staticmethod
+    def _prepared(parsed: Prepared, entries: list[LogEntry]) -> Prepared:
+        return Prepared(parsed.deliveries, prepare(entries), parsed.by_position, parsed.give_up)
+
+    def _parse(self, into: Prepared, deliveries: Sequence[Delivery]) -> list[LogEntry]:
+        """The entries of ``deliveries`` to project; those to park go to ``into.give_up``."""
+        entries: list[LogEntry] = []
+        by_position, give_up = into.by_position, into.give_up
         for d in deliveries:
             if d.deliveries > self.max_deliveries:
                 error = self._failures.get(d.position) or (
@@ -321,7 +344,7 @@ class Projector:
                 continue
             entries.append(LogEntry(d.partition, d.stream_id, event))
             by_position[d.position] = d
-        return Prepared(list(deliveries), prepare(entries), by_position, give_up)
+        return entries
 
     async def handle(self, deliveries: Sequence[Delivery], prepared: Prepared | None = None) -> int:
         """Project deliveries, park the ones to give up on, XACK all but those to retry.
@@ -524,8 +547,8 @@ class Projector:
                 await asyncio.wait_for(stop.wait(), wait)
 
     async def _read_ahead(self) -> Prepared:
-        """Read new entries without blocking, and prepare them (:meth:`prepare`)."""
-        return self.prepare(await self.read_new(block_ms=0))
+        """Read new entries without blocking, and prepare them (:meth:`prepare_between`)."""
+        return await self.prepare_between(await self.read_new(block_ms=0))
 
     @staticmethod
     async def _fetched(prefetch: asyncio.Task[Prepared] | None) -> list[Delivery]:

@@ -62,12 +62,11 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
     return deltas
 
 
-def apply_statements(batch: Batch) -> str:
-    """The statements that apply a batch staged in ``incoming``, as one string: sent in one
-    message, so that PostgreSQL goes through them all while the consumer prepares the next
-    batch. They archive the events (dropping from ``incoming`` those the archive held),
-    write the orders (placements, then final states; each only if the batch has some) and
-    the stock view's deltas, and empty ``incoming``, whose status says how many were new.
+def apply_statements(batch: Batch) -> list[str]:
+    """The statements that apply a batch staged in ``incoming``, in order: archive the
+    events (dropping from ``incoming`` those the archive held), write the orders
+    (placements, then final states; each only if the batch has some) and the stock view's
+    deltas, and empty ``incoming``, answering how many events were new.
 
     The stock view goes last: its rows (one per sale) are the only ones every consumer
     writes, and a row stays locked until the commit, so taking them after the orders (the
@@ -77,8 +76,7 @@ def apply_statements(batch: Batch) -> str:
         statements.append(orders.PLACED_FROM_INCOMING)
     if batch.finished:
         statements.append(orders.FINISHED_FROM_INCOMING)
-    statements += [stock_view.ADD_INCOMING, incoming.EMPTY]
-    return ";".join(statements)
+    return [*statements, stock_view.ADD_INCOMING, incoming.EMPTY]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +132,13 @@ async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
         return 0
     async with conn.transaction():
         await incoming.stage_records(conn, batch.records)
-        status = await conn.execute(apply_statements(batch), timeout=None)
+        *statements, empty = apply_statements(batch)
+        for statement in statements:
+            # fetch, not execute: a prepared statement, planned once per connection
+            await conn.fetch(statement, timeout=None)
+        new: int = await conn.fetchval(empty, timeout=None)
         await checkpoints.advance_group(conn, group, batch.checkpoints)
-    return int(status.rsplit(" ", 1)[-1])
+    return new
 
 
 async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]) -> int:

@@ -47,9 +47,9 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {TABLE} (
 _COLUMNS = list(COLUMNS)
 _NO_EXTRA = (None,) * (len(COLUMNS) - len(events.COLUMNS))
 
-# The last statement of a batch: its status (``DELETE n``) says how many events it holds
-# by then, the new ones; and the commit has nothing left to empty.
-EMPTY = f"DELETE FROM {TABLE}"
+# The last statement of a batch: how many events the scratch table holds by then (the new
+# ones), and the commit has nothing left to empty.
+EMPTY = f"WITH emptied AS (DELETE FROM {TABLE} RETURNING 1) SELECT count(*) FROM emptied"
 
 
 def record(entry: LogEntry) -> tuple[Any, ...]:
