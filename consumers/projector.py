@@ -589,10 +589,15 @@ class Projector:
                         in_hand = ready.deliveries
                     elif not in_hand:
                         in_hand = await self.read_new()
-                    if in_hand and not resume and time.monotonic() < next_claim:
-                        # Without blocking: a read ahead is for a backlog, and must never
-                        # keep a failed batch waiting for it. It also parses what it read,
-                        # while PostgreSQL writes the batch in hand.
+                    backlog = len(in_hand) >= self.batch
+                    if backlog and not resume and time.monotonic() < next_claim:
+                        # Only for a backlog (a full batch in hand): in a steady flow a read
+                        # ahead takes the few entries that came while the last batch was
+                        # written, and batches that small cost more than they carry (a
+                        # read after the commit takes all that came by then). Without
+                        # blocking: it must never keep a failed batch waiting for it. It
+                        # also parses what it read, while PostgreSQL writes the batch in
+                        # hand.
                         prefetch = asyncio.create_task(self._read_ahead())
                     await self._handle_holding(in_hand, prefetch, ready)
                     in_hand, ready = [], None
