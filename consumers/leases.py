@@ -76,7 +76,7 @@ class PartitionLeases:
         return -(-self.partitions // max(self.live, 1))
 
     def _key(self, partition: int) -> str:
-        return PartitionKeys(partition).lease(self.group)
+        return PartitionKeys(partition, self.partitions).lease(self.group)
 
     async def unsettled(self) -> bool:
         """Whether to refresh before :attr:`every` is up: members joined or left since the

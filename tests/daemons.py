@@ -252,7 +252,7 @@ async def group_pending(
     """Entries pending in the projector group (of one consumer, if named), every stream."""
     total = 0
     for p in range(partitions):
-        stream = PartitionKeys(p).events
+        stream = PartitionKeys(p, partitions).events
         try:
             if consumer is None:
                 total += (await client.xpending(stream, CONSUMER_GROUP))["pending"]
@@ -268,7 +268,9 @@ async def group_pending(
 
 async def stream_length(client: aioredis.Redis, partitions: int) -> int:
     """Entries in every partition stream."""
-    return sum([int(await client.xlen(PartitionKeys(p).events)) for p in range(partitions)])
+    return sum(
+        [int(await client.xlen(PartitionKeys(p, partitions).events)) for p in range(partitions)]
+    )
 
 
 async def table_count(pool: asyncpg.Pool, table: str) -> int:
