@@ -644,8 +644,9 @@ class Projector:
     async def run(self, stop: asyncio.Event, claim_every: float | None = None) -> None:
         """Consume until ``stop`` is set, then finish or release the batch in hand.
 
-        While PostgreSQL writes one batch, the next is read from Redis (one read ahead, not
-        acknowledged before its own commit), so that neither waits for the other.
+        With a backlog, while PostgreSQL writes one batch the next is read from Redis and
+        parsed (one read ahead, not acknowledged before its own commit), so that neither
+        waits for the other; in a steady flow the next read follows the commit.
         ``claim_every`` is the period of reclaim passes (default :attr:`claim_every`).
         """
         period = self.claim_every if claim_every is None else claim_every
