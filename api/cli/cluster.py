@@ -71,7 +71,13 @@ def _free_cluster_port() -> int:
 class _ClusterNode(EmbeddedRedis):
     """One node of the embedded cluster: cluster mode on, its bus port free."""
 
+    def __init__(self, extra_args: Sequence[str], port: int | None) -> None:
+        super().__init__(extra_args)
+        self._wanted_port = port
+
     def _pick_port(self) -> int:
+        if self._wanted_port is not None:
+            return self._wanted_port
         return _free_cluster_port()
 
     def stop(self) -> None:
@@ -101,10 +107,18 @@ class EmbeddedRedisCluster:
     """
 
     def __init__(
-        self, primaries: int = 3, replicas: int = 1, extra_args: Sequence[str] = ()
+        self,
+        primaries: int = 3,
+        replicas: int = 1,
+        extra_args: Sequence[str] = (),
+        ports: Sequence[int] = (),
     ) -> None:
         if primaries < 1 or replicas < 0:
             raise LauncherError("a cluster needs at least one primary")
+        if ports and len(ports) != primaries * (1 + replicas):
+            raise LauncherError(f"give a port for each of the {primaries * (1 + replicas)} nodes")
+        #: Fixed ports (each with port + 10000 free for the bus); none: free ones.
+        self._ports = list(ports)
         self._primaries = primaries
         self._replicas = replicas
         self._extra_args = list(extra_args)
@@ -142,8 +156,10 @@ class EmbeddedRedisCluster:
             *self._extra_args,
         ]  # fmt: skip
         try:
-            for _ in range(self._primaries * (1 + self._replicas)):
-                node = _ClusterNode(args)
+            count = self._primaries * (1 + self._replicas)
+            ports: list[int | None] = [*self._ports] or [None] * count
+            for port in ports:
+                node = _ClusterNode(args, port)
                 self.nodes.append(node)
                 node.start()
             self._form()

@@ -18,6 +18,20 @@ gets its own reply or its own error.
 - WAIT: calls that need their writes on replicas get one WAIT after the batch, on the same
   connection, which covers every write the connection made; each such caller gets the
   number of replicas that acknowledged.
+
+On a Redis Cluster the batch is a cluster pipeline: it sends each node its own calls, in
+order, on one connection of that node, so every caller still gets its own reply or error.
+What changes:
+
+- WAIT counts the replicas of one primary, for the writes of one connection: each node
+  that ran replicated calls gets its own WAIT, sent after its calls on the same
+  connection. A call that a MOVED reply sent to another node (redis-py resends it there
+  on its own) is not covered by that WAIT, so it is sent again in a new round, to its new
+  node (a repeated run answers its first outcome and writes again, see reservations).
+- NOSCRIPT comes from a primary that lacks the scripts (a replica promoted by a failover
+  never got them): they are loaded on every primary again.
+- A connection that fails, or a cluster that says it is down, also makes the client read
+  the cluster's layout again before the callers retry.
 """
 
 from __future__ import annotations
@@ -26,9 +40,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from core.gateway.clients import RedisClient, load_everywhere, refresh_layout
 
 # Rounds of "load the scripts again, send what met NOSCRIPT again" before giving up.
 NOSCRIPT_ROUNDS = 2
@@ -61,7 +77,7 @@ class ScriptPipeline:
     """
 
     def __init__(
-        self, client: aioredis.Redis, wait_replicas: int = 0, wait_timeout_ms: int = 1000
+        self, client: RedisClient, wait_replicas: int = 0, wait_timeout_ms: int = 1000
     ) -> None:
         self.client = client
         self.wait_replicas = wait_replicas
@@ -108,24 +124,28 @@ class ScriptPipeline:
                 for _ in range(NOSCRIPT_ROUNDS):
                     if not missing:
                         return
-                    # They did not run: load the scripts again and send them once more.
+                    # They did not run (NOSCRIPT), or ran where the WAIT did not look (a
+                    # MOVED on a cluster): load the scripts again and send them once more.
                     for script in {id(c.script): c.script for c in missing}.values():
-                        await self.client.script_load(script.script)
+                        await load_everywhere(self.client, script.script)
                     missing = await self._round(pipe, missing)
             _fail(missing, NoScriptError("NOSCRIPT again after loading the scripts"))
         except Exception as e:  # every caller still waiting learns what became of its call
+            await refresh_layout(self.client, e)
             _fail(batch, e)
 
     async def _round(self, pipe: Any, calls: list[_Call]) -> list[_Call]:
         """Send ``calls`` in one pipeline and answer each of them, except those that met
-        NOSCRIPT, which it returns."""
-        wait = any(call.replicated for call in calls)
+        NOSCRIPT (or, on a cluster, replicated ones that ran on another node than their
+        WAIT), which it returns."""
         for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        if wait:
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            # Raw: a cluster pipeline refuses its evalsha method, not the command.
+            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        waits = self._queue_waits(pipe, [call for call in calls if call.replicated])
         replies = await pipe.execute(raise_on_error=False)
-        acknowledged: Any = replies.pop() if wait else 0
+        acknowledged: dict[str | None, Any] = {}
+        for name in reversed(waits):
+            acknowledged[name] = replies.pop()
         missing = []
         for call, reply in zip(calls, replies, strict=True):
             if isinstance(reply, NoScriptError):
@@ -136,11 +156,39 @@ class ScriptPipeline:
                 call.answer.set_exception(reply)
             elif not call.replicated:
                 call.answer.set_result(reply)
-            elif isinstance(acknowledged, Exception):
-                call.answer.set_exception(acknowledged)
+            elif (node := self._node_of(call)) not in acknowledged:
+                missing.append(call)  # MOVED elsewhere: its WAIT was not on its connection
+            elif isinstance(acknowledged[node], Exception):
+                call.answer.set_exception(acknowledged[node])
             else:
-                call.answer.set_result((reply, int(acknowledged)))
+                call.answer.set_result((reply, int(acknowledged[node])))
         return missing
+
+    def _queue_waits(self, pipe: Any, replicated: list[_Call]) -> list[str | None]:
+        """Queue the WAITs of ``replicated`` after their calls; returns the node name of each
+        WAIT in order (None: the one server)."""
+        if not replicated:
+            return []
+        if not isinstance(self.client, RedisCluster):
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            return [None]
+        nodes: dict[str, ClusterNode] = {}
+        for call in replicated:
+            node = self.client.get_node_from_key(call.keys[0])
+            if node is not None:
+                nodes[node.name] = node
+        for node in nodes.values():
+            pipe.execute_command(
+                "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
+            )
+        return list(nodes)
+
+    def _node_of(self, call: _Call) -> str | None:
+        """Name of the node that owns the call's keys now (None: the one server)."""
+        if not isinstance(self.client, RedisCluster):
+            return None
+        node = self.client.get_node_from_key(call.keys[0])
+        return node.name if node is not None else ""
 
 
 def _fail(calls: list[_Call], error: Exception) -> None:

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import REJECTIONS, InfrastructureError
+from core.gateway.clients import RedisClient, load_everywhere
 from core.gateway.decode import text
 from core.gateway.hints import SoldOutHints
 from core.gateway.pipelining import ScriptPipeline
@@ -68,7 +68,7 @@ class GatewayBase:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         partitions: int,
         idempotency_ttl: int,
         sold_out_hint_seconds: float = 0.0,
@@ -115,7 +115,7 @@ class GatewayBase:
         )
         try:
             for script in scripts:
-                await self.client.script_load(script.script)
+                await load_everywhere(self.client, script.script)
         except RedisError as e:
             raise InfrastructureError(f"cannot load the Lua scripts into redis: {e}") from e
 
@@ -152,6 +152,11 @@ class GatewayBase:
         while True:
             try:
                 return await call()
+            except MaxConnectionsError as e:  # it never ran: wait for a connection to free up
+                spent = time.monotonic() - started
+                if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
+                    raise InfrastructureError(f"{what}: no free redis connection: {e}") from e
+                log.warning("redis_pool_full", what=what, attempt=attempt)
             except LOST_REPLY as e:
                 spent = time.monotonic() - started
                 if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
