@@ -153,6 +153,9 @@ class EmbeddedRedisCluster:
             "--cluster-node-timeout", "2000",
             # A replica syncs at once, not after the default 5 s wait for others.
             "--repl-diskless-sync-delay", "0",
+            # CLUSTER SLOTS leaves out a replica until its replication offset moves, which
+            # an idle primary's pings do every repl-ping-replica-period (10 s by default).
+            "--repl-ping-replica-period", "1",
             *self._extra_args,
         ]  # fmt: skip
         try:
@@ -220,6 +223,10 @@ class EmbeddedRedisCluster:
             if fields.get("cluster_state") != "ok":
                 return False
             if int(fields.get("cluster_slots_ok", 0)) != CLUSTER_SLOTS:
+                return False
+            # Every node's layout (what a cluster client reads) lists every replica too.
+            rows = _command(client, "CLUSTER SLOTS")
+            if len(rows) != self._primaries or any(len(row) != 3 + self._replicas for row in rows):
                 return False
         for client in clients[: self._primaries]:
             if int(client.info("replication").get("connected_slaves", 0)) < self._replicas:

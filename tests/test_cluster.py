@@ -1,0 +1,286 @@
+"""The purchase path and the HTTP API on a real Redis Cluster (three primaries, a replica
+each): the embedded one, or the one FLASHSALE_REDIS_CLUSTER_URL names."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ResponseError
+
+from api.connections import is_cluster, redis_client_for
+from api.web.app import create_app
+from core.errors import InfrastructureError
+from core.gateway import Placed, RedisGateway
+from core.gateway.pipelining import ScriptPipeline
+from core.gateway.scripts import load_lua
+from core.keys import PartitionKeys, partition_of
+from core.settings import Settings
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale
+from tests.http_helpers import buyer, session_for
+
+PARTITIONS = 16
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def cluster_settings(redis_cluster_url: str) -> Settings:
+    return Settings(
+        redis_url=redis_cluster_url,
+        admin_token=ADMIN_TOKEN,
+        jwt_secret=JWT_SECRET,
+        partitions=PARTITIONS,
+        redis_pool_size=50,
+        sale_view_cache_ms=0,
+        metrics_health_interval_ms=0,
+    )
+
+
+@pytest.fixture
+async def cluster(cluster_settings: Settings) -> AsyncIterator[RedisCluster]:
+    """A cluster client of the settings (found to be one from the URL), every primary empty."""
+    client = redis_client_for(cluster_settings)
+    assert isinstance(client, RedisCluster)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+def gateway_on(client: RedisCluster, **options: Any) -> RedisGateway:
+    return RedisGateway(client, PARTITIONS, 3600, **options)
+
+
+def primary_of(client: RedisCluster, sale_id: str) -> ClusterNode:
+    node = client.get_node_from_key(PartitionKeys(partition_of(sale_id, PARTITIONS)).sale(sale_id))
+    assert node is not None
+    return node
+
+
+def sales_on_every_primary(client: RedisCluster, per_primary: int) -> list[str]:
+    """Sale ids whose partitions live on every primary, ``per_primary`` on each."""
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for i in range(1000):
+        sale_id = f"sale-{i}"
+        owner = found[primary_of(client, sale_id).name]
+        if len(owner) < per_primary:
+            owner.append(sale_id)
+    assert len(found) == 3 and all(len(ids) == per_primary for ids in found.values())
+    return [sale_id for ids in zip(*found.values(), strict=True) for sale_id in ids]
+
+
+def node_client(cluster: RedisCluster, node: ClusterNode) -> aioredis.Redis:
+    """A plain client of one node."""
+    password = cluster.get_connection_kwargs().get("password")
+    return aioredis.Redis(host=node.host, port=int(node.port), password=password)
+
+
+async def test_the_url_of_a_cluster_node_gives_a_cluster_client(
+    cluster_settings: Settings, settings: Settings
+):
+    assert is_cluster(cluster_settings)
+    assert not is_cluster(settings)  # the single server of the other tests
+    assert not is_cluster(cluster_settings.model_copy(update={"redis_cluster": "off"}))
+    single = redis_client_for(settings)
+    assert isinstance(single, aioredis.Redis)
+    await single.aclose()
+
+
+async def test_buyers_over_http_never_oversell_across_primaries(
+    cluster: RedisCluster, cluster_settings: Settings
+):
+    sales = sales_on_every_primary(cluster, per_primary=2)[:5]  # 10 units each, 50 in all
+    server = TestServer(create_app(cluster_settings, cluster))
+    async with server, session_for(server, connections=100) as http:
+        for sale_id in sales:
+            body = {"sale_id": sale_id, "stock": 10, "per_user_limit": 1}
+            async with http.post("/v1/sales", json=body, headers=ADMIN) as response:
+                assert response.status == 201, await response.text()
+
+        # 100 buyers, 20 per sale, each asking three times at once: 300 requests.
+        async def attempt(user: int) -> tuple[str, int, str]:
+            sale_id = sales[user % len(sales)]
+            async with http.post(
+                f"/v1/sales/{sale_id}/reservations", json={"qty": 1}, headers=buyer(f"u{user}")
+            ) as response:
+                body = await response.json(content_type=None)
+                return f"u{user}", response.status, body.get("reservation_id") or body["code"]
+
+        answers = await asyncio.gather(*(attempt(u) for u in range(100) for _ in range(3)))
+        statuses = collections.Counter(status for _, status, _ in answers)
+        assert set(statuses) <= {202, 409}, answers
+        placed = [(user, rid) for user, status, rid in answers if status == 202]
+        assert len(placed) == 50  # every unit, never more
+        assert len({user for user, _ in placed}) == 50  # the limit of one per buyer kept
+        refused = collections.Counter(code for _, status, code in answers if status == 409)
+        assert set(refused) <= {"sold_out", "limit_reached"}
+
+        for sale_id in sales:
+            async with http.get(f"/v1/sales/{sale_id}") as response:
+                view = await response.json()
+            assert (view["remaining"], view["held"], view["status"]) == (0, 10, "sold_out")
+
+        # Confirm one, cancel another: its unit comes back and a new buyer gets it.
+        (first, confirmed), (second, cancelled) = placed[0], placed[1]
+        async with http.post(
+            f"/v1/reservations/{confirmed}/confirm", headers=buyer(first)
+        ) as response:
+            assert response.status == 200, await response.text()
+        async with http.post(
+            f"/v1/reservations/{cancelled}/cancel", headers=buyer(second)
+        ) as response:
+            assert response.status == 200, await response.text()
+        async with http.get(f"/v1/reservations/{confirmed}", headers=buyer(first)) as response:
+            assert (await response.json())["status"] == "confirmed"
+        freed_sale = next(s for s in sales if s == sales[int(second[1:]) % len(sales)])
+        async with http.post(
+            f"/v1/sales/{freed_sale}/reservations", json={"qty": 1}, headers=buyer("latecomer")
+        ) as response:
+            assert response.status == 202, await response.text()
+        async with http.get(
+            f"/v1/sales/{freed_sale}/reservations/mine", headers=buyer("latecomer")
+        ) as response:
+            assert response.status == 200
+            assert [r["status"] for r in (await response.json())["reservations"]] == ["pending"]
+
+        # Stock added, then the sale closed, on a sale of another primary.
+        other = next(s for s in sales if primary_of(cluster, s) != primary_of(cluster, freed_sale))
+        async with http.post(
+            f"/v1/sales/{other}/stock", json={"delta": 5}, headers=ADMIN
+        ) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["remaining"] == 5
+        async with http.post(f"/v1/sales/{other}/close", headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+        async with http.post(
+            f"/v1/sales/{other}/reservations", json={"qty": 1}, headers=buyer("too-late")
+        ) as response:
+            assert response.status == 409
+        async with http.get("/readyz") as response:
+            assert response.status == 200, await response.text()
+
+
+async def test_replies_and_errors_stay_with_their_callers_across_nodes(cluster: RedisCluster):
+    incr = cluster.register_script("return redis.call('INCR', KEYS[1])")
+    keys = [f"counter-{i}" for i in range(12)]  # spread over the three primaries
+    assert len({cluster.get_node_from_key(key).name for key in keys}) == 3  # type: ignore[union-attr]
+    await cluster.hset("a-hash", "field", "1")  # INCR on it is a WRONGTYPE error
+    scripts = ScriptPipeline(cluster)
+    await cluster.script_load(incr.script)
+    answers = await asyncio.gather(
+        *(scripts.run(incr, [key], []) for key in keys),
+        scripts.run(incr, ["a-hash"], []),
+        *(scripts.run(incr, [key], []) for key in keys),
+        return_exceptions=True,
+    )
+    assert answers[:12] == [1] * 12 and answers[13:] == [2] * 12
+    assert isinstance(answers[12], ResponseError) and "WRONGTYPE" in str(answers[12])
+
+
+async def test_wait_for_one_replica_puts_the_reservation_on_the_replica(cluster: RedisCluster):
+    gateway = gateway_on(cluster, wait_replicas=1, wait_timeout_ms=2000)
+    sales = sales_on_every_primary(cluster, per_primary=1)
+    for sale_id in sales:
+        await open_sale(gateway, sale_id, stock=5, per_user_limit=5)
+    placements = await asyncio.gather(
+        *(gateway.reserve(sale_id, f"buyer-{i}", 1, None) for sale_id in sales for i in range(3))
+    )
+    for placed in placements:
+        partition = int(placed.reservation_id.split("-")[0])
+        key = PartitionKeys(partition).reservation(placed.reservation_id)
+        replica = cluster.get_node_from_key(key, replica=True)
+        assert replica is not None and replica.server_type == "replica"
+        reader = node_client(cluster, replica)
+        try:
+            await reader.execute_command("READONLY")  # type: ignore[no-untyped-call]
+            assert await reader.hget(key, "status") == b"pending"  # no wait: WAIT did it
+        finally:
+            await reader.aclose()
+
+
+async def test_noscript_after_a_flush_on_one_primary_is_recovered(cluster: RedisCluster):
+    gateway = gateway_on(cluster)
+    await gateway.load_scripts()
+    sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
+    await open_sale(gateway, sale_id, stock=3)
+    primary = node_client(cluster, primary_of(cluster, sale_id))
+    sha = gateway._reserve.sha
+    try:
+        await primary.script_flush()
+        assert await primary.script_exists(sha) == [False]
+        placed = await gateway.reserve(sale_id, "ann", 1, None)
+        assert isinstance(placed, Placed)
+        assert await primary.script_exists(sha) == [True]
+    finally:
+        await primary.aclose()
+
+
+async def test_scripts_are_loaded_on_the_replicas_too(cluster: RedisCluster):
+    gateway = gateway_on(cluster)
+    await gateway.load_scripts()
+    sha = gateway._reserve.sha
+    for node in cluster.get_replicas():
+        reader = node_client(cluster, node)
+        try:
+            assert await reader.script_exists(sha) == [True]
+        finally:
+            await reader.aclose()
+    assert load_lua("reserve") == gateway._reserve.script
+
+
+async def test_a_full_pool_makes_callers_wait_or_answers_unavailable(
+    cluster_settings: Settings, cluster: RedisCluster
+):
+    tiny = redis_client_for(cluster_settings, pool_size=1)
+    assert isinstance(tiny, RedisCluster)
+    try:
+        gateway = gateway_on(tiny)
+        sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
+        await open_sale(gateway, sale_id, stock=1000, per_user_limit=1000)
+
+        async def buy(i: int) -> object:
+            await asyncio.sleep(i % 7 / 1000)  # spread over many loop turns: many batches
+            return await gateway.reserve(sale_id, f"u{i % 20}", 1, None)
+
+        answers = await asyncio.gather(*(buy(i) for i in range(200)), return_exceptions=True)
+        # Waiting, and past the retry budget a 503 (InfrastructureError): never anything else.
+        assert all(isinstance(a, Placed | InfrastructureError) for a in answers), answers
+        assert any(isinstance(a, Placed) for a in answers)
+    finally:
+        await tiny.aclose()
+
+
+async def test_after_a_failover_the_new_primary_gets_the_scripts_and_the_calls(
+    cluster: RedisCluster,
+):
+    gateway = gateway_on(cluster, wait_replicas=1, wait_timeout_ms=2000)
+    await gateway.load_scripts()
+    sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
+    await open_sale(gateway, sale_id, stock=5, per_user_limit=5)
+    key = PartitionKeys(partition_of(sale_id, PARTITIONS)).sale(sale_id)
+    replica = cluster.get_node_from_key(key, replica=True)
+    assert replica is not None
+    promoted = node_client(cluster, replica)
+    try:
+        # A replica whose script cache is empty (as after a restart) takes over its primary.
+        await promoted.script_flush()
+        await promoted.execute_command("CLUSTER FAILOVER")  # type: ignore[no-untyped-call]
+        for _ in range(200):
+            if (await promoted.info("replication"))["role"] == "master":
+                break
+            await asyncio.sleep(0.05)
+        assert (await promoted.info("replication"))["role"] == "master"
+        # The client still sends to the old primary: MOVED, then NOSCRIPT on the new one.
+        placed = await gateway.reserve(sale_id, "ann", 1, None)
+        assert isinstance(placed, Placed)
+        assert await promoted.script_exists(gateway._reserve.sha) == [True]
+        assert primary_of(cluster, sale_id).port == replica.port
+        view = await gateway.get_sale(sale_id)
+        assert view is not None and view.held == 1
+    finally:
+        await promoted.aclose()
