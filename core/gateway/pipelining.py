@@ -23,13 +23,16 @@ On a Redis Cluster the batch is a cluster pipeline: it sends each node its own c
 order, on one connection of that node, so every caller still gets its own reply or error.
 What changes:
 
+- Each call goes to the node chosen here (the owner of its keys' slot), and redirections
+  come back as replies instead of being followed by redis-py on other connections, so
+  that a call runs where its WAIT looks. A call that met MOVED (the slot's owner is
+  recorded), ASK (it goes once more with ASKING before it, to the node named) or TRYAGAIN
+  (its keys are split by a slot being moved; a short pause first) did not run, and is
+  sent again in the next round, like one that met NOSCRIPT.
 - WAIT counts the replicas of one primary, for the writes of one connection: each node
-  that ran replicated calls gets its own WAIT, sent after its calls on the same
-  connection. A call that a MOVED reply sent to another node (redis-py resends it there
-  on its own) is not covered by that WAIT, so it is sent again in a new round, to its new
-  node (a repeated run answers its first outcome and writes again, see reservations).
-- NOSCRIPT comes from a primary that lacks the scripts (a replica promoted by a failover
-  never got them): they are loaded on every primary again.
+  that ran replicated calls gets its own WAIT, after its calls on the same connection.
+- NOSCRIPT comes from a node that lacks the scripts (a replica promoted by a failover
+  keeps the cache it had): they are loaded on every node again.
 - A connection that fails, or a cluster that says it is down, also makes the client read
   the cluster's layout again before the callers retry.
 """
@@ -42,12 +45,21 @@ from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from core.gateway.clients import RedisClient, load_everywhere, refresh_layout
 
-# Rounds of "load the scripts again, send what met NOSCRIPT again" before giving up.
-NOSCRIPT_ROUNDS = 2
+# Rounds of sending what did not run (NOSCRIPT; on a cluster MOVED, ASK, TRYAGAIN) again
+# before its caller is told why.
+ROUNDS = 5
+# Between rounds after a TRYAGAIN: the keys of a call are split by a slot being moved.
+TRYAGAIN_PAUSE_S = 0.05
 
 
 @dataclass(slots=True)
@@ -57,6 +69,11 @@ class _Call:
     args: list[Any]
     replicated: bool
     answer: asyncio.Future[Any]
+    #: Why the last round did not run it (NOSCRIPT, or on a cluster a redirection).
+    error: Exception | None = None
+    #: On a cluster: send ASKING first, to ``ask_node`` (host, port), which an ASK named.
+    asking: bool = False
+    ask_node: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,75 +137,124 @@ class ScriptPipeline:
     async def _send(self, batch: list[_Call]) -> None:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                missing = await self._round(pipe, batch)
-                for _ in range(NOSCRIPT_ROUNDS):
-                    if not missing:
+                again = await self._round(pipe, batch)
+                for _ in range(ROUNDS - 1):
+                    if not again:
                         return
-                    # They did not run (NOSCRIPT), or ran where the WAIT did not look (a
-                    # MOVED on a cluster): load the scripts again and send them once more.
-                    for script in {id(c.script): c.script for c in missing}.values():
+                    # What did not run: after NOSCRIPT, load the scripts again; after
+                    # TRYAGAIN (a slot half moved), give the move a moment.
+                    noscript = [c for c in again if isinstance(c.error, NoScriptError)]
+                    for script in {id(c.script): c.script for c in noscript}.values():
                         await load_everywhere(self.client, script.script)
-                    missing = await self._round(pipe, missing)
-            _fail(missing, NoScriptError("NOSCRIPT again after loading the scripts"))
+                    if any(isinstance(c.error, TryAgainError) for c in again):
+                        await asyncio.sleep(TRYAGAIN_PAUSE_S)
+                    again = await self._round(pipe, again)
+            for call in again:  # still not run: its caller decides (a retry, or a 503)
+                _fail([call], call.error or NoScriptError("NOSCRIPT"))
         except Exception as e:  # every caller still waiting learns what became of its call
             await refresh_layout(self.client, e)
             _fail(batch, e)
 
     async def _round(self, pipe: Any, calls: list[_Call]) -> list[_Call]:
-        """Send ``calls`` in one pipeline and answer each of them, except those that met
-        NOSCRIPT (or, on a cluster, replicated ones that ran on another node than their
-        WAIT), which it returns."""
-        for call in calls:
-            # Raw: a cluster pipeline refuses its evalsha method, not the command.
-            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-        waits = self._queue_waits(pipe, [call for call in calls if call.replicated])
-        replies = await pipe.execute(raise_on_error=False)
-        acknowledged: dict[str | None, Any] = {}
-        for name in reversed(waits):
-            acknowledged[name] = replies.pop()
-        missing = []
-        for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                missing.append(call)
+        """Send ``calls`` in one pipeline and answer each of them, except those that did not
+        run (NOSCRIPT; on a cluster also MOVED, ASK and TRYAGAIN), which it returns with
+        ``error`` set, ready to be sent again."""
+        nodes = [self._node_for(call) for call in calls]
+        for call, node in zip(calls, nodes, strict=True):
+            evalsha = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+            if node is None:
+                pipe.execute_command(*evalsha)
+                continue
+            if call.asking:  # the slot is moving to ``node``: ASKING lets this call in
+                pipe.execute_command("ASKING", target_nodes=node)
+            # Raw, to the node chosen here: a cluster pipeline refuses its evalsha method.
+            pipe.execute_command(*evalsha, target_nodes=node)
+        waits = self._queue_waits(
+            pipe, {_name(n): n for c, n in zip(calls, nodes, strict=True) if c.replicated}
+        )
+        if isinstance(self.client, RedisCluster):
+            # Redirections come back as replies: a call must run where its WAIT goes.
+            replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+        else:
+            replies = await pipe.execute(raise_on_error=False)
+        acknowledged = dict(zip(waits, replies[len(replies) - len(waits) :], strict=True))
+        replies = _evalsha_replies(calls, nodes, replies)
+        again = []
+        for call, node, reply in zip(calls, nodes, replies, strict=True):
+            call.asking = False
+            call.error = None
+            if isinstance(reply, NoScriptError | TryAgainError):
+                call.error = reply
+                again.append(call)
+            elif isinstance(reply, MovedError):  # (before AskError: MOVED is a kind of ASK)
+                assert isinstance(self.client, RedisCluster)
+                await self.client.nodes_manager.move_slot(reply)
+                call.error = reply
+                again.append(call)
+            elif isinstance(reply, AskError):
+                call.asking = True
+                call.ask_node = (reply.host, int(reply.port))
+                call.error = reply
+                again.append(call)
             elif call.answer.done():  # its caller was cancelled
                 continue
             elif isinstance(reply, Exception):
                 call.answer.set_exception(reply)
             elif not call.replicated:
                 call.answer.set_result(reply)
-            elif (node := self._node_of(call)) not in acknowledged:
-                missing.append(call)  # MOVED elsewhere: its WAIT was not on its connection
-            elif isinstance(acknowledged[node], Exception):
-                call.answer.set_exception(acknowledged[node])
+            elif isinstance(ack := acknowledged[_name(node)], Exception):
+                call.answer.set_exception(ack)
             else:
-                call.answer.set_result((reply, int(acknowledged[node])))
-        return missing
+                call.answer.set_result((reply, int(ack)))
+        return again
 
-    def _queue_waits(self, pipe: Any, replicated: list[_Call]) -> list[str | None]:
-        """Queue the WAITs of ``replicated`` after their calls; returns the node name of each
-        WAIT in order (None: the one server)."""
-        if not replicated:
-            return []
-        if not isinstance(self.client, RedisCluster):
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            return [None]
-        nodes: dict[str, ClusterNode] = {}
-        for call in replicated:
-            node = self.client.get_node_from_key(call.keys[0])
-            if node is not None:
-                nodes[node.name] = node
-        for node in nodes.values():
-            pipe.execute_command(
-                "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
-            )
-        return list(nodes)
-
-    def _node_of(self, call: _Call) -> str | None:
-        """Name of the node that owns the call's keys now (None: the one server)."""
+    def _node_for(self, call: _Call) -> ClusterNode | None:
+        """The cluster node to send ``call`` to (None: the one server): the one an ASK
+        named, else the owner of its keys' slot."""
         if not isinstance(self.client, RedisCluster):
             return None
+        if call.asking and call.ask_node is not None:
+            host, port = call.ask_node
+            node = self.client.get_node(host=host, port=port)
+            if node is not None:
+                return node
+            call.asking = False  # a node the client does not know: ask the owner again
         node = self.client.get_node_from_key(call.keys[0])
-        return node.name if node is not None else ""
+        if node is None:
+            raise SlotNotCoveredError(f"no node serves the slot of {call.keys[0]!r}")
+        return node
+
+    def _queue_waits(
+        self, pipe: Any, nodes: dict[str | None, ClusterNode | None]
+    ) -> list[str | None]:
+        """Queue one WAIT per node that runs replicated calls, after those calls on the
+        same connection; returns their node names in order (None: the one server)."""
+        for node in nodes.values():
+            if node is None:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            else:
+                pipe.execute_command(
+                    "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
+                )
+        return list(nodes)
+
+
+def _name(node: ClusterNode | None) -> str | None:
+    return None if node is None else node.name
+
+
+def _evalsha_replies(
+    calls: list[_Call], nodes: list[ClusterNode | None], replies: list[Any]
+) -> list[Any]:
+    """Each call's EVALSHA reply, without the replies to the ASKING sent before some."""
+    mine = []
+    position = 0
+    for call, node in zip(calls, nodes, strict=True):
+        if node is not None and call.asking:
+            position += 1
+        mine.append(replies[position])
+        position += 1
+    return mine
 
 
 def _fail(calls: list[_Call], error: Exception) -> None:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import MaxConnectionsError, RedisError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import REJECTIONS, InfrastructureError
@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 # Errors after which a command may or may not have run: its reply was lost.
 LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
+# Errors of a command that did not run and may soon: no free connection in the pool (it is
+# a ConnectionError too, so it comes first), or keys split by a cluster slot being moved.
+NOT_RUN = (MaxConnectionsError, TryAgainError)
 # How long create, close, stock adjustment and expiry remember an operation id's outcome:
 # far longer than any retry of the same call, short enough that the records take little
 # memory. (Confirm and cancel keep theirs in the reservation's hash.)
@@ -152,11 +155,11 @@ class GatewayBase:
         while True:
             try:
                 return await call()
-            except MaxConnectionsError as e:  # it never ran: wait for a connection to free up
+            except NOT_RUN as e:  # a full pool, or a slot being moved: wait and try again
                 spent = time.monotonic() - started
                 if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
-                    raise InfrastructureError(f"{what}: no free redis connection: {e}") from e
-                log.warning("redis_pool_full", what=what, attempt=attempt)
+                    raise InfrastructureError(f"{what}: redis busy: {e!r}") from e
+                log.warning("redis_busy", what=what, attempt=attempt, error=repr(e))
             except LOST_REPLY as e:
                 spent = time.monotonic() - started
                 if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
