@@ -161,8 +161,23 @@ async def test_buyers_over_http_never_oversell_across_primaries(
             f"/v1/sales/{other}/reservations", json={"qty": 1}, headers=buyer("too-late")
         ) as response:
             assert response.status == 409
-        async with http.get("/readyz") as response:
-            assert response.status == 200, await response.text()
+        # A retried request with its Idempotency-Key finds the reservation it placed.
+        keyed = {**buyer("careful"), "Idempotency-Key": "k-1"}
+        answered = []
+        for _ in range(2):
+            async with http.post(
+                f"/v1/sales/{freed_sale}/stock", json={"delta": 1}, headers=ADMIN
+            ) as response:
+                assert response.status == 200
+            async with http.post(
+                f"/v1/sales/{freed_sale}/reservations", json={"qty": 1}, headers=keyed
+            ) as response:
+                assert response.status in (200, 202), await response.text()
+                answered.append((await response.json())["reservation_id"])
+        assert answered[0] == answered[1]
+        for route in ("/readyz", "/healthz", "/metrics"):
+            async with http.get(route) as response:
+                assert response.status == 200, (route, await response.text())
 
 
 async def test_replies_and_errors_stay_with_their_callers_across_nodes(cluster: RedisCluster):
