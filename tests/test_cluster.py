@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
+from api.cli.cluster import EmbeddedRedisCluster
 from api.connections import is_cluster, redis_client_for
 from api.web.app import create_app
 from core.errors import InfrastructureError
@@ -78,6 +79,25 @@ def node_client(cluster: RedisCluster, node: ClusterNode) -> aioredis.Redis:
     """A plain client of one node."""
     password = cluster.get_connection_kwargs().get("password")
     return aioredis.Redis(host=node.host, port=int(node.port), password=password)
+
+
+async def wait_until_settled(cluster: RedisCluster) -> None:
+    """Wait until every node reports the same layout, a replica for every primary (after a
+    failover or a slot move, the other nodes learn of it by gossip)."""
+    for _ in range(200):
+        await cluster.nodes_manager.initialize()
+        layouts = set()
+        for node in cluster.get_nodes():
+            reader = node_client(cluster, node)
+            try:
+                rows = await command(reader, "CLUSTER SLOTS")
+            finally:
+                await reader.aclose()
+            layouts.add(tuple(sorted((r[0], r[1], *(n[1] for n in r[2:])) for r in rows)))
+        if len(layouts) == 1 and all(len(row) == 4 for row in next(iter(layouts))):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the nodes disagree on the layout: {layouts}")
 
 
 async def test_the_url_of_a_cluster_node_gives_a_cluster_client(
@@ -297,6 +317,7 @@ async def test_after_a_failover_the_new_primary_gets_the_scripts_and_the_calls(
         assert primary_of(cluster, sale_id).port == replica.port
         view = await gateway.get_sale(sale_id)
         assert view is not None and view.held == 1
+        await wait_until_settled(cluster)  # for the tests that follow
     finally:
         await promoted.aclose()
 
@@ -362,3 +383,50 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
     assert view.held <= 60 and view.held + view.remaining == 60
     assert len(placed) <= view.held  # an unknown outcome may hold a unit too
     assert primary_of(cluster, sale_id).name == target.name
+    await wait_until_settled(cluster)
+
+
+async def test_buyers_through_a_killed_primary_get_503_then_its_replica(
+    cluster_settings: Settings,
+):
+    # A cluster of its own: this one loses a node.
+    own = EmbeddedRedisCluster()
+    settings = cluster_settings.model_copy(update={"redis_url": own.start()})
+    client = redis_client_for(settings)
+    assert isinstance(client, RedisCluster)
+    try:
+        gateway = gateway_on(client)
+        await gateway.load_scripts()
+        victim = own.primaries[0]
+        sale_id = next(
+            s
+            for s in (f"sale-{i}" for i in range(1000))
+            if primary_of(client, s).port == victim.port
+        )
+        await open_sale(gateway, sale_id, stock=200, per_user_limit=1)
+
+        async def buy(i: int) -> object:
+            await asyncio.sleep(i / 100)
+            return await gateway.reserve(sale_id, f"u{i}", 1, None)
+
+        buying = asyncio.gather(*(buy(i) for i in range(150)), return_exceptions=True)
+        await asyncio.sleep(0.3)
+        victim.kill()
+        answers = await buying
+        # Before the replica takes over: 503s (never a 500), after it: placements again.
+        assert all(isinstance(a, Placed | InfrastructureError) for a in answers), answers
+        assert any(isinstance(a, InfrastructureError) for a in answers)
+        for attempt in range(100):
+            try:
+                await gateway.reserve(sale_id, f"after-{attempt}", 1, None)
+                break
+            except InfrastructureError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("no placement after the failover")
+        assert primary_of(client, sale_id).port != victim.port
+        view = await gateway.get_sale(sale_id)
+        assert view is not None and view.held + view.remaining == 200
+    finally:
+        await client.aclose()
+        own.stop()

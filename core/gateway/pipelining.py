@@ -47,6 +47,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
     MovedError,
     NoScriptError,
     SlotNotCoveredError,
@@ -179,6 +180,9 @@ class ScriptPipeline:
             replies = await pipe.execute(raise_on_error=False)
         acknowledged = dict(zip(waits, replies[len(replies) - len(waits) :], strict=True))
         replies = _evalsha_replies(calls, nodes, replies)
+        if any(isinstance(reply, ClusterDownError) for reply in replies):
+            # A failover under way: its callers retry once the layout is read again.
+            await refresh_layout(self.client, ClusterDownError("CLUSTERDOWN"))
         again = []
         for call, node, reply in zip(calls, nodes, replies, strict=True):
             call.asking = False

@@ -14,8 +14,15 @@ from typing import Any, TypeVar
 
 import structlog
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import REJECTIONS, InfrastructureError
@@ -32,8 +39,9 @@ T = TypeVar("T")
 # Errors after which a command may or may not have run: its reply was lost.
 LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
 # Errors of a command that did not run and may soon: no free connection in the pool (it is
-# a ConnectionError too, so it comes first), or keys split by a cluster slot being moved.
-NOT_RUN = (MaxConnectionsError, TryAgainError)
+# a ConnectionError too, so it comes first); on a cluster, keys split by a slot being moved,
+# or a cluster in the middle of a failover (down, or a slot without a known owner).
+NOT_RUN = (MaxConnectionsError, TryAgainError, ClusterDownError, SlotNotCoveredError)
 # How long create, close, stock adjustment and expiry remember an operation id's outcome:
 # far longer than any retry of the same call, short enough that the records take little
 # memory. (Confirm and cancel keep theirs in the reservation's hash.)
@@ -134,7 +142,7 @@ class GatewayBase:
         """True when Redis answers."""
         try:
             return bool(await self.client.ping())
-        except RedisError:
+        except (RedisError, RedisClusterException):
             return False
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -155,7 +163,7 @@ class GatewayBase:
         while True:
             try:
                 return await call()
-            except NOT_RUN as e:  # a full pool, or a slot being moved: wait and try again
+            except NOT_RUN as e:  # not run, and may soon: wait and try again
                 spent = time.monotonic() - started
                 if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
                     raise InfrastructureError(f"{what}: redis busy: {e!r}") from e
@@ -167,7 +175,7 @@ class GatewayBase:
                         f"{what}: no reply from redis after {attempt} attempts: {e}"
                     ) from e
                 log.warning("redis_reply_lost", what=what, attempt=attempt, error=str(e))
-            except RedisError as e:
+            except (RedisError, RedisClusterException) as e:
                 raise InfrastructureError(f"{what} failed: {e}") from e
             await asyncio.sleep(delay)
             delay *= 2
