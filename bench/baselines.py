@@ -64,7 +64,7 @@ def evalsha_app(redis_url: str, partitions: int, sale_id: str) -> web.Applicatio
     """The ``evalsha`` baseline: every POST runs reserve.lua once for ``sale_id``."""
     client = aioredis.Redis.from_url(redis_url, max_connections=200)
     script = client.register_script(load_lua("reserve"))
-    keys = PartitionKeys(partition_of(sale_id, partitions))
+    keys = PartitionKeys(partition_of(sale_id, partitions), partitions)
     buyers = itertools.count()
     prefix = f"base-{os.getpid()}-"
 

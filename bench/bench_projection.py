@@ -103,7 +103,7 @@ async def preload(
         async with client.pipeline(transaction=False) as pipe:
             for n in range(start, min(start + chunk, placements)):
                 name = names[n % len(names)]
-                stream = PartitionKeys(partition_of(name, partitions)).events
+                stream = PartitionKeys(partition_of(name, partitions), partitions).events
                 pipe.xadd(stream, {"event": placement(name, partitions, n, now_ms)})
             await pipe.execute()
 
@@ -218,9 +218,9 @@ async def stream_ends(client: aioredis.Redis, partitions: int) -> dict[int, tupl
     """The position of each non-empty partition stream's last entry."""
     ends: dict[int, tuple[int, int]] = {}
     for p in range(partitions):
-        last = await client.xrevrange(PartitionKeys(p).events, count=1)
+        last = await client.xrevrange(PartitionKeys(p, partitions).events, count=1)
         if last:
-            ends[p] = parse_stream_id(text(last[0][0]))
+            ends[p] = parse_stream_id(text(last[0][0] or ""))
     return ends
 
 

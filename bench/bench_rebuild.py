@@ -99,13 +99,17 @@ def synthetic_log(events: int, sales: int, partitions: int) -> Iterator[Row]:
         n += 1
 
 
-async def write_streams(client: aioredis.Redis, rows: list[Row], batch: int = 10_000) -> None:
+async def write_streams(
+    client: aioredis.Redis, rows: list[Row], partitions: int, batch: int = 10_000
+) -> None:
     """XADD every row with its explicit id, pipelined."""
     for start in range(0, len(rows), batch):
         async with client.pipeline(transaction=False) as pipe:
             for r in rows[start : start + batch]:
                 pipe.xadd(
-                    PartitionKeys(r.partition).events, {"event": json.dumps(r.event)}, r.stream_id
+                    PartitionKeys(r.partition, partitions).events,
+                    {"event": json.dumps(r.event)},
+                    r.stream_id,
                 )
             await pipe.execute()
 
@@ -172,9 +176,9 @@ async def run(settings: Settings, events: int, sales: int, layout: str, vacuum: 
         if layout in ("both", "trimmed"):
             await write_archive(pool, rows)
         in_streams = rows[-len(rows) // 100 :] if layout == "trimmed" else rows
-        await write_streams(client, in_streams)
+        await write_streams(client, in_streams, settings.partitions)
         for p in range(settings.partitions):
-            stream = PartitionKeys(p).events
+            stream = PartitionKeys(p, settings.partitions).events
             await client.xgroup_create(stream, CONSUMER_GROUP, id="$", mkstream=True)
         print(
             f"wrote {len(rows):,} events ({layout}) in {time.perf_counter() - started:.1f} s",

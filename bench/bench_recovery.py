@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -63,6 +64,9 @@ class Consumers:
             FLASHSALE_DATABASE_URL=database_url,
             FLASHSALE_PARTITIONS=str(PARTITIONS),
             FLASHSALE_LOG_JSON="true",
+            # ``consume`` refuses the public default secrets; these consumers check no token.
+            FLASHSALE_ADMIN_TOKEN=secrets.token_urlsafe(24),
+            FLASHSALE_JWT_SECRET=secrets.token_urlsafe(32),
             **extra,
         )
         self.dir = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
@@ -107,7 +111,9 @@ async def pending_of(client: aioredis.Redis, consumer: str) -> int:
     total = 0
     for p in range(PARTITIONS):
         try:
-            consumers = await client.xinfo_consumers(PartitionKeys(p).events, CONSUMER_GROUP)
+            consumers = await client.xinfo_consumers(
+                PartitionKeys(p, PARTITIONS).events, CONSUMER_GROUP
+            )
         except ResponseError:
             continue
         total += sum(
@@ -151,7 +157,7 @@ async def bad_bytes(
         await consumers.start()
     for i in range(150):
         await gateway.reserve(sales[i % PARTITIONS], f"u{i}", 1, None)
-    await gateway.client.xadd(PartitionKeys(0).events, {"event": b"\xff\xfe not utf-8"})
+    await gateway.client.xadd(PartitionKeys(0, PARTITIONS).events, {"event": b"\xff\xfe not utf-8"})
     for i in range(150, 300):
         await gateway.reserve(sales[i % PARTITIONS], f"u{i}", 1, None)
     if not live:

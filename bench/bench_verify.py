@@ -146,7 +146,7 @@ async def run(settings: Settings, reservations: int, args_nice: bool) -> None:
         await fill(gateway, reservations)
         for p in range(settings.partitions):
             await client.xgroup_create(
-                PartitionKeys(p).events, CONSUMER_GROUP, id="$", mkstream=True
+                PartitionKeys(p, settings.partitions).events, CONSUMER_GROUP, id="$", mkstream=True
             )
 
         async def do_rebuild() -> str:
@@ -163,7 +163,8 @@ async def run(settings: Settings, reservations: int, args_nice: bool) -> None:
 
         async def do_repair() -> str:
             k = gateway.keys_for_sale(SALE)
-            rids = [_text(x) for x in await client.srandmember(k.reservations(SALE), 20)]
+            picked: Any = await client.srandmember(k.reservations(SALE), 20)
+            rids = [_text(x) for x in picked]
             async with client.pipeline(transaction=False) as pipe:
                 for rid in rids[:10]:
                     pipe.hset(k.reservation(rid), "status", "cancelled")

@@ -179,7 +179,7 @@ class RetryOutcome:
 async def _redrive(
     client: RedisClient, pool: asyncpg.Pool, partitions: int, entry: ParkedEntry
 ) -> RetryOutcome:
-    streams = {PartitionKeys(p).events: p for p in range(partitions)}
+    streams = {PartitionKeys(p, partitions).events: p for p in range(partitions)}
     partition = streams.get(entry.stream)
     if partition is None:
         return RetryOutcome(

@@ -1,8 +1,9 @@
 """The expiry worker: returns the stock of unpaid reservations once their window passes.
 
 Deadlines live in Redis (one sorted set per partition), never in this process, so a
-restart loses nothing; each expiry is one atomic script call, so any number of workers
-may run at once without expiring a reservation twice.
+restart loses nothing. Each sweep reads the overdue ids of a partition, then expires them
+in one atomic script call that checks each again (still overdue, still pending), so any
+number of workers may run at once without expiring a reservation twice.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ async def read_health(client: RedisClient, partitions: int) -> Health:
     groups: list[GroupHealth] = []
     lengths: dict[int, int] = {}
     for partition in range(partitions):
-        stream = PartitionKeys(partition).events
+        stream = PartitionKeys(partition, partitions).events
         lengths[partition] = int(await client.xlen(stream))
         try:
             infos = await client.xinfo_groups(stream)

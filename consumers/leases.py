@@ -59,7 +59,7 @@ class PartitionLeases:
         return self.lease_ms / 3000
 
     def _key(self, partition: int) -> str:
-        return PartitionKeys(partition).lease(self.group)
+        return PartitionKeys(partition, self.partitions).lease(self.group)
 
     async def refresh(self) -> set[int]:
         """Announce this consumer, renew its leases, give back those beyond its fair share

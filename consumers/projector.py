@@ -120,7 +120,7 @@ class Projector:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
-        self.streams = {PartitionKeys(p).events: p for p in range(partitions)}
+        self.streams = {PartitionKeys(p, partitions).events: p for p in range(partitions)}
         self.stream_of = list(self.streams)  # partition -> its stream's name
         self.leases = (
             PartitionLeases(client, partitions, group, self.consumer, lease_ms)

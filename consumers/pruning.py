@@ -36,7 +36,6 @@ from consumers.periodic import run_periodically
 from consumers.retention import Position, acknowledged_below
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
-from core.keys import PartitionKeys
 from projections.tables import checkpoints, events
 
 log = structlog.get_logger(__name__)
@@ -77,7 +76,7 @@ async def prune_partition(
     page: int = _PAGE,
 ) -> PruneResult:
     """Prune the final reservations of one partition as far as the rules above allow."""
-    bound = await acknowledged_below(gateway.client, PartitionKeys(partition).events)
+    bound = await acknowledged_below(gateway.client, gateway.keys_for_partition(partition).events)
     if bound is None:
         return PruneResult(partition, 0, 0, None)
     # Stream ids are Redis's clock; a skew between the two clocks shifts the grace by as much.

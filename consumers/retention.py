@@ -102,10 +102,15 @@ async def _trim_below(client: RedisClient, stream: str, minid: Position) -> int:
 
 
 async def trim_partition(
-    client: RedisClient, pool: asyncpg.Pool, partition: int, chunk: int = _CHUNK
+    client: RedisClient,
+    pool: asyncpg.Pool,
+    partition: int,
+    partitions: int,
+    chunk: int = _CHUNK,
 ) -> TrimResult:
-    """Trim one partition stream as far as the rules above allow."""
-    stream = PartitionKeys(partition).events
+    """Trim the stream of partition ``partition`` (of ``partitions``) as far as the rules
+    above allow."""
+    stream = PartitionKeys(partition, partitions).events
     bound = await acknowledged_below(client, stream)
     if bound is None:
         return TrimResult(partition, 0, None, "no groups")
@@ -155,7 +160,7 @@ async def trim_streams(
     client: RedisClient, pool: asyncpg.Pool, partitions: int
 ) -> list[TrimResult]:
     """Trim every partition stream; see the module docstring for what may go."""
-    return [await trim_partition(client, pool, p) for p in range(partitions)]
+    return [await trim_partition(client, pool, p, partitions) for p in range(partitions)]
 
 
 class RetentionWorker:

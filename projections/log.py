@@ -21,7 +21,6 @@ from redis.exceptions import RedisError
 from core.errors import InfrastructureError
 from core.events import CURRENT_VERSION, AnyEvent, parse_event
 from core.gateway import GroupProgress, RedisGateway, StreamChunk
-from core.keys import PartitionKeys
 from projections.entries import LogEntry, parse_stream_id
 from projections.tables import events
 
@@ -211,7 +210,9 @@ class LogReader:
         """About how many entries a whole read of the partition will yield (for progress)."""
         head = await self.gateway.read_stream_chunk(partition, "0-0", 1)
         try:
-            total = int(await self.gateway.client.xlen(PartitionKeys(partition).events))
+            total = int(
+                await self.gateway.client.xlen(self.gateway.keys_for_partition(partition).events)
+            )
         except RedisError as e:
             raise InfrastructureError(f"redis read failed: {e}") from e
         if self.pool is not None:

@@ -250,7 +250,7 @@ async def group_pending(client: RedisClient, partitions: int, consumer: str | No
     """Entries pending in the projector group (of one consumer, if named), every stream."""
     total = 0
     for p in range(partitions):
-        stream = PartitionKeys(p).events
+        stream = PartitionKeys(p, partitions).events
         try:
             if consumer is None:
                 total += (await client.xpending(stream, CONSUMER_GROUP))["pending"]
@@ -266,7 +266,9 @@ async def group_pending(client: RedisClient, partitions: int, consumer: str | No
 
 async def stream_length(client: RedisClient, partitions: int) -> int:
     """Entries in every partition stream."""
-    return sum([int(await client.xlen(PartitionKeys(p).events)) for p in range(partitions)])
+    return sum(
+        [int(await client.xlen(PartitionKeys(p, partitions).events)) for p in range(partitions)]
+    )
 
 
 async def table_count(pool: asyncpg.Pool, table: str) -> int:

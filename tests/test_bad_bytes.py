@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from consumers.deadletter import list_parked, retry_parked
 from consumers.retention import trim_streams
 from core.gateway import RedisGateway
-from core.keys import PartitionKeys, dead_letter_stream
+from core.keys import dead_letter_stream
 from core.settings import Settings
 from projections.rebuild import rebuild
 from projections.repair import repair_redis
@@ -66,7 +66,7 @@ async def test_consume_parks_entries_that_are_not_utf8_and_projects_the_rest(
     sales = [sale_in_partition(p, prefix="bytes") for p in range(4)]
     for sale in sales:
         await open_sale(gateway, sale, stock=1000)
-    stream = PartitionKeys(0).events
+    stream = gateway.keys_for_partition(0).events
     # Mid-sale, in the same batch as the reservations around it (the daemon starts after).
     rids = await place(gateway, sales[0], [f"a{i}" for i in range(40)])
     junk = await write_junk(redis_client, stream)

@@ -58,7 +58,9 @@ def gateway_on(client: RedisCluster, **options: Any) -> RedisGateway:
 
 
 def primary_of(client: RedisCluster, sale_id: str) -> ClusterNode:
-    node = client.get_node_from_key(PartitionKeys(partition_of(sale_id, PARTITIONS)).sale(sale_id))
+    node = client.get_node_from_key(
+        PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).sale(sale_id)
+    )
     assert node is not None
     return node
 
@@ -227,7 +229,7 @@ async def test_wait_for_one_replica_puts_the_reservation_on_the_replica(cluster:
     )
     for placed in placements:
         partition = int(placed.reservation_id.split("-")[0])
-        key = PartitionKeys(partition).reservation(placed.reservation_id)
+        key = PartitionKeys(partition, PARTITIONS).reservation(placed.reservation_id)
         replica = cluster.get_node_from_key(key, replica=True)
         assert replica is not None and replica.server_type == "replica"
         reader = node_client(cluster, replica)
@@ -297,7 +299,7 @@ async def test_after_a_failover_the_new_primary_gets_the_scripts_and_the_calls(
     await gateway.load_scripts()
     sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
     await open_sale(gateway, sale_id, stock=5, per_user_limit=5)
-    key = PartitionKeys(partition_of(sale_id, PARTITIONS)).sale(sale_id)
+    key = PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).sale(sale_id)
     replica = cluster.get_node_from_key(key, replica=True)
     assert replica is not None
     promoted = node_client(cluster, replica)
@@ -363,7 +365,7 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
     await gateway.load_scripts()
     sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
     await open_sale(gateway, sale_id, stock=60, per_user_limit=1)
-    key = PartitionKeys(partition_of(sale_id, PARTITIONS)).sale(sale_id)
+    key = PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).sale(sale_id)
     source = primary_of(cluster, sale_id)
     target = next(node for node in cluster.get_primaries() if node.name != source.name)
     slot = cluster.keyslot(key)

@@ -26,7 +26,7 @@ import pytest
 
 import core.events as ev
 from core.gateway import RedisGateway
-from core.keys import PartitionKeys, partition_of, partition_of_reservation
+from core.keys import partition_of, partition_of_reservation
 from projections.batch import project
 from projections.entries import LogEntry
 from projections.fold import SaleState, apply, fold
@@ -266,7 +266,7 @@ class RedisRules(EventRules):
         partition = partition_of_reservation(rid)
         assert partition is not None
         # Its deadline moved to the epoch: the hold time has passed, for this one alone.
-        deadlines = PartitionKeys(partition).deadlines
+        deadlines = self.gateway.keys_for_partition(partition).deadlines
         assert await self.gateway.client.zadd(deadlines, {rid: 0}, xx=True, ch=True) == 1
         assert await self.gateway.expire_due(partition) == (1, 0)
 

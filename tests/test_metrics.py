@@ -37,7 +37,9 @@ async def probe(own_redis: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(own_redis)
     await client.flushall()
     for p in range(PARTITIONS):  # a running service's streams and group
-        await client.xgroup_create(PartitionKeys(p).events, CONSUMER_GROUP, id="0", mkstream=True)
+        await client.xgroup_create(
+            PartitionKeys(p, PARTITIONS).events, CONSUMER_GROUP, id="0", mkstream=True
+        )
     yield client
     await client.aclose()
 
@@ -96,7 +98,7 @@ async def test_health_is_read_again_once_the_interval_has_passed(
     app = create_app(_settings(settings, own_redis, interval_ms=300))
     async with TestClient(TestServer(app)) as http:
         first = await (await http.get("/metrics")).text()
-        await probe.xadd(PartitionKeys(1).events, {"event": "x"})
+        await probe.xadd(PartitionKeys(1, PARTITIONS).events, {"event": "x"})
         await asyncio.gather(*(http.get("/metrics") for _ in range(10)))
         assert app[HEALTH].reads == 1  # cached, so the new entry is not seen yet
         await asyncio.sleep(0.4)

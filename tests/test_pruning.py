@@ -145,14 +145,14 @@ async def test_only_final_reservations_the_archive_holds_are_pruned(
 
     # A second round, and a round from scratch (checkpoints lost), change nothing.
     before = await dump(redis_client)
-    stream_lengths = [await redis_client.xlen(PartitionKeys(p).events) for p in range(4)]
+    stream_lengths = [await redis_client.xlen(PartitionKeys(p, 4).events) for p in range(4)]
     assert sum(r.pruned for r in await prune_reservations(gateway, pool, 0)) == 0
     async with pool.acquire() as conn:
         await conn.execute("DELETE FROM prune_checkpoints")
     again = await prune_reservations(gateway, pool, 0, batch=1)
     assert sum(r.pruned for r in again) == 3  # the same three, already gone: still gone
     assert await dump(redis_client) == before
-    assert [await redis_client.xlen(PartitionKeys(p).events) for p in range(4)] == stream_lengths
+    assert [await redis_client.xlen(PartitionKeys(p, 4).events) for p in range(4)] == stream_lengths
 
     # Once its final event is archived, the late one goes too; the pending one never does.
     await project_all(redis_client, pool, settings.partitions)
@@ -476,7 +476,7 @@ async def test_a_buyer_looping_reserve_cancel_leaves_memory_flat_once_pruned(
     await trim_streams(redis_client, pool, settings.partitions)
     streams = 0
     for p in range(settings.partitions):
-        streams += int(await redis_client.memory_usage(PartitionKeys(p).events, samples=0) or 0)
+        streams += int(await redis_client.memory_usage(PartitionKeys(p, 4).events, samples=0) or 0)
     print(
         f"\nreserve/cancel x{cycles}, MEMORY USAGE of every non-stream key: "
         f"baseline {baseline} B, before pruning {grown} B "

@@ -97,7 +97,7 @@ async def pending_rows(client: aioredis.Redis) -> list[tuple[str, int]]:
     rows: list[tuple[str, int]] = []
     for p in range(4):
         found = await client.xpending_range(
-            PartitionKeys(p).events, CONSUMER_GROUP, "-", "+", 10_000
+            PartitionKeys(p, 4).events, CONSUMER_GROUP, "-", "+", 10_000
         )
         rows += [(text(r["consumer"]), int(r["times_delivered"])) for r in found]
     return rows

@@ -46,7 +46,7 @@ async def replay(settings: Settings, *args: str) -> tuple[int, str, str]:
 
 
 def keys(sale_id: str) -> PartitionKeys:
-    return PartitionKeys(partition_of(sale_id, 4))
+    return PartitionKeys(partition_of(sale_id, 4), 4)
 
 
 def row_of(out: str, sale_id: str, field: str) -> list[str]:

@@ -20,7 +20,7 @@ from tests.helpers import open_sale
 async def log_events(client: aioredis.Redis, partitions: int) -> list[AnyEvent]:
     events: list[AnyEvent] = []
     for p in range(partitions):
-        for _, fields in await client.xrange(PartitionKeys(p).events) or []:
+        for _, fields in await client.xrange(PartitionKeys(p, partitions).events) or []:
             assert fields is not None
             events.append(parse_event(fields[b"event"]))
     return events

@@ -207,7 +207,7 @@ async def test_a_long_backlog_is_trimmed_one_chunk_per_xtrim(
         return int(stats.get("cmdstat_xtrim", {}).get("calls", 0))
 
     before = await xtrim_calls()
-    result = await trim_partition(redis_client, pool, 2, chunk=4)
+    result = await trim_partition(redis_client, pool, 2, 4, chunk=4)
     # 12 of 13 may go (the newest entry stays): three full chunks of 4, one XTRIM each, and
     # the last XTRIM finds nothing left below the newest entry.
     assert (result.trimmed, result.kept_from, result.stopped_by) == (12, ids[-1], "consumers")

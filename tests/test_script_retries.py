@@ -17,7 +17,6 @@ import redis.asyncio as aioredis
 
 from core.events import ReservationExpired
 from core.gateway import RedisGateway
-from core.keys import PartitionKeys
 from tests.helpers import open_sale
 from tests.http_helpers import log_events
 
@@ -154,4 +153,4 @@ async def test_expire_twice_expires_once_with_event_ids_of_the_reservations(
     expired = [e for e in await log_events(gateway) if isinstance(e, ReservationExpired)]
     assert sorted(e.event_id for e in expired) == sorted(f"{rid}:expired" for rid in rids)
     assert await gateway.expire_due(partition) == (0, 0)
-    assert not await redis_client.zcard(PartitionKeys(partition).deadlines)
+    assert not await redis_client.zcard(gateway.keys_for_partition(partition).deadlines)

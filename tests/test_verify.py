@@ -79,7 +79,7 @@ async def projected_sales(
 
 
 def sale_keys(sale_id: str) -> PartitionKeys:
-    return PartitionKeys(partition_of(sale_id, 4))
+    return PartitionKeys(partition_of(sale_id, 4), 4)
 
 
 # --- 1. clean -------------------------------------------------------------------------------

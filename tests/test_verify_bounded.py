@@ -4,8 +4,6 @@ the right answer when the sale changes while it is read in chunks."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
@@ -14,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.cli.launcher import EmbeddedRedis
+from bench.bench_verify import run_ahead
 from core.gateway import FENCE_LIMIT, RedisGateway, SaleRepair
 from core.keys import PartitionKeys
 from core.models import NewSale
@@ -35,17 +34,6 @@ from tests.test_lost_replies import lossy_client_of
 SLOW_US = 100_000
 RESERVATIONS = 50_000
 SALE = "big"
-
-
-def run_ahead(pid: int) -> None:
-    """Schedule a server's main thread ahead of ordinary processes where allowed (real-time
-    FIFO at the lowest priority, else the highest nice): SLOWLOG times commands by the wall
-    clock, and on a shared machine a command the scheduler pauses looks slow however cheap."""
-    try:
-        os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, pid, -15)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +158,7 @@ async def test_verify_and_repair_of_a_big_sale_keep_every_command_short(
 async def test_group_progress_reads_a_large_backlog_in_chunks(
     gateway: RedisGateway, redis_client: aioredis.Redis
 ):
-    stream = PartitionKeys(1).events
+    stream = gateway.keys_for_partition(1).events
     ids = [text(await redis_client.xadd(stream, {"event": "{}"})) for _ in range(25)]
     await redis_client.xgroup_create(stream, "g", id="0")
     await redis_client.xreadgroup("g", "c", {stream: ">"}, count=20)

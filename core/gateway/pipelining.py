@@ -115,7 +115,8 @@ class ScriptPipeline:
         self, script: AsyncScript, keys: list[str], args: list[Any]
     ) -> Replicated:
         """Like ``run``, then WAIT for ``wait_replicas`` replicas (at most
-        ``wait_timeout_ms``) on the connection that ran it: one WAIT per batch."""
+        ``wait_timeout_ms``) on the connection that ran it: one WAIT per batch (on a
+        cluster, per node of the batch)."""
         reply, acknowledged = await self._enqueue(script, keys, args, replicated=True)
         return Replicated(reply, acknowledged)
 

@@ -9,7 +9,7 @@ from core.errors import ReservationNotFound
 from core.events import to_ms
 from core.gateway.decode import reservation_view, text, time_of
 from core.gateway.scripts import GatewayBase
-from core.keys import PartitionKeys, partition_of_reservation
+from core.keys import partition_of_reservation
 from core.models import ReservationView, SaleStatus, SaleView
 
 
@@ -58,7 +58,7 @@ class Reads(GatewayBase):
         partition = partition_of_reservation(reservation_id)
         if partition is None or partition >= self.partitions:
             return None
-        key = PartitionKeys(partition).reservation(reservation_id)
+        key = self.keys_for_partition(partition).reservation(reservation_id)
 
         async def read() -> dict[Any, Any]:
             raw: dict[Any, Any] = await self.client.hgetall(key)

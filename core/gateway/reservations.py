@@ -10,10 +10,10 @@ from typing import Any
 import structlog
 
 from core.errors import InfrastructureError, NotReplicated, ReservationOutcomeUnknown, SoldOut
-from core.gateway.decode import time_of
+from core.gateway.decode import text, time_of
 from core.gateway.reads import Reads
 from core.gateway.scripts import OPERATION_TTL_SECONDS, answer_of, new_id
-from core.keys import HOLDERS_SUFFIX, PartitionKeys, partition_of_reservation
+from core.keys import PartitionKeys, partition_of_reservation
 from core.models import ReservationView
 
 log = structlog.get_logger(__name__)
@@ -167,7 +167,7 @@ class ReservationCommands(Reads):
         ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
         """
         view = await self._reservation_of(reservation_id, user_id)
-        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        keys = self.keys_for_partition(partition_of_reservation(reservation_id) or 0)
         operation = new_id()
         result = await self._run(
             self._confirm,
@@ -188,7 +188,7 @@ class ReservationCommands(Reads):
         ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
         """
         view = await self._reservation_of(reservation_id, user_id)
-        keys = PartitionKeys(partition_of_reservation(reservation_id) or 0)
+        keys = self.keys_for_partition(partition_of_reservation(reservation_id) or 0)
         operation = new_id()
         result = await self._run(
             self._cancel,
@@ -207,22 +207,45 @@ class ReservationCommands(Reads):
     async def expire_due(self, partition: int, limit: int = 200) -> tuple[int, int]:
         """Expire up to ``limit`` overdue reservations of a partition.
 
-        Returns ``(expired, still_due)``; call again at once while ``still_due`` > 0.
+        Reads the overdue ids (at most ``limit``, by Redis's clock) and the sale of each,
+        then runs ``expire.lua`` with every key it touches; the script checks each id
+        again, so a reservation confirmed, cancelled or expired by another worker
+        meanwhile is left as it is. Returns ``(expired, still_due)``; call again at once
+        while ``still_due`` > 0.
         """
-        keys = PartitionKeys(partition)
-        operation = new_id()
-        script_keys = [keys.deadlines, keys.events, keys.operation(operation)]
-        args: list[Any] = [
-            limit,
-            keys.reservation_prefix,
-            keys.sale_prefix,
-            HOLDERS_SUFFIX,
-            OPERATION_TTL_SECONDS,
-        ]
+        keys = self.keys_for_partition(partition)
+        due = await self._retrying(lambda: self._read_due(keys, limit), "redis expiry read")
+        if not due:
+            return 0, 0
+        sales = list(dict.fromkeys(sale for sale in due.values() if sale))
+        script_keys = [keys.deadlines, keys.events, keys.operation(new_id())]
+        script_keys += [keys.reservation(rid) for rid in due]
+        for sale in sales:
+            script_keys += [keys.sale(sale), keys.holders(sale)]
+        args: list[Any] = [OPERATION_TTL_SECONDS, len(due), *due, *sales]
 
         async def run() -> list[Any]:
             reply: list[Any] = await self.scripts.run(self._expire, script_keys, args)
             return reply
 
         expired, left = await self._retrying(run, "redis expiry")
-        return int(expired), int(left)
+        # A short read took every id due when it ran: what fell due since waits for the
+        # next sweep (so a reservation the script cannot expire never makes a caller spin).
+        return int(expired), (int(left) if len(due) == limit else 0)
+
+    async def _read_due(self, keys: PartitionKeys, limit: int) -> dict[str, str]:
+        """The first ``limit`` overdue reservation ids of a partition, each with its sale id
+        ("" when its hash is gone): two plain reads."""
+        seconds, micros = await self.client.time()
+        now = seconds * 1000 + micros // 1000
+        ids = [
+            text(rid)
+            for rid in await self.client.zrangebyscore(keys.deadlines, "-inf", now, 0, limit)
+        ]
+        if not ids:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for rid in ids:
+                pipe.hget(keys.reservation(rid), "sale_id")
+            sales: list[Any] = await pipe.execute()
+        return {rid: text(sale) if sale else "" for rid, sale in zip(ids, sales, strict=True)}

@@ -132,11 +132,15 @@ class GatewayBase:
 
     def keys_for_sale(self, sale_id: str) -> PartitionKeys:
         """Key builder of the partition that owns ``sale_id``."""
-        return PartitionKeys(partition_of(sale_id, self.partitions))
+        return self.keys_for_partition(partition_of(sale_id, self.partitions))
+
+    def keys_for_partition(self, partition: int) -> PartitionKeys:
+        """Key builder of partition ``partition`` (of this gateway's partitions)."""
+        return PartitionKeys(partition, self.partitions)
 
     def stream_names(self) -> list[str]:
         """Every partition's event stream, in partition order."""
-        return [PartitionKeys(p).events for p in range(self.partitions)]
+        return [self.keys_for_partition(p).events for p in range(self.partitions)]
 
     async def ping(self) -> bool:
         """True when Redis answers."""

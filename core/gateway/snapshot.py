@@ -76,7 +76,7 @@ class _StreamLog:
         self.gateway = gateway
 
     async def touched_since(self, sale_id: str, partition: int, after: str) -> Touched:
-        stream = PartitionKeys(partition).events
+        stream = self.gateway.keys_for_partition(partition).events
         touched = Touched(after)
         position = after
         while True:

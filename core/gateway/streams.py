@@ -11,7 +11,6 @@ from redis.exceptions import RedisError, ResponseError
 from core.errors import InfrastructureError
 from core.gateway.decode import entry_fields, text
 from core.gateway.scripts import GatewayBase
-from core.keys import PartitionKeys
 
 # Pending ids read per XPENDING command by ``group_progress``.
 PENDING_CHUNK = 500
@@ -45,7 +44,7 @@ class StreamReads(GatewayBase):
     ) -> AsyncIterator[tuple[str, dict[str, str]]]:
         """Yield ``(stream_id, fields)`` of a partition's stream after ``after``, in order
         (bytes that are not UTF-8 come out as ``\\xff`` escapes)."""
-        stream = PartitionKeys(partition).events
+        stream = self.keys_for_partition(partition).events
         start = f"({after}"
         while True:
             try:
@@ -67,7 +66,7 @@ class StreamReads(GatewayBase):
         and the stream's first id, read atomically (MULTI), so a trim that happens while a
         reader walks the stream shows up as a first id above the reader's position. Entries
         whose bytes are not UTF-8 are listed in ``undecodable``."""
-        stream = PartitionKeys(partition).events
+        stream = self.keys_for_partition(partition).events
         try:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.xrange(stream, min="-", max="+", count=1)
@@ -101,7 +100,7 @@ class StreamReads(GatewayBase):
         """
         progress: dict[int, GroupProgress] = {}
         for partition in range(self.partitions):
-            stream = PartitionKeys(partition).events
+            stream = self.keys_for_partition(partition).events
             try:
                 groups = await self.client.xinfo_groups(stream)
                 info = next((g for g in groups if text(g["name"]) == group), None)

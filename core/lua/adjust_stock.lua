@@ -1,10 +1,10 @@
 -- Add stock to a sale (delta > 0) or withdraw unsold stock (delta < 0, never below zero
 -- remaining), and append StockAdjusted, atomically.
 --
--- KEYS[1]  sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[2]  idempotency string   fs:{pN}:idem:stock:<sale_id>:<key>  (ignored when ARGV[5] is "")
--- KEYS[3]  partition stream     fs:{pN}:events
--- KEYS[4]  operation string     fs:{pN}:op:<event_id>  (set when applied, kept ARGV[6] s)
+-- KEYS[1]  sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[2]  idempotency string   fs:{tag}:idem-stock:<sale_id>:<key>  (ignored when ARGV[5] is "")
+-- KEYS[3]  partition stream     fs:{tag}:events
+-- KEYS[4]  operation string     fs:{tag}:op:<event_id>  (set when applied, kept ARGV[6] s)
 -- ARGV[1]  event_id (also the operation id)
 -- ARGV[2]  sale_id
 -- ARGV[3]  delta (non-zero integer)

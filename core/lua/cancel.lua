@@ -1,11 +1,11 @@
 -- Cancel a pending reservation at the buyer's request: the stock and the buyer's quota go
 -- back, atomically.
 --
--- KEYS[1]  reservation hash     fs:{pN}:res:<reservation_id>
--- KEYS[2]  sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[3]  holders hash         fs:{pN}:sale:<sale_id>:users
--- KEYS[4]  deadlines zset       fs:{pN}:deadlines
--- KEYS[5]  partition stream     fs:{pN}:events
+-- KEYS[1]  reservation hash     fs:{tag}:res:<reservation_id>
+-- KEYS[2]  sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[3]  holders hash         fs:{tag}:sale:<sale_id>:users
+-- KEYS[4]  deadlines zset       fs:{tag}:deadlines
+-- KEYS[5]  partition stream     fs:{tag}:events
 -- ARGV[1]  event_id (also the operation id, kept in the reservation's "ended_by")
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to

@@ -1,9 +1,9 @@
 -- Close a sale early: no further reservations are accepted; pending ones keep their
 -- payment window. Appends SaleClosed, atomically.
 --
--- KEYS[1]  sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[2]  partition stream     fs:{pN}:events
--- KEYS[3]  operation string     fs:{pN}:op:<event_id>  (set when closed, kept ARGV[3] s)
+-- KEYS[1]  sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[2]  partition stream     fs:{tag}:events
+-- KEYS[3]  operation string     fs:{tag}:op:<event_id>  (set when closed, kept ARGV[3] s)
 -- ARGV[1]  event_id (also the operation id)
 -- ARGV[2]  sale_id
 -- ARGV[3]  operation time-to-live in seconds

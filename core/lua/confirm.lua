@@ -1,9 +1,9 @@
 -- Confirm (pay for) a pending reservation inside its payment window, atomically.
 --
--- KEYS[1]  reservation hash     fs:{pN}:res:<reservation_id>
--- KEYS[2]  sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[3]  deadlines zset       fs:{pN}:deadlines
--- KEYS[4]  partition stream     fs:{pN}:events
+-- KEYS[1]  reservation hash     fs:{tag}:res:<reservation_id>
+-- KEYS[2]  sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[3]  deadlines zset       fs:{tag}:deadlines
+-- KEYS[4]  partition stream     fs:{tag}:events
 -- ARGV[1]  event_id (also the operation id, kept in the reservation's "ended_by")
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to, or "" (an admin confirms any)

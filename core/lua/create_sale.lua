@@ -1,8 +1,8 @@
 -- Create a sale and append SaleCreated to the partition's stream, in one atomic step.
 --
--- KEYS[1]  sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[2]  partition stream     fs:{pN}:events
--- KEYS[3]  operation string     fs:{pN}:op:<event_id>  (this call's outcome, kept ARGV[8] s)
+-- KEYS[1]  sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[2]  partition stream     fs:{tag}:events
+-- KEYS[3]  operation string     fs:{tag}:op:<event_id>  (this call's outcome, kept ARGV[8] s)
 -- ARGV[1]  event_id (also the operation id)
 -- ARGV[2]  sale_id
 -- ARGV[3]  stock (integer >= 0)

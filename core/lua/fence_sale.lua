@@ -6,12 +6,12 @@
 -- at the stream's current last id: every other value the client holds is still valid there.
 -- Its cost is bounded by the client's sets and ARGV[3], never by the size of the sale.
 --
--- KEYS[1]    sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[2]    holders hash         fs:{pN}:sale:<sale_id>:users
--- KEYS[3]    reservations set     fs:{pN}:sale:<sale_id>:reservations
--- KEYS[4]    deadlines zset       fs:{pN}:deadlines
--- KEYS[5]    partition stream     fs:{pN}:events
--- KEYS[5+j]  reservation hash     fs:{pN}:res:<id> of the j-th reservation id below
+-- KEYS[1]    sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[2]    holders hash         fs:{tag}:sale:<sale_id>:users
+-- KEYS[3]    reservations set     fs:{tag}:sale:<sale_id>:reservations
+-- KEYS[4]    deadlines zset       fs:{tag}:deadlines
+-- KEYS[5]    partition stream     fs:{tag}:events
+-- KEYS[5+j]  reservation hash     fs:{tag}:res:<id> of the j-th reservation id below
 -- ARGV[1]    sale_id
 -- ARGV[2]    stream position the client read the log up to ("0-0": nothing yet)
 -- ARGV[3]    most stream entries after ARGV[2] this script may read itself

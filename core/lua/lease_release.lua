@@ -1,6 +1,6 @@
 -- Give a lease back if the caller holds it (compare and delete).
 --
--- KEYS[1]  lease string         fs:{pN}:lease:<group>   (value: the holder's name)
+-- KEYS[1]  lease string         fs:{tag}:lease:<group>   (value: the holder's name)
 -- ARGV[1]  the caller's name
 --
 -- Safe to run again: a lease already given back, or taken by another, is left alone.

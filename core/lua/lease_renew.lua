@@ -1,6 +1,6 @@
 -- Renew a lease if the caller still holds it (compare and extend).
 --
--- KEYS[1]  lease string         fs:{pN}:lease:<group>   (value: the holder's name)
+-- KEYS[1]  lease string         fs:{tag}:lease:<group>   (value: the holder's name)
 -- ARGV[1]  the caller's name
 -- ARGV[2]  new time to live in milliseconds
 --

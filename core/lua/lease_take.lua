@@ -1,7 +1,7 @@
 -- Take a lease that is free, or that the caller already holds (a consumer restarted under
 -- its name takes its own leases back at once instead of waiting for them to expire).
 --
--- KEYS[1]  lease string         fs:{pN}:lease:<group>   (value: the holder's name)
+-- KEYS[1]  lease string         fs:{tag}:lease:<group>   (value: the holder's name)
 -- ARGV[1]  the caller's name
 -- ARGV[2]  time to live in milliseconds
 --

@@ -3,9 +3,9 @@
 -- sale's counters are not touched, and no event is appended: no domain state changes, the
 -- reservation stays in the log and in PostgreSQL's orders table.
 --
--- KEYS[1]       reservations set     fs:{pN}:sale:<sale_id>:reservations
--- KEYS[2i]      reservation hash     fs:{pN}:res:<ARGV[i]>
--- KEYS[2i+1]    buyer's set          fs:{pN}:sale:<sale_id>:user:<user_id of ARGV[i]>
+-- KEYS[1]       reservations set     fs:{tag}:sale:<sale_id>:reservations
+-- KEYS[2i]      reservation hash     fs:{tag}:res:<ARGV[i]>
+-- KEYS[2i+1]    buyer's set          fs:{tag}:sale:<sale_id>:user:<user_id of ARGV[i]>
 -- ARGV[i]       reservation_id, for i = 1 .. #ARGV  (#KEYS == 1 + 2 * #ARGV)
 --
 -- A reservation whose hash says confirmed, cancelled or expired is deleted and its id

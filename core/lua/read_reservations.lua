@@ -2,9 +2,9 @@
 -- Read-only; `RedisGateway.snapshot_sale` reads a sale's reservations through it, a bounded
 -- batch per call (one reply instead of a command per reservation).
 --
--- KEYS[1]    reservations set     fs:{pN}:sale:<sale_id>:reservations
--- KEYS[2]    deadlines zset       fs:{pN}:deadlines
--- KEYS[2+j]  reservation hash     fs:{pN}:res:<ARGV[j]>
+-- KEYS[1]    reservations set     fs:{tag}:sale:<sale_id>:reservations
+-- KEYS[2]    deadlines zset       fs:{tag}:deadlines
+-- KEYS[2+j]  reservation hash     fs:{tag}:res:<ARGV[j]>
 -- ARGV[j]    the j-th reservation id
 --
 -- Returns  a flat list repeating, per reservation in ARGV order: member ("1"/"0"), status,

@@ -7,12 +7,12 @@
 -- `flashsale replay repair --redis`; appends no event (it brings Redis back to what the log
 -- already says). Writing the same arguments twice leaves the same state.
 --
--- KEYS[1]    sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[2]    holders hash         fs:{pN}:sale:<sale_id>:users
--- KEYS[3]    reservations set     fs:{pN}:sale:<sale_id>:reservations
--- KEYS[4]    deadlines zset       fs:{pN}:deadlines
--- KEYS[5]    partition stream     fs:{pN}:events
--- KEYS[5+j]  reservation hash     fs:{pN}:res:<id> of the j-th record below
+-- KEYS[1]    sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[2]    holders hash         fs:{tag}:sale:<sale_id>:users
+-- KEYS[3]    reservations set     fs:{tag}:sale:<sale_id>:reservations
+-- KEYS[4]    deadlines zset       fs:{tag}:deadlines
+-- KEYS[5]    partition stream     fs:{tag}:events
+-- KEYS[5+j]  reservation hash     fs:{tag}:res:<id> of the j-th record below
 -- ARGV[1]    last stream id the fold reflects ("0-0" for an empty stream)
 -- ARGV[2]    sale_id
 -- then       F, and F field/value pairs set on the sale hash (counters and configuration)

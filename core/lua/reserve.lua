@@ -1,13 +1,14 @@
 -- Place a reservation: validate, hold the stock and append ReservationPlaced, atomically.
 --
--- KEYS[1]  sale hash            fs:{pN}:sale:<sale_id>
--- KEYS[2]  holders hash         fs:{pN}:sale:<sale_id>:users   (user_id -> qty held or bought)
--- KEYS[3]  idempotency string   fs:{pN}:idem:<sale_id>:<user_id>:<key>  (ignored when ARGV[7] is "")
--- KEYS[4]  reservation hash     fs:{pN}:res:<reservation_id>
--- KEYS[5]  reservations set     fs:{pN}:sale:<sale_id>:reservations
--- KEYS[6]  deadlines zset       fs:{pN}:deadlines
--- KEYS[7]  partition stream     fs:{pN}:events
--- KEYS[8]  buyer's reservations fs:{pN}:sale:<sale_id>:user:<user_id>  (set of ids)
+-- KEYS[1]  sale hash            fs:{tag}:sale:<sale_id>
+-- KEYS[2]  holders hash         fs:{tag}:sale:<sale_id>:users   (user_id -> qty held or bought)
+-- KEYS[3]  idempotency string   fs:{tag}:idem:<sale_id>:<user_id>:<key>
+--                                (ignored when ARGV[7] is "")
+-- KEYS[4]  reservation hash     fs:{tag}:res:<reservation_id>
+-- KEYS[5]  reservations set     fs:{tag}:sale:<sale_id>:reservations
+-- KEYS[6]  deadlines zset       fs:{tag}:deadlines
+-- KEYS[7]  partition stream     fs:{tag}:events
+-- KEYS[8]  buyer's reservations fs:{tag}:sale:<sale_id>:user:<user_id>  (set of ids)
 -- ARGV[1]  event_id
 -- ARGV[2]  sale_id
 -- ARGV[3]  user_id
