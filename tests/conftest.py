@@ -34,8 +34,9 @@ def servers() -> Iterator[ServerUrls]:
 
 @pytest.fixture(scope="session")
 def redis_cluster_url() -> Iterator[str]:
-    """URL of a Redis Cluster node for the session: FLASHSALE_REDIS_CLUSTER_URL, else an
-    embedded cluster of three primaries with a replica each."""
+    """URL of a Redis Cluster node for the session: FLASHSALE_REDIS_CLUSTER_URL (a cluster
+    of three primaries with a replica each, whose data the tests delete), else an embedded
+    one of that shape."""
     url = os.environ.get("FLASHSALE_REDIS_CLUSTER_URL")
     if url:
         yield url

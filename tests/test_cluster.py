@@ -113,6 +113,14 @@ async def test_the_url_of_a_cluster_node_gives_a_cluster_client(
     await single.aclose()
 
 
+async def test_the_partitions_spread_evenly_over_the_primaries(cluster: RedisCluster):
+    owners = collections.Counter(
+        cluster.get_node_from_key(PartitionKeys(p, PARTITIONS).events).name  # type: ignore[union-attr]
+        for p in range(PARTITIONS)
+    )
+    assert len(owners) == 3 and set(owners.values()) <= {5, 6}
+
+
 async def test_buyers_over_http_never_oversell_across_primaries(
     cluster: RedisCluster, cluster_settings: Settings
 ):
