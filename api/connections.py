@@ -69,8 +69,9 @@ def is_cluster(settings: Settings) -> bool:
     try:
         return _reports_cluster(settings.redis_url, settings.redis_socket_timeout_ms / 1000)
     except redis.RedisError as e:
-        # Not remembered: the next client built asks again.
-        log.warning("redis_cluster_unknown", error=str(e), assumed="single server")
+        # Not remembered: the next client built asks again. Quiet: the client's own first
+        # command meets the same error and reports it (a command line prints one line).
+        log.debug("redis_cluster_unknown", error=str(e), assumed="single server")
         return False
 
 

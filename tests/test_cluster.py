@@ -15,6 +15,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
 from api.cli.cluster import EmbeddedRedisCluster
+from api.cli.launcher import _free_port as free_port
 from api.connections import is_cluster, redis_client_for
 from api.web.app import create_app
 from core.errors import InfrastructureError
@@ -111,6 +112,10 @@ async def test_the_url_of_a_cluster_node_gives_a_cluster_client(
     single = redis_client_for(settings)
     assert isinstance(single, aioredis.Redis)
     await single.aclose()
+    # A node that does not answer is taken for a single server (its errors come later).
+    nobody = cluster_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    assert not is_cluster(nobody)
+    assert is_cluster(nobody.model_copy(update={"redis_cluster": "on"}))
 
 
 async def test_the_partitions_spread_evenly_over_the_primaries(cluster: RedisCluster):
