@@ -355,7 +355,9 @@ async def migrate_slot(
                 *keys,
             )  # fmt: skip
             await asyncio.sleep(pause)
-        for node in cluster.get_primaries():
+        # The target first, then the source (as redis-cli does), then the others.
+        others = [n for n in cluster.get_primaries() if n.name not in (source.name, target.name)]
+        for node in (target, source, *others):
             owner = node_client(cluster, node)
             try:
                 await command(owner, "CLUSTER SETSLOT", slot, "NODE", dst_id)
@@ -397,6 +399,31 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
     assert view.held <= 60 and view.held + view.remaining == 60
     assert len(placed) <= view.held  # an unknown outcome may hold a unit too
     assert primary_of(cluster, sale_id).name == target.name
+    await wait_until_settled(cluster)
+
+
+async def test_calls_bouncing_between_nodes_that_disagree_are_retried(cluster: RedisCluster):
+    gateway = gateway_on(cluster)
+    await gateway.load_scripts()
+    sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
+    slot = cluster.keyslot(PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).events)
+    source = primary_of(cluster, sale_id)
+    target = next(node for node in cluster.get_primaries() if node.name != source.name)
+    src, dst = node_client(cluster, source), node_client(cluster, target)
+    try:
+        # The (empty) slot given away by its owner, and taken by the target only a moment
+        # later: meanwhile each answers MOVED to the other.
+        await command(src, "CLUSTER SETSLOT", slot, "NODE", await command(dst, "CLUSTER MYID"))
+        creating = asyncio.ensure_future(open_sale(gateway, sale_id, stock=5))
+        await asyncio.sleep(0.05)
+        await command(dst, "CLUSTER SETSLOT", slot, "NODE", await command(dst, "CLUSTER MYID"))
+        view = await creating
+        assert view.stock == 5
+        assert primary_of(cluster, sale_id).name == target.name
+        assert await gateway.reserve(sale_id, "ann", 1, None)
+    finally:
+        await src.aclose()
+        await dst.aclose()
     await wait_until_settled(cluster)
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
     MaxConnectionsError,
     RedisClusterException,
@@ -39,9 +40,16 @@ T = TypeVar("T")
 # Errors after which a command may or may not have run: its reply was lost.
 LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
 # Errors of a command that did not run and may soon: no free connection in the pool (it is
-# a ConnectionError too, so it comes first); on a cluster, keys split by a slot being moved,
-# or a cluster in the middle of a failover (down, or a slot without a known owner).
-NOT_RUN = (MaxConnectionsError, TryAgainError, ClusterDownError, SlotNotCoveredError)
+# a ConnectionError too, so it comes first); on a cluster, a slot being moved (TRYAGAIN, and
+# MOVED or ASK still bouncing between nodes that do not yet agree where the slot is), or a
+# cluster in the middle of a failover (down, or a slot without a known owner).
+NOT_RUN = (
+    MaxConnectionsError,
+    TryAgainError,
+    AskError,  # MovedError too
+    ClusterDownError,
+    SlotNotCoveredError,
+)
 # How long create, close, stock adjustment and expiry remember an operation id's outcome:
 # far longer than any retry of the same call, short enough that the records take little
 # memory. (Confirm and cancel keep theirs in the reservation's hash.)
