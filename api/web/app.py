@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
@@ -26,6 +25,7 @@ from api.web.state import (
 from consumers.health import CachedHealth
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
+from core.gateway.clients import RedisClient
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -45,7 +45,7 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, client: aioredis.Redis | None = None, metrics: ApiMetrics | None = None
+    settings: Settings, client: RedisClient | None = None, metrics: ApiMetrics | None = None
 ) -> web.Application:
     """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``. Its metrics
     are its own unless ``metrics`` is given (an API worker's, summed over the workers)."""
