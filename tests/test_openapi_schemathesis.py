@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from api.web.app import create_app
 from api.web.auth import issue_token
 from api.web.metrics import ApiMetrics
 from api.web.openapi import PATH_EXAMPLES
-from core.models import MAX_STOCK
+from core.models import MAX_QTY, MAX_STOCK
 from core.settings import Settings
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET
 
@@ -169,12 +170,16 @@ def _tokens(role: str) -> dict[str, str]:
     return {"buyer": issue_token(JWT_SECRET, f"schemathesis-{role}", 3600), "admin": ADMIN_TOKEN}
 
 
-def load_schema(api: LiveApi, role: str) -> schemathesis.BaseSchema:
-    """The live document, with ``role``'s credentials on each call: the role's own scheme
-    where the operation takes it, else the scheme it takes (so a buyer run still opens
-    sales as the admin, and stateful testing reaches reservations)."""
+def load_schema(
+    api: LiveApi, role: str, document: dict[str, Any] | None = None
+) -> schemathesis.BaseSchema:
+    """The live document (or ``document`` instead, sent to the live service), with
+    ``role``'s credentials on each call: the role's own scheme where the operation takes it,
+    else the scheme it takes (so a buyer run still opens sales as the admin, and stateful
+    testing reaches reservations)."""
     config = schemathesis.Config.from_dict(
         {
+            "base-url": api.url,
             "checks": {"enabled": True},
             "phases": {
                 **{name: {"enabled": True} for name in PHASES},
@@ -184,7 +189,10 @@ def load_schema(api: LiveApi, role: str) -> schemathesis.BaseSchema:
             "seed": 20261130,
         }
     )
-    schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json", config=config)
+    if document is None:
+        schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json", config=config)
+    else:
+        schema = schemathesis.openapi.from_dict(document, config=config)
     tokens = _tokens(role)
     security = {
         f"{method.upper()} {path}": [name for need in operation["security"] for name in need]
@@ -223,11 +231,17 @@ class Run:
     errors: list[str]
 
 
-def run_schemathesis(api: LiveApi, role: str) -> Run:
+def run_schemathesis(
+    api: LiveApi, role: str, document: dict[str, Any] | None = None, only: str | None = None
+) -> Run:
     """Every phase of schemathesis's engine (what ``schemathesis run`` drives) against
-    ``api``, as ``role``."""
+    ``api``, as ``role``; with the live document unless ``document`` is given, on every
+    operation or ``only`` the one of this label."""
     started, before = time.monotonic(), api.answered()
-    schema = load_schema(api, role)
+    schema = load_schema(api, role, document)
+    if only is not None:
+        method, path = only.split(" ", 1)
+        schema = schema.include(method=method, path=path)
     phases: dict[str, str] = {}
     failures: list[str] = []
     errors: list[str] = []
@@ -276,3 +290,16 @@ def test_schemathesis_finds_no_failure(live_api: LiveApi, role: str) -> None:
     router = create_app(live_api.settings).router
     routes = {resource.canonical for resource in router.resources()}
     assert run.reached == routes, routes - run.reached
+
+
+def test_schemathesis_finds_a_document_that_drifted_from_the_code(live_api: LiveApi) -> None:
+    """The harness itself: a document that says more than the code does is caught. Here it
+    publishes a larger ``qty`` than ``ReservationRequest`` takes."""
+    drifted = json.loads(requests.get(f"{live_api.url}/openapi.json", timeout=10).text)
+    qty = drifted["components"]["schemas"]["ReservationRequest"]["properties"]["qty"]
+    qty["maximum"] = 2 * MAX_QTY
+    reserve = "POST /v1/sales/{sale_id}/reservations"
+    run = run_schemathesis(live_api, "buyer", drifted, only=reserve)
+    assert any(f"{reserve}: positive_data_acceptance" in failure for failure in run.failures), (
+        run.failures
+    )
