@@ -124,11 +124,30 @@ _OPERATIONS: dict[Callable[..., Any], Operation] = {}
 
 
 def documented(
-    summary: str, answers: tuple[Answer, ...] | Answer, **facts: Any
+    summary: str,
+    answers: tuple[Answer, ...] | Answer,
+    *,
+    auth: tuple[str, ...] = (),
+    body: type[BaseModel] | None = None,
+    body_required: bool = True,
+    idempotency_key: str | None = None,
+    problems: tuple[str, ...] = (),
+    description: str = "",
 ) -> Callable[[H], H]:
-    """Declare a view's operation for the document; the view itself is returned unchanged,
-    so a request pays nothing for it."""
-    operation = Operation(summary, answers if isinstance(answers, tuple) else (answers,), **facts)
+    """Declare a view's operation for the document (``auth``: the schemes of
+    ``SECURITY_SCHEMES`` it takes, any one; ``problems``: codes of
+    ``api.web.problems.problem_codes`` beyond those its auth and body imply). The view
+    itself is returned unchanged, so a request pays nothing for it."""
+    operation = Operation(
+        summary,
+        answers if isinstance(answers, tuple) else (answers,),
+        auth,
+        body,
+        body_required,
+        idempotency_key,
+        problems,
+        description,
+    )
 
     def register(handler: H) -> H:
         _OPERATIONS[handler] = operation
@@ -215,6 +234,9 @@ def _operation(
     catalogue: dict[str, int],
     ids: set[str],
 ) -> dict[str, Any]:
+    for scheme in operation.auth:
+        if scheme not in SECURITY_SCHEMES:
+            raise LookupError(f"{operation_id}: no security scheme {scheme!r}")
     parameters: list[dict[str, Any]] = []
     for name in re.findall(r"{(\w+)}", path):
         if name not in PATH_PATTERNS:
