@@ -187,6 +187,8 @@ def load_schema(
             },
             "generation": {"max-examples": MAX_EXAMPLES},
             "seed": 20261130,
+            # Each run starts afresh: no failures replayed from (or written to) a directory.
+            "cache": {"enabled": False},
         }
     )
     if document is None:
