@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
@@ -27,6 +26,7 @@ from redis.typing import EncodableT, FieldT
 from consumers.entries import decode_fields, readable, text, to_bytes
 from consumers.faults import describe, is_transient
 from core.events import parse_event
+from core.gateway.clients import RedisClient
 from core.keys import PartitionKeys, dead_letter_stream
 from projections.batch import project
 from projections.entries import LogEntry, parse_stream_id
@@ -120,7 +120,7 @@ def parse_parked(entry_id: bytes | str, raw: Mapping[bytes | str, bytes | str]) 
     )
 
 
-async def park(client: aioredis.Redis, record: Mapping[str, str]) -> str:
+async def park(client: RedisClient, record: Mapping[str, str]) -> str:
     """Append a record made by :func:`parked_record`; return its dead-letter id.
 
     Fields read from bytes that are not UTF-8 are written back as those bytes.
@@ -137,7 +137,7 @@ async def park(client: aioredis.Redis, record: Mapping[str, str]) -> str:
     return parked_id
 
 
-async def list_parked(client: aioredis.Redis, ids: Sequence[str] = ()) -> list[ParkedEntry]:
+async def list_parked(client: RedisClient, ids: Sequence[str] = ()) -> list[ParkedEntry]:
     """Every parked entry, oldest first, or only those with the given dead-letter ids."""
     if ids:
         found: list[ParkedEntry] = []
@@ -158,7 +158,7 @@ async def list_parked(client: aioredis.Redis, ids: Sequence[str] = ()) -> list[P
         start = f"({text(chunk[-1][0] or '')}"
 
 
-async def count_parked(client: aioredis.Redis) -> int:
+async def count_parked(client: RedisClient) -> int:
     """How many entries wait on the dead-letter stream."""
     return int(await client.xlen(dead_letter_stream()))
 
@@ -177,7 +177,7 @@ class RetryOutcome:
 
 
 async def _redrive(
-    client: aioredis.Redis, pool: asyncpg.Pool, partitions: int, entry: ParkedEntry
+    client: RedisClient, pool: asyncpg.Pool, partitions: int, entry: ParkedEntry
 ) -> RetryOutcome:
     streams = {PartitionKeys(p, partitions).events: p for p in range(partitions)}
     partition = streams.get(entry.stream)
@@ -208,7 +208,7 @@ async def _redrive(
 
 
 async def retry_parked(
-    client: aioredis.Redis, pool: asyncpg.Pool, partitions: int, ids: Sequence[str] = ()
+    client: RedisClient, pool: asyncpg.Pool, partitions: int, ids: Sequence[str] = ()
 ) -> list[RetryOutcome]:
     """Re-drive parked entries (every one, or those with the given dead-letter ids).
 
@@ -224,7 +224,7 @@ async def retry_parked(
     return outcomes
 
 
-async def drop_parked(client: aioredis.Redis, ids: Sequence[str]) -> int:
+async def drop_parked(client: RedisClient, ids: Sequence[str]) -> int:
     """Delete parked entries for good (say, bytes that will never parse); return how many."""
     if not ids:
         return 0

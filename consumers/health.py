@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from core.gateway.clients import RedisClient
 from core.keys import PartitionKeys, dead_letter_stream
 from projections.entries import parse_stream_id
 
@@ -100,9 +100,7 @@ class Health:
         return "\n".join(lines)
 
 
-async def _undelivered(
-    client: aioredis.Redis, stream: str, info: dict[str, Any], length: int
-) -> int:
+async def _undelivered(client: RedisClient, stream: str, info: dict[str, Any], length: int) -> int:
     """XINFO GROUPS ``lag``, or, where Redis cannot tell (older servers, deleted entries),
     the entries after the group's last delivered id, counted."""
     lag = info.get("lag")
@@ -121,7 +119,7 @@ async def _undelivered(
         start = f"({_text(chunk[-1][0] or '')}"
 
 
-async def read_health(client: aioredis.Redis, partitions: int) -> Health:
+async def read_health(client: RedisClient, partitions: int) -> Health:
     """Read consumer health from Redis (a few commands per partition)."""
     now_s, now_us = await client.time()
     now_ms = now_s * 1000 + now_us // 1000
@@ -165,7 +163,7 @@ class CachedHealth:
     its own, so that scrapes never take connections from the purchase path.
     """
 
-    def __init__(self, client: aioredis.Redis, partitions: int, interval: float) -> None:
+    def __init__(self, client: RedisClient, partitions: int, interval: float) -> None:
         self.client = client
         self.partitions = partitions
         self.interval = interval

@@ -22,7 +22,6 @@ import asyncio
 from dataclasses import dataclass
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
@@ -30,6 +29,7 @@ from consumers.entries import decode_fields, text
 from consumers.faults import is_transient
 from consumers.periodic import run_periodically
 from core.events import parse_event
+from core.gateway.clients import RedisClient
 from core.keys import PartitionKeys
 from projections.entries import parse_stream_id
 from projections.tables import events
@@ -74,7 +74,7 @@ def _event_id(raw: dict[bytes | str, bytes | str]) -> str | None:
         return None
 
 
-async def acknowledged_below(client: aioredis.Redis, stream: str) -> Position | None:
+async def acknowledged_below(client: RedisClient, stream: str) -> Position | None:
     """The position below which every group of ``stream`` acknowledged every entry.
 
     None when the stream has no group (or does not exist): then nobody has read anything.
@@ -97,12 +97,12 @@ async def acknowledged_below(client: aioredis.Redis, stream: str) -> Position | 
     return bound
 
 
-async def _trim_below(client: aioredis.Redis, stream: str, minid: Position) -> int:
+async def _trim_below(client: RedisClient, stream: str, minid: Position) -> int:
     return int(await client.xtrim(stream, minid=_id(minid), approximate=False))
 
 
 async def trim_partition(
-    client: aioredis.Redis,
+    client: RedisClient,
     pool: asyncpg.Pool,
     partition: int,
     partitions: int,
@@ -157,7 +157,7 @@ async def trim_partition(
 
 
 async def trim_streams(
-    client: aioredis.Redis, pool: asyncpg.Pool, partitions: int
+    client: RedisClient, pool: asyncpg.Pool, partitions: int
 ) -> list[TrimResult]:
     """Trim every partition stream; see the module docstring for what may go."""
     return [await trim_partition(client, pool, p, partitions) for p in range(partitions)]
@@ -167,7 +167,7 @@ class RetentionWorker:
     """Runs :func:`trim_streams` every ``interval`` seconds, the first time one interval in."""
 
     def __init__(
-        self, client: aioredis.Redis, pool: asyncpg.Pool, partitions: int, interval: float
+        self, client: RedisClient, pool: asyncpg.Pool, partitions: int, interval: float
     ) -> None:
         self.client = client
         self.pool = pool

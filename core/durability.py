@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
 from core.errors import DurabilityError, InfrastructureError
+from core.gateway.clients import RedisClient
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -37,7 +37,7 @@ class Persistence:
         return self.appendonly == "yes" and self.appendfsync == "always"
 
 
-async def read_persistence(client: aioredis.Redis) -> Persistence:
+async def read_persistence(client: RedisClient) -> Persistence:
     """CONFIG GET appendonly / appendfsync and the connected replica count.
 
     A server that refuses CONFIG (some managed services rename it) reports ``None``.
@@ -69,7 +69,7 @@ def durability_problem(settings: Settings, persistence: Persistence) -> str | No
     )
 
 
-async def check_durability(client: aioredis.Redis, settings: Settings) -> Persistence:
+async def check_durability(client: RedisClient, settings: Settings) -> Persistence:
     """Raise ``DurabilityError`` unless Redis persists writes as ``settings`` demand.
 
     Fewer connected replicas than ``wait_replicas`` is only logged: replicas may come

@@ -45,7 +45,17 @@ class Settings(BaseSettings):
     )
     partitions: int = Field(default=16, ge=1, le=1024)
     max_body_bytes: int = Field(default=16 * 1024, ge=256)
-    redis_pool_size: int = Field(default=200, ge=1)
+    redis_cluster: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Whether FLASHSALE_REDIS_URL names a Redis Cluster node. auto: ask the node"
+        " (INFO cluster) when the first client is built.",
+    )
+    redis_pool_size: int = Field(
+        default=200,
+        ge=1,
+        description="Redis connections per process (on a cluster: per node); a request waits"
+        " for a free one.",
+    )
     redis_socket_timeout_ms: int = Field(
         default=10_000,
         ge=100,

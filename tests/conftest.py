@@ -3,6 +3,7 @@ else embedded ones started by the project's own launcher. State is reset before 
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from typing import Any, Protocol
@@ -13,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
+from api.cli.cluster import EmbeddedRedisCluster
 from api.cli.launcher import ServerUrls, embedded_servers
 from api.web.app import create_app
 from consumers.projector import Projector
@@ -28,6 +30,20 @@ def servers() -> Iterator[ServerUrls]:
     env = Settings()
     with embedded_servers(env.redis_url, env.database_url) as urls:
         yield urls
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """URL of a Redis Cluster node for the session: FLASHSALE_REDIS_CLUSTER_URL (a cluster
+    of three primaries with a replica each, whose data the tests delete), else an embedded
+    one of that shape."""
+    url = os.environ.get("FLASHSALE_REDIS_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    cluster = EmbeddedRedisCluster()
+    yield cluster.start()
+    cluster.stop()
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from core.gateway.clients import RedisClient
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
 from core.settings import Settings
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET, text
@@ -246,9 +246,7 @@ async def cli_json(env: dict[str, str], *args: str) -> Any:
     return json.loads(out)
 
 
-async def group_pending(
-    client: aioredis.Redis, partitions: int, consumer: str | None = None
-) -> int:
+async def group_pending(client: RedisClient, partitions: int, consumer: str | None = None) -> int:
     """Entries pending in the projector group (of one consumer, if named), every stream."""
     total = 0
     for p in range(partitions):
@@ -266,7 +264,7 @@ async def group_pending(
     return total
 
 
-async def stream_length(client: aioredis.Redis, partitions: int) -> int:
+async def stream_length(client: RedisClient, partitions: int) -> int:
     """Entries in every partition stream."""
     return sum(
         [int(await client.xlen(PartitionKeys(p, partitions).events)) for p in range(partitions)]
@@ -286,7 +284,7 @@ async def order_ids(pool: asyncpg.Pool) -> set[str]:
         return {r["reservation_id"] for r in await conn.fetch("SELECT reservation_id FROM orders")}
 
 
-async def caught_up(client: aioredis.Redis, pool: asyncpg.Pool, partitions: int) -> bool:
+async def caught_up(client: RedisClient, pool: asyncpg.Pool, partitions: int) -> bool:
     """Every logged event archived and nothing pending in the projector group."""
     return await table_count(pool, "events") == await stream_length(
         client, partitions
@@ -301,13 +299,13 @@ def sale_in_partition(partition: int, partitions: int = 4, prefix: str = "sale")
     return f"{prefix}-{k}"
 
 
-async def entry_ids(client: aioredis.Redis, stream: str) -> list[str]:
+async def entry_ids(client: RedisClient, stream: str) -> list[str]:
     """The ids of every entry in ``stream``, oldest first."""
     entries = await client.xrange(stream) or []
     return [text(entry_id) for entry_id, _ in entries if entry_id is not None]
 
 
-async def newest_id(client: aioredis.Redis, stream: str) -> str:
+async def newest_id(client: RedisClient, stream: str) -> str:
     """The id of the newest entry in ``stream``."""
     entries = await client.xrevrange(stream, count=1) or []
     assert entries and entries[0][0] is not None, f"{stream} is empty"

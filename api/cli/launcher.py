@@ -336,10 +336,14 @@ class _EmbeddedServer:
         if self._root is not None:
             raise LauncherError(f"embedded {self._server} is already running")
         self._root = Path(tempfile.mkdtemp(prefix=prefix))
-        self._port = _free_port()
+        self._port = self._pick_port()
         with _live_lock:
             _live_servers.add(self)
         return self._root
+
+    def _pick_port(self) -> int:
+        """The port to listen on; a subclass may need more than a free one."""
+        return _free_port()
 
     @property
     def _log_path(self) -> Path:

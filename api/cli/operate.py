@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from api.connections import postgres_pool_for, redis_client_for
 from consumers.deadletter import ParkedEntry, drop_parked, list_parked, retry_parked
 from consumers.health import read_health
 from core.errors import ConfigurationError
+from core.gateway.clients import RedisClient
 from core.settings import Settings
 
 _ERROR_CHARS = 70
@@ -45,7 +45,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 @asynccontextmanager
-async def _redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+async def _redis(settings: Settings) -> AsyncIterator[RedisClient]:
     if not settings.redis_url:
         raise ConfigurationError("set FLASHSALE_REDIS_URL")
     client = redis_client_for(settings)

@@ -30,6 +30,7 @@ from consumers.retention import RetentionWorker
 from core.durability import check_durability
 from core.errors import ConfigurationError
 from core.gateway import RedisGateway
+from core.gateway.clients import RedisClient
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -51,7 +52,7 @@ class Services:
     """Connections shared by the parts running in one process."""
 
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     pool: asyncpg.Pool
     gateway: RedisGateway
 
@@ -101,6 +102,8 @@ def stop_on_signals() -> asyncio.Event:
 def projector_for(services: Services, **overrides: int) -> Projector:
     """A projector configured from the settings."""
     s = services.settings
+    if not isinstance(services.redis, aioredis.Redis):
+        raise ConfigurationError("the projector does not run on a Redis Cluster yet")
     return Projector(
         services.redis,
         services.pool,

@@ -3,14 +3,14 @@ parse, call the gateway, map errors."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
 from api.connections import postgres_pool_for, redis_client_for
-from api.web import reservations, sales, service
+from api.web import openapi, reservations, sales, service
 from api.web.metrics import ApiMetrics
 from api.web.problems import problems_middleware
 from api.web.sale_views import SaleViewCache
@@ -19,6 +19,7 @@ from api.web.state import (
     HEALTH,
     INFLIGHT,
     METRICS,
+    OPENAPI_JSON,
     ORDERS_POOL,
     SALE_VIEWS,
     SETTINGS,
@@ -26,6 +27,7 @@ from api.web.state import (
 from consumers.health import CachedHealth
 from core.errors import InfrastructureError
 from core.gateway import RedisGateway
+from core.gateway.clients import RedisClient
 from core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -45,7 +47,7 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, client: aioredis.Redis | None = None, metrics: ApiMetrics | None = None
+    settings: Settings, client: RedisClient | None = None, metrics: ApiMetrics | None = None
 ) -> web.Application:
     """Build the app; it opens (or borrows) its Redis client in ``cleanup_ctx``. Its metrics
     are its own unless ``metrics`` is given (an API worker's, summed over the workers)."""
@@ -99,4 +101,5 @@ def create_app(
     router.add_get("/readyz", service.readyz)
     router.add_get("/metrics", service.metrics_view)
     router.add_get("/openapi.json", service.openapi_view)
+    app[OPENAPI_JSON] = json.dumps(openapi.document(router))
     return app

@@ -16,8 +16,7 @@ Build it from the settings with ``RedisGateway.from_settings``.
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
+from core.gateway.clients import RedisClient
 from core.gateway.repair import Repairs, ReservationRecord, SaleRepair
 from core.gateway.reservations import Placed, ReservationCommands
 from core.gateway.sales import SaleCommands
@@ -32,7 +31,7 @@ class RedisGateway(SaleCommands, ReservationCommands, StreamReads, Snapshots, Re
 
     @classmethod
     def from_settings(
-        cls, client: aioredis.Redis, settings: Settings, *, retry: RetryPolicy | None = None
+        cls, client: RedisClient, settings: Settings, *, retry: RetryPolicy | None = None
     ) -> RedisGateway:
         """The gateway every process uses: partitions, Idempotency-Key TTL, sold-out hint
         and WAIT as ``settings`` say, lost replies retried by ``retry`` (default policy)."""
@@ -51,6 +50,7 @@ __all__ = [
     "FENCE_LIMIT",
     "GroupProgress",
     "Placed",
+    "RedisClient",
     "RedisGateway",
     "ReservationRecord",
     "RetryPolicy",

@@ -18,6 +18,23 @@ gets its own reply or its own error.
 - WAIT: calls that need their writes on replicas get one WAIT after the batch, on the same
   connection, which covers every write the connection made; each such caller gets the
   number of replicas that acknowledged.
+
+On a Redis Cluster the batch is a cluster pipeline: it sends each node its own calls, in
+order, on one connection of that node, so every caller still gets its own reply or error.
+What changes:
+
+- Each call goes to the node chosen here (the owner of its keys' slot), and redirections
+  come back as replies instead of being followed by redis-py on other connections, so
+  that a call runs where its WAIT looks. A call that met MOVED (the slot's owner is
+  recorded), ASK (it goes once more with ASKING before it, to the node named) or TRYAGAIN
+  (its keys are split by a slot being moved; a short pause first) did not run, and is
+  sent again in the next round, like one that met NOSCRIPT.
+- WAIT counts the replicas of one primary, for the writes of one connection: each node
+  that ran replicated calls gets its own WAIT, after its calls on the same connection.
+- NOSCRIPT comes from a node that lacks the scripts (a replica promoted by a failover
+  keeps the cache it had): they are loaded on every node again.
+- A connection that fails, or a cluster that says it is down, also makes the client read
+  the cluster's layout again before the callers retry.
 """
 
 from __future__ import annotations
@@ -26,12 +43,24 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
-# Rounds of "load the scripts again, send what met NOSCRIPT again" before giving up.
-NOSCRIPT_ROUNDS = 2
+from core.gateway.clients import RedisClient, load_everywhere, refresh_layout
+
+# Rounds of sending what did not run (NOSCRIPT; on a cluster MOVED, ASK, TRYAGAIN) again
+# before its caller is told why.
+ROUNDS = 5
+# Between rounds after a TRYAGAIN: the keys of a call are split by a slot being moved.
+TRYAGAIN_PAUSE_S = 0.05
 
 
 @dataclass(slots=True)
@@ -41,6 +70,11 @@ class _Call:
     args: list[Any]
     replicated: bool
     answer: asyncio.Future[Any]
+    #: Why the last round did not run it (NOSCRIPT, or on a cluster a redirection).
+    error: Exception | None = None
+    #: On a cluster: send ASKING first, to ``ask_node`` (host, port), which an ASK named.
+    asking: bool = False
+    ask_node: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +95,7 @@ class ScriptPipeline:
     """
 
     def __init__(
-        self, client: aioredis.Redis, wait_replicas: int = 0, wait_timeout_ms: int = 1000
+        self, client: RedisClient, wait_replicas: int = 0, wait_timeout_ms: int = 1000
     ) -> None:
         self.client = client
         self.wait_replicas = wait_replicas
@@ -81,7 +115,8 @@ class ScriptPipeline:
         self, script: AsyncScript, keys: list[str], args: list[Any]
     ) -> Replicated:
         """Like ``run``, then WAIT for ``wait_replicas`` replicas (at most
-        ``wait_timeout_ms``) on the connection that ran it: one WAIT per batch."""
+        ``wait_timeout_ms``) on the connection that ran it: one WAIT per batch (on a
+        cluster, per node of the batch)."""
         reply, acknowledged = await self._enqueue(script, keys, args, replicated=True)
         return Replicated(reply, acknowledged)
 
@@ -104,43 +139,127 @@ class ScriptPipeline:
     async def _send(self, batch: list[_Call]) -> None:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                missing = await self._round(pipe, batch)
-                for _ in range(NOSCRIPT_ROUNDS):
-                    if not missing:
+                again = await self._round(pipe, batch)
+                for _ in range(ROUNDS - 1):
+                    if not again:
                         return
-                    # They did not run: load the scripts again and send them once more.
-                    for script in {id(c.script): c.script for c in missing}.values():
-                        await self.client.script_load(script.script)
-                    missing = await self._round(pipe, missing)
-            _fail(missing, NoScriptError("NOSCRIPT again after loading the scripts"))
+                    # What did not run: after NOSCRIPT, load the scripts again; after
+                    # TRYAGAIN (a slot half moved), give the move a moment.
+                    noscript = [c for c in again if isinstance(c.error, NoScriptError)]
+                    for script in {id(c.script): c.script for c in noscript}.values():
+                        await load_everywhere(self.client, script.script)
+                    if any(isinstance(c.error, TryAgainError) for c in again):
+                        await asyncio.sleep(TRYAGAIN_PAUSE_S)
+                    again = await self._round(pipe, again)
+            for call in again:  # still not run: its caller decides (a retry, or a 503)
+                _fail([call], call.error or NoScriptError("NOSCRIPT"))
         except Exception as e:  # every caller still waiting learns what became of its call
+            await refresh_layout(self.client, e)
             _fail(batch, e)
 
     async def _round(self, pipe: Any, calls: list[_Call]) -> list[_Call]:
-        """Send ``calls`` in one pipeline and answer each of them, except those that met
-        NOSCRIPT, which it returns."""
-        wait = any(call.replicated for call in calls)
-        for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        if wait:
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-        replies = await pipe.execute(raise_on_error=False)
-        acknowledged: Any = replies.pop() if wait else 0
-        missing = []
-        for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                missing.append(call)
+        """Send ``calls`` in one pipeline and answer each of them, except those that did not
+        run (NOSCRIPT; on a cluster also MOVED, ASK and TRYAGAIN), which it returns with
+        ``error`` set, ready to be sent again."""
+        nodes = [self._node_for(call) for call in calls]
+        for call, node in zip(calls, nodes, strict=True):
+            evalsha = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+            if node is None:
+                pipe.execute_command(*evalsha)
+                continue
+            if call.asking:  # the slot is moving to ``node``: ASKING lets this call in
+                pipe.execute_command("ASKING", target_nodes=node)
+            # Raw, to the node chosen here: a cluster pipeline refuses its evalsha method.
+            pipe.execute_command(*evalsha, target_nodes=node)
+        waits = self._queue_waits(
+            pipe, {_name(n): n for c, n in zip(calls, nodes, strict=True) if c.replicated}
+        )
+        if isinstance(self.client, RedisCluster):
+            # Redirections come back as replies: a call must run where its WAIT goes.
+            replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+        else:
+            replies = await pipe.execute(raise_on_error=False)
+        acknowledged = dict(zip(waits, replies[len(replies) - len(waits) :], strict=True))
+        replies = _evalsha_replies(calls, nodes, replies)
+        if any(isinstance(reply, ClusterDownError) for reply in replies):
+            # A failover under way: its callers retry once the layout is read again.
+            await refresh_layout(self.client, ClusterDownError("CLUSTERDOWN"))
+        again = []
+        for call, node, reply in zip(calls, nodes, replies, strict=True):
+            call.asking = False
+            call.error = None
+            if isinstance(reply, NoScriptError | TryAgainError):
+                call.error = reply
+                again.append(call)
+            elif isinstance(reply, MovedError):  # (before AskError: MOVED is a kind of ASK)
+                assert isinstance(self.client, RedisCluster)
+                await self.client.nodes_manager.move_slot(reply)
+                call.error = reply
+                again.append(call)
+            elif isinstance(reply, AskError):
+                call.asking = True
+                call.ask_node = (reply.host, int(reply.port))
+                call.error = reply
+                again.append(call)
             elif call.answer.done():  # its caller was cancelled
                 continue
             elif isinstance(reply, Exception):
                 call.answer.set_exception(reply)
             elif not call.replicated:
                 call.answer.set_result(reply)
-            elif isinstance(acknowledged, Exception):
-                call.answer.set_exception(acknowledged)
+            elif isinstance(ack := acknowledged[_name(node)], Exception):
+                call.answer.set_exception(ack)
             else:
-                call.answer.set_result((reply, int(acknowledged)))
-        return missing
+                call.answer.set_result((reply, int(ack)))
+        return again
+
+    def _node_for(self, call: _Call) -> ClusterNode | None:
+        """The cluster node to send ``call`` to (None: the one server): the one an ASK
+        named, else the owner of its keys' slot."""
+        if not isinstance(self.client, RedisCluster):
+            return None
+        if call.asking and call.ask_node is not None:
+            host, port = call.ask_node
+            node = self.client.get_node(host=host, port=port)
+            if node is not None:
+                return node
+            call.asking = False  # a node the client does not know: ask the owner again
+        node = self.client.get_node_from_key(call.keys[0])
+        if node is None:
+            raise SlotNotCoveredError(f"no node serves the slot of {call.keys[0]!r}")
+        return node
+
+    def _queue_waits(
+        self, pipe: Any, nodes: dict[str | None, ClusterNode | None]
+    ) -> list[str | None]:
+        """Queue one WAIT per node that runs replicated calls, after those calls on the
+        same connection; returns their node names in order (None: the one server)."""
+        for node in nodes.values():
+            if node is None:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            else:
+                pipe.execute_command(
+                    "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
+                )
+        return list(nodes)
+
+
+def _name(node: ClusterNode | None) -> str | None:
+    return None if node is None else node.name
+
+
+def _evalsha_replies(
+    calls: list[_Call], nodes: list[ClusterNode | None], replies: list[Any]
+) -> list[Any]:
+    """Each call's EVALSHA reply, without the replies to the ASKING sent before some."""
+    mine = []
+    position = 0
+    for call, node in zip(calls, nodes, strict=True):
+        if node is not None and call.asking:
+            position += 1
+        mine.append(replies[position])
+        position += 1
+    return mine
 
 
 def _fail(calls: list[_Call], error: Exception) -> None:

@@ -142,7 +142,8 @@ class ReservationCommands(Reads):
 
         Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
         the primary all the same. WAIT covers the writes of its own connection only, so
-        both run on one (one WAIT after the calls of a coalesced batch covers them all);
+        both run on one (one WAIT after the calls of a coalesced batch covers them all; on
+        a cluster, one per primary, after that primary's calls);
         an answer that places nothing (a replayed Idempotency-Key, or a repeated run of
         this call) rewrites a value as it is (ARGV[8]), which puts the connection past the
         first placement's write and makes WAIT cover that too.

@@ -12,14 +12,22 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 import structlog
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.errors import REJECTIONS, InfrastructureError
+from core.gateway.clients import RedisClient, load_everywhere
 from core.gateway.decode import text
 from core.gateway.hints import SoldOutHints
 from core.gateway.pipelining import ScriptPipeline
@@ -31,6 +39,17 @@ T = TypeVar("T")
 
 # Errors after which a command may or may not have run: its reply was lost.
 LOST_REPLY = (RedisConnectionError, RedisTimeoutError)
+# Errors of a command that did not run and may soon: no free connection in the pool (it is
+# a ConnectionError too, so it comes first); on a cluster, a slot being moved (TRYAGAIN, and
+# MOVED or ASK still bouncing between nodes that do not yet agree where the slot is), or a
+# cluster in the middle of a failover (down, or a slot without a known owner).
+NOT_RUN = (
+    MaxConnectionsError,
+    TryAgainError,
+    AskError,  # MovedError too
+    ClusterDownError,
+    SlotNotCoveredError,
+)
 # How long create, close, stock adjustment and expiry remember an operation id's outcome:
 # far longer than any retry of the same call, short enough that the records take little
 # memory. (Confirm and cancel keep theirs in the reservation's hash.)
@@ -68,7 +87,7 @@ class GatewayBase:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         partitions: int,
         idempotency_ttl: int,
         sold_out_hint_seconds: float = 0.0,
@@ -115,7 +134,7 @@ class GatewayBase:
         )
         try:
             for script in scripts:
-                await self.client.script_load(script.script)
+                await load_everywhere(self.client, script.script)
         except RedisError as e:
             raise InfrastructureError(f"cannot load the Lua scripts into redis: {e}") from e
 
@@ -135,7 +154,7 @@ class GatewayBase:
         """True when Redis answers."""
         try:
             return bool(await self.client.ping())
-        except RedisError:
+        except (RedisError, RedisClusterException):
             return False
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -156,6 +175,11 @@ class GatewayBase:
         while True:
             try:
                 return await call()
+            except NOT_RUN as e:  # not run, and may soon: wait and try again
+                spent = time.monotonic() - started
+                if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
+                    raise InfrastructureError(f"{what}: redis busy: {e!r}") from e
+                log.warning("redis_busy", what=what, attempt=attempt, error=repr(e))
             except LOST_REPLY as e:
                 spent = time.monotonic() - started
                 if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
@@ -163,7 +187,7 @@ class GatewayBase:
                         f"{what}: no reply from redis after {attempt} attempts: {e}"
                     ) from e
                 log.warning("redis_reply_lost", what=what, attempt=attempt, error=str(e))
-            except RedisError as e:
+            except (RedisError, RedisClusterException) as e:
                 raise InfrastructureError(f"{what} failed: {e}") from e
             await asyncio.sleep(delay)
             delay *= 2
