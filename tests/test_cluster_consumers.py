@@ -1,0 +1,226 @@
+"""The consumers on a real Redis Cluster (three primaries, a replica each): the projector,
+its leases, the expiry worker, retention, consumer health and the dead-letter stream, in
+this process and as a real ``flashsale consume``."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from api.connections import redis_client_for
+from consumers.deadletter import list_parked
+from consumers.expiry import ExpiryWorker
+from consumers.health import read_health
+from consumers.projector import Projector
+from consumers.retention import trim_streams
+from core.gateway import RedisGateway
+from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
+from core.settings import Settings
+from tests.daemons import (
+    cli_json,
+    env_for,
+    eventually,
+    running,
+    start,
+    stop_all,
+    stream_length,
+    terminate,
+    wait_started,
+)
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale, place
+
+PARTITIONS = 16
+
+
+@pytest.fixture
+def cluster_settings(redis_cluster_url: str, settings: Settings) -> Settings:
+    return Settings(
+        redis_url=redis_cluster_url,
+        database_url=settings.database_url,
+        admin_token=ADMIN_TOKEN,
+        jwt_secret=JWT_SECRET,
+        partitions=PARTITIONS,
+        redis_pool_size=50,
+        sale_view_cache_ms=0,
+    )
+
+
+@pytest.fixture
+async def cluster(cluster_settings: Settings) -> AsyncIterator[RedisCluster]:
+    """A cluster client, every primary empty."""
+    client = redis_client_for(cluster_settings)
+    assert isinstance(client, RedisCluster)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def gateway(cluster: RedisCluster) -> RedisGateway:
+    gateway = RedisGateway(cluster, PARTITIONS, 3600)
+    await gateway.load_scripts()
+    return gateway
+
+
+def primary_of(client: RedisCluster, sale_id: str) -> str:
+    node = client.get_node_from_key(
+        PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).sale(sale_id)
+    )
+    assert node is not None
+    return node.name
+
+
+def sales_on_every_primary(client: RedisCluster, per_primary: int) -> list[str]:
+    """Sale ids whose partitions live on every primary, ``per_primary`` on each."""
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for i in range(1000):
+        sale_id = f"sale-{i}"
+        owner = found[primary_of(client, sale_id)]
+        if len(owner) < per_primary:
+            owner.append(sale_id)
+    assert len(found) == 3 and all(len(ids) == per_primary for ids in found.values())
+    return [sale_id for ids in zip(*found.values(), strict=True) for sale_id in ids]
+
+
+async def counts(pool: asyncpg.Pool) -> dict[str, int]:
+    """Orders by status, and archived events, and events archived more than once."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT status, count(*) FROM orders GROUP BY status")
+        archived = await conn.fetchval("SELECT count(*) FROM events")
+        twice = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT partition, stream_id FROM events"
+            " GROUP BY partition, stream_id HAVING count(*) > 1) AS t"
+        )
+    return {str(r["status"]): int(r["count"]) for r in rows} | {
+        "events": int(archived),
+        "twice": int(twice),
+    }
+
+
+async def test_the_consumers_project_expire_trim_and_park_on_a_cluster(
+    cluster: RedisCluster, gateway: RedisGateway, pool: asyncpg.Pool
+):
+    sales = sales_on_every_primary(cluster, per_primary=2)
+    for sale_id in sales:
+        await open_sale(gateway, sale_id, stock=10, hold_seconds=600)
+    placed = [rid for sale_id in sales for rid in await place(gateway, sale_id, ["a", "b", "c"])]
+    short = sales[0]
+    await open_sale(gateway, "short-hold", stock=5, hold_seconds=1)
+    (held,) = await place(gateway, "short-hold", ["d"])
+    # Bytes that are not UTF-8, on a stream of another primary than the first sale's.
+    odd = PartitionKeys(partition_of(sales[1], PARTITIONS), PARTITIONS).events
+    await cluster.xadd(odd, {b"event": b"\xff\xfe not utf-8"})
+
+    # Two projectors sharing the partitions by leases, and the expiry worker.
+    projectors = [
+        Projector(
+            cluster,
+            pool,
+            PARTITIONS,
+            consumer=f"c{i}",
+            block_ms=100,
+            claim_idle_ms=1000,
+            lease_ms=1500,
+        )
+        for i in range(2)
+    ]
+    expiry = ExpiryWorker(gateway, interval=0.1)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(p.run(stop)) for p in projectors]
+    tasks.append(asyncio.create_task(expiry.run(stop)))
+    try:
+
+        async def projected() -> bool:
+            c = await counts(pool)
+            return (
+                c.get("pending", 0) == len(placed)
+                and c.get("expired", 0) == 1
+                and c["events"] == await stream_length(cluster, PARTITIONS) - 1
+            )
+
+        await eventually(projected, 20, "the events did not reach PostgreSQL")
+        both = [p.leases.owned for p in projectors if p.leases]
+        assert not both[0] & both[1] and len(both[0] | both[1]) == PARTITIONS
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert expiry.expired == 1
+    c = await counts(pool)
+    # sales + reservations + the expiry, each archived once; the odd entry parked.
+    assert c["events"] == len(sales) + 1 + len(placed) + 1 + 1 and c["twice"] == 0
+    async with pool.acquire() as conn:
+        status = await conn.fetchval("SELECT status FROM orders WHERE reservation_id = $1", held)
+        ids = {r["reservation_id"] for r in await conn.fetch("SELECT reservation_id FROM orders")}
+    assert status == "expired" and ids == {*placed, held}
+    (parked,) = await list_parked(cluster)
+    assert parked.undecodable and parked.stream == odd
+    assert sum(p.dead_lettered for p in projectors) == 1
+
+    health = await read_health(cluster, PARTITIONS)
+    assert len(health.groups) == PARTITIONS and sum(g.lag for g in health.groups) == 0
+    assert health.dead_letters == 1
+    # Everything acknowledged and archived goes, but each stream's newest entry stays.
+    results = await trim_streams(cluster, pool, PARTITIONS)
+    assert sum(r.trimmed for r in results) > 0
+    for p in range(PARTITIONS):
+        assert await cluster.xlen(PartitionKeys(p, PARTITIONS).events) <= 1
+    # Health reads the lag of an entry no consumer has read yet.
+    await place(gateway, short, ["e"])
+    lagging = await read_health(cluster, PARTITIONS)
+    assert sum(g.lag for g in lagging.groups) == 1
+
+
+async def test_flashsale_consume_runs_on_a_cluster(
+    cluster: RedisCluster,
+    gateway: RedisGateway,
+    pool: asyncpg.Pool,
+    cluster_settings: Settings,
+    tmp_path: Path,
+):
+    sales = sales_on_every_primary(cluster, per_primary=1)
+    for sale_id in sales:
+        await open_sale(gateway, sale_id, stock=10)
+    placed = [rid for sale_id in sales for rid in await place(gateway, sale_id, ["a", "b"])]
+    odd = PartitionKeys(partition_of(sales[2], PARTITIONS), PARTITIONS).events
+    await cluster.xadd(odd, {b"event": b"\xff not utf-8"})
+    env = env_for(
+        cluster_settings.redis_url or "",
+        cluster_settings.database_url or "",
+        PARTITIONS,
+        FLASHSALE_RETENTION_INTERVAL_MS="300",
+    )
+    log_path = tmp_path / "consume.log"
+    proc = start(["consume"], env, log_path)
+    try:
+        await wait_started(proc, log_path)
+        alive = running((proc, log_path))
+
+        async def projected() -> bool:
+            c = await counts(pool)
+            return c.get("pending", 0) == len(placed)
+
+        await eventually(projected, 20, "the events did not reach PostgreSQL", alive)
+        placed += await place(gateway, sales[-1], ["c"])
+        await eventually(projected, 20, "a later event did not reach PostgreSQL", alive)
+
+        async def trimmed() -> bool:
+            return await stream_length(cluster, PARTITIONS) <= len(sales)
+
+        await eventually(trimmed, 20, "retention did not trim the streams", alive)
+        report = await cli_json(env, "status")
+        assert report["lag"] == 0 and report["dead_letters"] == 1
+        assert {g["group"] for g in report["groups"]} == {CONSUMER_GROUP}
+        assert len(report["groups"]) == PARTITIONS
+        (parked,) = await cli_json(env, "dlq", "list")
+        assert parked["stream"] == odd and parked["undecodable"]
+        assert await terminate(proc) == 0, log_path.read_text()[-3000:]
+    finally:
+        stop_all(proc)
+    c = await counts(pool)
+    assert c["twice"] == 0 and c["events"] == len(sales) + len(placed)
