@@ -222,7 +222,17 @@ class Projector:
                 return stream, entries
             return stream, []
 
-        return list(await asyncio.gather(*(one(s, after) for s, after in streams.items())))
+        replies = await asyncio.gather(
+            *(one(s, after) for s, after in streams.items()), return_exceptions=True
+        )
+        read = [r for r in replies if not isinstance(r, BaseException)]
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        if errors and not any(entries for _, entries in read):
+            raise errors[0]
+        for error in errors:
+            # What the other streams delivered is handled now; this one is read again next.
+            log.warning("stream_read_failed", error=str(error), error_type=type(error).__name__)
+        return read
 
     async def _poll_new(self, reading: list[str], block: int) -> list[Delivery]:
         """:meth:`read_new` on a cluster: every stream read on its own, again every

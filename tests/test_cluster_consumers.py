@@ -19,9 +19,12 @@ from consumers.expiry import ExpiryWorker
 from consumers.health import read_health
 from consumers.projector import Projector
 from consumers.retention import trim_streams
+from core.durability import check_durability, read_persistence
+from core.errors import DurabilityError
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
 from core.settings import Settings
+from projections.verify import verify
 from tests.daemons import (
     cli_json,
     env_for,
@@ -170,6 +173,10 @@ async def test_the_consumers_project_expire_trim_and_park_on_a_cluster(
     assert sum(r.trimmed for r in results) > 0
     for p in range(PARTITIONS):
         assert await cluster.xlen(PartitionKeys(p, PARTITIONS).events) <= 1
+    # replay verify reads the archive below each trimmed stream, the stream after it.
+    report = await verify(gateway, pool)
+    assert report.clean, report.differences
+    assert (report.sales, report.events, report.malformed) == (len(sales) + 1, c["events"], 1)
     # Health reads the lag of an entry no consumer has read yet.
     await place(gateway, short, ["e"])
     lagging = await read_health(cluster, PARTITIONS)
@@ -224,3 +231,26 @@ async def test_flashsale_consume_runs_on_a_cluster(
         stop_all(proc)
     c = await counts(pool)
     assert c["twice"] == 0 and c["events"] == len(sales) + len(placed)
+
+
+async def test_the_durability_check_asks_every_primary(
+    cluster: RedisCluster, cluster_settings: Settings
+):
+    strict = cluster_settings.model_copy(update={"durability": "strict"})
+    primaries = cluster.get_primaries()
+    assert len(primaries) == 3
+    persistence = await read_persistence(cluster)
+    assert persistence.replicas == 1 and not persistence.fsyncs_every_write
+    try:
+        for node in primaries[:2]:
+            await cluster.config_set("appendonly", "yes", target_nodes=node)
+            await cluster.config_set("appendfsync", "always", target_nodes=node)
+        with pytest.raises(DurabilityError, match="appendonly=no"):
+            await check_durability(cluster, strict)  # the third primary falls short
+        await cluster.config_set("appendonly", "yes", target_nodes=primaries[2])
+        await cluster.config_set("appendfsync", "always", target_nodes=primaries[2])
+        assert (await check_durability(cluster, strict)).fsyncs_every_write
+    finally:
+        for node in primaries:
+            await cluster.config_set("appendonly", "no", target_nodes=node)
+            await cluster.config_set("appendfsync", "everysec", target_nodes=node)
