@@ -18,6 +18,7 @@ from consumers.deadletter import list_parked
 from consumers.expiry import ExpiryWorker
 from consumers.health import read_health
 from consumers.projector import Projector
+from consumers.pruning import prune_reservations
 from consumers.retention import trim_streams
 from core.durability import check_durability, read_persistence
 from core.errors import DurabilityError
@@ -254,3 +255,44 @@ async def test_the_durability_check_asks_every_primary(
         for node in primaries:
             await cluster.config_set("appendonly", "no", target_nodes=node)
             await cluster.config_set("appendfsync", "everysec", target_nodes=node)
+
+
+async def test_pending_entries_are_resumed_and_reclaimed_then_pruned_on_a_cluster(
+    cluster: RedisCluster, gateway: RedisGateway, pool: asyncpg.Pool
+):
+    sales = sales_on_every_primary(cluster, per_primary=1)
+    for sale_id in sales:
+        await open_sale(gateway, sale_id, stock=10)
+    placed = {sale_id: await place(gateway, sale_id, ["a", "b"]) for sale_id in sales}
+    # A consumer takes every entry and dies holding them.
+    dead = Projector(cluster, pool, PARTITIONS, consumer="dead", claim_idle_ms=200)
+    await dead.ensure_groups()
+    taken = await dead.read_new(block_ms=0)
+    assert len(taken) == 3 * len(sales)
+    # Back under its name, it resumes at once what it held.
+    again = Projector(cluster, pool, PARTITIONS, consumer="dead", claim_idle_ms=200)
+    resume = dict.fromkeys(again.streams, "0")
+    held = await again.read_own(resume)
+    assert {d.position for d in held} == {d.position for d in taken}
+    assert {d.deliveries for d in held} == {2}  # a delivery from its history counts too
+    # Another consumer reclaims them once idle, counting the delivery.
+    await asyncio.sleep(0.3)
+    other = Projector(cluster, pool, PARTITIONS, consumer="other", claim_idle_ms=200)
+    reclaimed = await other.claim_stale()
+    assert {d.position for d in reclaimed} == {d.position for d in taken}
+    assert {d.deliveries for d in reclaimed} == {3}
+    assert await other.handle(reclaimed) == len(taken)
+    health = await read_health(cluster, PARTITIONS)
+    assert sum(g.lag for g in health.groups) == 0
+
+    # Final reservations go from Redis once PostgreSQL has their final event.
+    for first, second in placed.values():
+        assert await gateway.confirm(first, "a")
+        assert await gateway.cancel(second, "b")
+    while deliveries := await other.read_new(block_ms=0):
+        await other.handle(deliveries)
+    results = await prune_reservations(gateway, pool, keep_seconds=0)
+    assert sum(r.pruned for r in results) == 2 * len(sales)
+    for sale_id, ids in placed.items():
+        keys = PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS)
+        assert not await cluster.exists(*[keys.reservation(rid) for rid in ids])
