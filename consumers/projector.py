@@ -215,9 +215,7 @@ class Projector:
         for each stream of ``streams`` (name -> id to read after)."""
 
         async def one(stream: str, after: str) -> tuple[str, Sequence[RawEntry]]:
-            reply: Any = await self.client.xreadgroup(
-                self.group, self.consumer, {stream: after}, count=self.batch
-            )
+            reply: Any = await self._read_one(stream, after)
             for _, entries in reply or []:
                 return stream, entries
             return stream, []
@@ -233,6 +231,30 @@ class Projector:
             # What the other streams delivered is handled now; this one is read again next.
             log.warning("stream_read_failed", error=str(error), error_type=type(error).__name__)
         return read
+
+    async def _read_one(self, stream: str, after: str) -> Any:
+        """XREADGROUP on one stream of a cluster, sent straight to the node that owns its
+        slot: redis-py would otherwise ask a node for the command's keys (COMMAND GETKEYS,
+        twice) before every read. A MOVED reply is followed as usual: the client updates
+        its slot table and sends the read to the new owner."""
+        assert isinstance(self.client, RedisCluster)
+        node = self.client.get_node_from_key(stream)
+        if node is None:  # the client has not read the cluster's layout yet
+            return await self.client.xreadgroup(
+                self.group, self.consumer, {stream: after}, count=self.batch
+            )
+        return await self.client.execute_command(
+            "XREADGROUP",
+            "GROUP",
+            self.group,
+            self.consumer,
+            "COUNT",
+            self.batch,
+            "STREAMS",
+            stream,
+            after,
+            target_nodes=node,
+        )
 
     async def _poll_new(self, reading: list[str], block: int) -> list[Delivery]:
         """:meth:`read_new` on a cluster: every stream read on its own, again every

@@ -296,3 +296,23 @@ async def test_pending_entries_are_resumed_and_reclaimed_then_pruned_on_a_cluste
     for sale_id, ids in placed.items():
         keys = PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS)
         assert not await cluster.exists(*[keys.reservation(rid) for rid in ids])
+
+
+async def test_the_projector_follows_a_moved_slot(
+    cluster: RedisCluster, gateway: RedisGateway, pool: asyncpg.Pool
+):
+    sales = sales_on_every_primary(cluster, per_primary=1)
+    for sale_id in sales:
+        await open_sale(gateway, sale_id, stock=10)
+    projector = Projector(cluster, pool, PARTITIONS, consumer="c", block_ms=0)
+    await projector.ensure_groups()
+    # The client believes another primary holds the first sale's partition (as after a
+    # slot moved without it noticing): its read there meets MOVED and is sent on.
+    stream = PartitionKeys(partition_of(sales[0], PARTITIONS), PARTITIONS).events
+    slot = cluster.keyslot(stream)
+    owner = cluster.nodes_manager.slots_cache[slot][0]
+    elsewhere = next(n for n in cluster.get_primaries() if n.name != owner.name)
+    cluster.nodes_manager.slots_cache[slot] = [elsewhere]
+    read = await projector.read_new()
+    assert {d.partition for d in read} == {partition_of(s, PARTITIONS) for s in sales}
+    assert cluster.nodes_manager.slots_cache[slot][0].name == owner.name
