@@ -16,6 +16,8 @@ pools open) until PostgreSQL holds every event: until the group's checkpoints, p
 20 ms, reach each stream's last entry (a checkpoint commits with its batch, so that is the
 moment). A ``count(*)`` of the archive every 20 ms, as before, took about 1.5 s of
 PostgreSQL CPU per 100,000 events from the consumers of a 2-core machine.
+Besides the consumers' CPU per event it prints their PostgreSQL backends' (from ``/proc``,
+when the server runs on this machine).
 
 ``latency``: the projector processes running, ``--placers`` other processes place
 reservations through the gateway (the reserve script) at a fixed rate in all and note when
@@ -34,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
 import sys
 import time
 import uuid
@@ -46,7 +49,7 @@ import redis.asyncio as aioredis
 
 from api.cli.launcher import embedded_servers
 from consumers.entries import text
-from consumers.projector import Delivery, Projector
+from consumers.projector import Delivery, Prepared, Projector
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
 from core.models import NewSale
@@ -116,6 +119,28 @@ class ConsumerRun:
     projected: int
     cpu: float
     committed: dict[str, float]
+    backend_cpu: float | None = None  # its PostgreSQL backends' CPU seconds, if readable
+
+
+def process_cpu(pids: Sequence[int]) -> float | None:
+    """CPU seconds (user and system) of the processes ``pids`` of this machine, from
+    ``/proc``; None where that cannot be read (another machine's server, another OS)."""
+    total = 0.0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+async def backend_pids(pool: asyncpg.Pool, size: int) -> list[int]:
+    """The server process ids of the pool's ``size`` connections (all opened now)."""
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(pool.acquire()) for _ in range(size)]
+        return [await conn.fetchval("SELECT pg_backend_pid()") for conn in conns]
 
 
 async def consume(
@@ -137,17 +162,22 @@ async def consume(
     projector.committed = {}
     projector.stamping = options.mode == "latency"
     await projector.ensure_groups()
+    backends = await backend_pids(pool, 2)
     ready.send("ready")
     await asyncio.to_thread(go.wait)
     cpu = time.process_time()
+    backend_cpu = process_cpu(backends)
     stopped = asyncio.Event()
     task = asyncio.create_task(projector.run(stopped))
     await asyncio.to_thread(stop.wait)
     stopped.set()
     await task
+    cpu = time.process_time() - cpu
+    after = process_cpu(backends)
     await pool.close()
     await client.aclose()
-    return ConsumerRun(projector.projected, time.process_time() - cpu, projector.committed)
+    spent = None if after is None or backend_cpu is None else after - backend_cpu
+    return ConsumerRun(projector.projected, cpu, projector.committed, spent)
 
 
 def consumer_process(
@@ -268,12 +298,23 @@ async def throughput(settings: Settings, args: argparse.Namespace) -> None:
         print(
             f"projected {total:,} events with {args.consumers} consumer process(es),"
             f" batch {args.batch}: {seconds:.2f} s, {total / seconds:,.0f} events/s"
-            f" (events {archived:,}, orders {orders:,}, new {sum(r.projected for r in runs):,});"
-            f" consumers' CPU {cpu * 1e6 / total:.1f} us/event"
+            f" (events {archived:,}, orders {orders:,},"
+            f" new {' + '.join(f'{r.projected:,}' for r in runs)});"
+            f" consumers' CPU {cpu * 1e6 / total:.1f} us/event{backends_cpu(runs, total)}"
         )
     finally:
         await pool.close()
         await client.aclose()
+
+
+def backends_cpu(runs: Sequence[ConsumerRun], events: int) -> str:
+    """``, PostgreSQL backends' CPU N us/event`` (the consumers' connections), if known."""
+    spent = [r.backend_cpu for r in runs]
+    if not spent or None in spent:
+        return ""
+    return (
+        f", their PostgreSQL backends' CPU {sum(filter(None, spent)) * 1e6 / events:.1f} us/event"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -332,8 +373,8 @@ class StampingProjector(Projector):
     committed: dict[str, float]  # reservation id -> when its batch committed
     stamping: bool = True
 
-    async def handle(self, deliveries: Sequence[Delivery]) -> int:
-        new = await super().handle(deliveries)
+    async def handle(self, deliveries: Sequence[Delivery], prepared: Prepared | None = None) -> int:
+        new = await super().handle(deliveries, prepared)
         if not self.stamping:
             return new
         now = time.time()

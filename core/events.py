@@ -7,7 +7,6 @@ aware datetimes. Stored events are never rewritten: an older ``v`` is upcast on 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -149,13 +148,15 @@ def parse_event(raw: str | bytes) -> AnyEvent:
     """
     import json
 
-    with contextlib.suppress(Exception):
+    try:  # not contextlib.suppress, which costs a third of this function, run per event
         # The fast path, parsing and validating in one step: an event of the current
         # version that validates as it is. Anything else (an old version, any failure)
         # takes the path that upcasts, which also says what is wrong.
         event = _adapter.validate_json(raw)
         if event.v >= CURRENT_VERSION:
             return event
+    except Exception:  # the slow path below says what is wrong
+        pass
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):

@@ -9,7 +9,9 @@ are additive deltas and a terminal order status is never overwritten by a placem
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -26,8 +28,10 @@ from core.events import (
 )
 from projections.entries import LogEntry
 from projections.tables import checkpoints, incoming, orders, stock_view
-from projections.tables.events import archive_incoming
+from projections.tables.events import ARCHIVE_INCOMING
 from projections.tables.stock_view import StockDelta
+
+_FINAL_TYPES = frozenset(t.model_fields["type"].default for t in TERMINAL_EVENTS)
 
 
 def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
@@ -58,58 +62,89 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
     return deltas
 
 
-async def apply_staged(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> None:
-    """Apply new (never applied before) events, staged in ``incoming``, to the orders and
-    stock view tables.
+def apply_statements(batch: Batch) -> list[str]:
+    """The statements that apply a batch staged in ``incoming``, in order: archive the
+    events (dropping from ``incoming`` those the archive held), write the orders
+    (placements, then final states; each only if the batch has some) and the stock view's
+    deltas, and empty ``incoming``, answering how many events were new.
 
     The stock view goes last: its rows (one per sale) are the only ones every consumer
     writes, and a row stays locked until the commit, so taking them after the orders (the
     long statement) keeps a second consumer's batch from waiting that long on them."""
-    await orders.write_incoming(
-        conn,
-        placed=any(isinstance(e, ReservationPlaced) for e in events),
-        finished=any(isinstance(e, TERMINAL_EVENTS) for e in events),
-    )
-    deltas = sorted(stock_deltas(events).items())
-    if deltas:
-        await stock_view.add_deltas(conn, deltas)
+    statements = [ARCHIVE_INCOMING]
+    if batch.placed:
+        statements.append(orders.PLACED_FROM_INCOMING)
+    if batch.finished:
+        statements.append(orders.FINISHED_FROM_INCOMING)
+    return [*statements, stock_view.ADD_INCOMING, incoming.EMPTY]
 
 
-async def advance_checkpoints(
-    conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]
-) -> None:
-    """Move each partition's checkpoint forward to the highest position in ``entries``."""
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Log entries made ready to write (pure work, no I/O): one per event id, with their
+    ``incoming`` records and the checkpoint each partition moves to. Preparing the next
+    batch while PostgreSQL writes this one keeps both busy."""
+
+    entries: list[LogEntry]
+    records: list[tuple[Any, ...]]
+    checkpoints: list[tuple[int, str, tuple[int, int]]]
+    placed: bool  # whether any is a placement
+    finished: bool  # whether any is a final state (confirmed, cancelled, expired)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def prepare(entries: Iterable[LogEntry]) -> Batch:
+    """``entries`` ready to write: deduplicated on ``event_id`` (the last kept), their
+    records built, the highest position of each partition found."""
+    unique = list({e.event.event_id: e for e in entries}.values())
     highest: dict[int, tuple[tuple[int, int], str]] = {}
-    for entry in entries:
-        position = entry.position
+    records: list[tuple[Any, ...]] = []
+    types: set[str] = set()
+    for entry in unique:
+        record = incoming.record(entry)
+        records.append(record)
+        types.add(record[6])  # type
+        position = record[3], record[4]  # stream_ms, stream_seq
         best = highest.get(entry.partition)
         if best is None or position > best[0]:
             highest[entry.partition] = (position, entry.stream_id)
-    await checkpoints.advance_group(
-        conn, group, [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
+    checkpoints = [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
+    return Batch(
+        unique,
+        records,
+        checkpoints,
+        placed="ReservationPlaced" in types,
+        finished=not types.isdisjoint(_FINAL_TYPES),
     )
 
 
-async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]) -> int:
-    """Archive, apply and checkpoint ``entries`` in one transaction; return how many were new.
+async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
+    """Archive, apply and checkpoint a prepared batch in one transaction; return how many
+    of its events were new.
 
     The batch is COPIED once into the scratch table ``incoming``, and every table takes its
-    rows from there; the events the archive already held are dropped from it first.
+    rows from there (:func:`apply_statements`); the events the archive already held are
+    dropped from it first.
     """
-    if not entries:
+    if not batch.entries:
         return 0
-    unique = list({e.event.event_id: e for e in entries}.values())
     async with conn.transaction():
-        await incoming.stage(conn, unique)
-        new_ids = await archive_incoming(conn)
-        if len(new_ids) < len(unique):
-            await incoming.keep_only(conn, new_ids)
-            fresh = set(new_ids)
-            await apply_staged(conn, [e.event for e in unique if e.event.event_id in fresh])
-        else:
-            await apply_staged(conn, [e.event for e in unique])
-        await advance_checkpoints(conn, group, unique)
-    return len(new_ids)
+        await incoming.stage_records(conn, batch.records)
+        *statements, empty = apply_statements(batch)
+        for statement in statements:
+            # fetch, not execute: a prepared statement, planned once per connection
+            await conn.fetch(statement, timeout=None)
+        new: int = await conn.fetchval(empty, timeout=None)
+        await checkpoints.advance_group(conn, group, batch.checkpoints)
+    return new
+
+
+async def project(conn: asyncpg.Connection, group: str, entries: Sequence[LogEntry]) -> int:
+    """Archive, apply and checkpoint ``entries`` in one transaction; return how many were new
+    (:func:`prepare`, then :func:`write`)."""
+    return await write(conn, group, prepare(entries))
 
 
 def occurred(entries: Iterable[LogEntry]) -> datetime | None:

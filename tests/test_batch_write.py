@@ -7,8 +7,17 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from core.events import ReservationConfirmed, ReservationPlaced, SaleCreated, from_ms
-from projections.batch import project
+from core.events import (
+    ReservationCancelled,
+    ReservationConfirmed,
+    ReservationExpired,
+    ReservationPlaced,
+    SaleClosed,
+    SaleCreated,
+    StockAdjusted,
+    from_ms,
+)
+from projections.batch import project, stock_deltas
 from projections.entries import LogEntry
 
 T0 = 1_764_000_000_000
@@ -76,3 +85,82 @@ async def test_a_quantity_no_column_holds_is_refused_as_data(pool: asyncpg.Pool,
         # Nothing of the batch was written, and the connection is fit for the next one.
         assert await conn.fetchval("SELECT count(*) FROM events") == 0
         assert await project(conn, "g", [created(), placed(1)]) == 2
+
+
+async def test_the_stock_view_sums_every_kind_of_event_and_keeps_the_window_exact(
+    pool: asyncpg.Pool,
+):
+    # The stock view's deltas are summed by PostgreSQL from the staged batch: they must be
+    # those of stock_deltas, whatever the split into batches and with duplicates, and the
+    # sale's window must come through to the millisecond, far in the future too.
+    far = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+    create = SaleCreated(
+        event_id="e-sale",
+        sale_id="s",
+        occurred_at=from_ms(T0),
+        stock=100,
+        per_user_limit=5,
+        starts_at=from_ms(T0 + 1),
+        ends_at=from_ms(far),
+        hold_seconds=600,
+    )
+    log = [
+        LogEntry(0, f"{T0}-0", create),
+        *(placed(n, qty=n) for n in range(1, 6)),
+        confirmed(1),
+        LogEntry(
+            0,
+            f"{T0 + 2000}-0",
+            ReservationCancelled(
+                event_id="e-cancel-2",
+                sale_id="s",
+                occurred_at=from_ms(T0 + 2000),
+                reservation_id="0-r2",
+                user_id="u2",
+                qty=2,
+            ),
+        ),
+        LogEntry(
+            0,
+            f"{T0 + 2001}-0",
+            ReservationExpired(
+                event_id="e-expire-3",
+                sale_id="s",
+                occurred_at=from_ms(T0 + 2001),
+                reservation_id="0-r3",
+                user_id="u3",
+                qty=3,
+            ),
+        ),
+        LogEntry(
+            0,
+            f"{T0 + 2002}-0",
+            StockAdjusted(
+                event_id="e-adjust", sale_id="s", occurred_at=from_ms(T0 + 2002), delta=-7
+            ),
+        ),
+        LogEntry(
+            0,
+            f"{T0 + 2003}-0",
+            SaleClosed(event_id="e-close", sale_id="s", occurred_at=from_ms(T0 + 2003)),
+        ),
+    ]
+    expected = stock_deltas(e.event for e in log)["s"]
+    async with pool.acquire() as conn:
+        # Out of order, split in three, the middle one delivered twice.
+        batches = [log[6:], log[2:7], log[2:7], log[:3]]
+        assert [await project(conn, "g", b) for b in batches] == [5, 4, 0, 2]
+        row = await conn.fetchrow("SELECT * FROM stock_view WHERE sale_id = 's'")
+    assert (
+        (row["stock"], row["remaining"], row["held"], row["confirmed"], row["released"])
+        == (
+            expected.stock,
+            expected.remaining,
+            expected.held,
+            expected.confirmed,
+            expected.released,
+        )
+        == (93, 93 - 15 + 5, 15 - 1 - 5, 1, 5)
+    )
+    assert (row["per_user_limit"], row["hold_seconds"], row["closed"]) == (5, 600, True)
+    assert (row["starts_at"], row["ends_at"]) == (create.starts_at, create.ends_at)

@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestServer
 from api.web import requests as app_module
 from api.web.app import create_app
 from api.web.auth import issue_token
-from api.web.openapi import SPEC
+from api.web.openapi import document
 from consumers.expiry import ExpiryWorker
 from core.events import ReservationCancelled, ReservationConfirmed, StockAdjusted
 from core.gateway import RedisGateway
@@ -445,7 +445,7 @@ async def test_stock_or_close_of_an_unknown_sale_is_404(
         {"delta": 0},
         {"delta": "5"},
         {"delta": 1.5},
-        {"delta": 1.0},
+        {"delta": 1e-300},
         {"delta": True},
         {"delta": None},
         {"delta": 10**30},
@@ -750,6 +750,8 @@ async def test_non_utf8_authorization_on_lifecycle_routes_is_a_4xx(
 
 # ------------------------------------------------------------------------ OpenAPI
 
+SPEC = document(create_app(Settings()).router)
+
 
 async def test_openapi_documents_every_registered_route(
     http: aiohttp.ClientSession, settings: Settings
@@ -831,8 +833,8 @@ def test_openapi_documents_the_lifecycle_routes(
     assert problems <= operation["responses"].keys()
     for code in problems:
         assert "application/problem+json" in operation["responses"][code]["content"]
-    changed = SPEC["components"]["schemas"][success]["allOf"][1]
-    assert changed["properties"]["changed"]["type"] == "boolean"
+    changed = SPEC["components"]["schemas"][success]["properties"]["changed"]
+    assert changed["type"] == "boolean"
 
 
 def test_openapi_documents_the_stock_body_and_idempotency_key():

@@ -102,6 +102,23 @@ async def test_two_projectors_own_disjoint_partitions_and_project_each_event_onc
         assert owned(a, b) == [first, second]
 
 
+async def test_a_projector_joining_gets_its_share_long_before_a_lease_period(
+    make_projector: ProjectorFactory, gateway8: RedisGateway
+):
+    # Leases of a minute: refreshed every 20 s. The first consumer takes every partition;
+    # the second gets its half as soon as it shows up, not 20 s later; and the first its
+    # partitions back as soon as the second stops.
+    a = make_projector("a", partitions=PARTITIONS, lease_ms=60_000, block_ms=100, batch=20)
+    b = make_projector("b", partitions=PARTITIONS, lease_ms=60_000, block_ms=100, batch=20)
+    async with running(a):
+        await until(lambda: owned(a) == [set(range(PARTITIONS))], "a took nothing")
+        async with running(b):
+            await until(lambda: [len(s) for s in owned(a, b)] == [4, 4], "no even split")
+            first, second = owned(a, b)
+            assert not first & second
+        await until(lambda: owned(a) == [set(range(PARTITIONS))], "a did not take them back")
+
+
 async def test_a_stopped_projector_hands_its_partitions_to_the_other(
     make_projector: ProjectorFactory,
     gateway8: RedisGateway,

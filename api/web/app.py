@@ -3,13 +3,14 @@ parse, call the gateway, map errors."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 
 from api.connections import postgres_pool_for, redis_client_for
-from api.web import reservations, sales, service
+from api.web import openapi, reservations, sales, service
 from api.web.metrics import ApiMetrics
 from api.web.problems import problems_middleware
 from api.web.sale_views import SaleViewCache
@@ -18,6 +19,7 @@ from api.web.state import (
     HEALTH,
     INFLIGHT,
     METRICS,
+    OPENAPI_JSON,
     ORDERS_POOL,
     SALE_VIEWS,
     SETTINGS,
@@ -99,4 +101,5 @@ def create_app(
     router.add_get("/readyz", service.readyz)
     router.add_get("/metrics", service.metrics_view)
     router.add_get("/openapi.json", service.openapi_view)
+    app[OPENAPI_JSON] = json.dumps(openapi.document(router))
     return app

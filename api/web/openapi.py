@@ -1,269 +1,339 @@
-"""The OpenAPI 3.1 document served at ``/openapi.json``."""
+"""The OpenAPI 3.1 document served at ``/openapi.json``, generated once at start-up.
+
+Nothing here repeats a schema. The paths and methods come from the app's route table; the
+bodies from the JSON schema of the pydantic models the views validate with and answer
+with; the path parameters and the Idempotency-Key header from the patterns the views
+check them with; the problem codes and their statuses from ``api.web.problems``. What only
+a view knows (who may call it, its answers, the codes it can answer, its links to other
+operations) it declares next to itself with ``@documented``; a route whose handler
+declared nothing, a code not in the catalogue or a link to no operation fails the build.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from core.models import MAX_STOCK, SALE_ID_PATTERN, NewSale, ReservationView, SaleView
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-# The same patterns as the path and header checks in ``api.web.requests`` (a test keeps them equal).
-RESERVATION_ID_PATTERN = r"^[0-9]{1,4}-[A-Za-z0-9]{1,128}$"
-IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+from api.web.problems import HEADERS_OF_CODE, PROBLEM_TYPE, Problem, problem_codes
+from api.web.requests import IDEMPOTENCY_KEY, RESERVATION_ID, SALE_ID
+from core.models import NewSale
 
-_PROBLEM = {"$ref": "#/components/schemas/Problem"}
-_BUYER: list[dict[str, list[str]]] = [{"buyer": []}]
-_ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
-_BUYER_OR_ADMIN = _BUYER + _ADMIN
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
 
-
-def _problems(*codes: int) -> dict[str, Any]:
-    return {
-        str(code): {
-            "description": "problem",
-            "content": {"application/problem+json": {"schema": _PROBLEM}},
-        }
-        for code in codes
-    }
-
-
-def _json(ref: str, description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
-    }
-
-
-def _body(ref: str, required: bool = True) -> dict[str, Any]:
-    return {
-        "required": required,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
-    }
-
-
-def _path(name: str, pattern: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": pattern},
-    }
-
-
-SALE_ID = _path("sale_id", SALE_ID_PATTERN)
-RESERVATION_ID = _path("reservation_id", RESERVATION_ID_PATTERN)
-
-
-def _idempotency_key(description: str) -> dict[str, Any]:
-    return {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "required": False,
-        "description": description,
-        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
-    }
-
-
-def _with_changed(ref: str, description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "allOf": [
-            {"$ref": f"#/components/schemas/{ref}"},
-            {
-                "type": "object",
-                "required": ["changed"],
-                "properties": {
-                    "changed": {
-                        "type": "boolean",
-                        "description": "false when the call found the work already done",
-                    }
-                },
-            },
-        ],
-    }
-
-
-SPEC: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "flashsale", "version": "1"},
-    "components": {
-        "securitySchemes": {
-            "buyer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-            "admin": {"type": "http", "scheme": "bearer"},
-        },
-        "schemas": {
-            "NewSale": NewSale.model_json_schema(),
-            "Sale": SaleView.model_json_schema(),
-            "Reservation": ReservationView.model_json_schema(),
-            "ReservationRequest": {
-                "type": "object",
-                "properties": {"qty": {"type": "integer", "minimum": 1, "default": 1}},
-                "additionalProperties": False,
-            },
-            "Placed": {
-                "type": "object",
-                "properties": {
-                    "reservation_id": {"type": "string"},
-                    "status": {"type": "string"},
-                    "expires_at": {"type": "string", "format": "date-time"},
-                },
-            },
-            "MyReservations": {
-                "type": "object",
-                "required": ["sale_id", "reservations"],
-                "properties": {
-                    "sale_id": {"type": "string"},
-                    "reservations": {
-                        "type": "array",
-                        "description": "oldest first (placement time, then id), whatever"
-                        " their status, pruned ones included",
-                        "items": {"$ref": "#/components/schemas/Reservation"},
-                    },
-                },
-            },
-            "ReservationChange": _with_changed(
-                "Reservation", "The reservation after a confirm or cancel call."
-            ),
-            "StockRequest": {
-                "type": "object",
-                "description": "Restock (delta > 0) or withdraw unsold stock (delta < 0).",
-                "required": ["delta"],
-                "properties": {
-                    "delta": {
-                        "type": "integer",
-                        "minimum": -MAX_STOCK,
-                        "maximum": MAX_STOCK,
-                        "not": {"const": 0},
-                    }
-                },
-                "additionalProperties": False,
-            },
-            "SaleChange": _with_changed("Sale", "The sale after a stock change or closing."),
-            "Problem": {
-                "type": "object",
-                "properties": {
-                    "type": {"type": "string"},
-                    "title": {"type": "string"},
-                    "status": {"type": "integer"},
-                    "detail": {"type": "string"},
-                    "code": {"type": "string"},
-                },
-            },
-        },
+# How a caller proves who they are: the names ``@documented(auth=...)`` takes.
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "buyer": {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "HS256 with FLASHSALE_JWT_SECRET; sub is the user id, exp required",
     },
-    "paths": {
-        "/v1/sales": {
-            "post": {
-                "security": _ADMIN,
-                "requestBody": _body("NewSale"),
-                "responses": {
-                    "201": _json("Sale", "created"),
-                    **_problems(400, 401, 403, 409, 413, 415, 422),
-                },
-            }
-        },
-        "/v1/sales/{sale_id}": {
-            "get": {
-                "parameters": [SALE_ID],
-                "responses": {"200": _json("Sale", "the sale"), **_problems(404)},
-            }
-        },
-        "/v1/sales/{sale_id}/reservations": {
-            "post": {
-                "security": _BUYER,
-                "parameters": [
-                    SALE_ID,
-                    _idempotency_key("a repeat with the same key returns the same reservation"),
-                ],
-                "requestBody": _body("ReservationRequest", required=False),
-                "responses": {
-                    "202": _json("Placed", "reservation held"),
-                    # 503 unavailable after Redis stayed silent: the problem carries the
-                    # reservation_id that was tried (and a Location); look it up first.
-                    **_problems(400, 401, 404, 409, 413, 415, 422, 429, 503),
-                },
-            }
-        },
-        "/v1/sales/{sale_id}/reservations/mine": {
-            "get": {
-                "summary": "The caller's reservations in a sale, whatever their status (buyer).",
-                "description": (
-                    "Redis's reservations merged with the final ones already pruned from it,"
-                    " read from PostgreSQL's orders (Redis's view wins for an id in both),"
-                    " oldest first. 503 unavailable while PostgreSQL is out of reach: only it"
-                    " can say which were pruned, and a partial list would look complete."
-                ),
-                "security": _BUYER,
-                "parameters": [SALE_ID],
-                "responses": {
-                    "200": _json("MyReservations", "the buyer's reservations"),
-                    **_problems(401, 404, 503),
-                },
-            }
-        },
-        "/v1/sales/{sale_id}/stock": {
-            "post": {
-                "summary": "Restock, or withdraw unsold stock (admin).",
-                "security": _ADMIN,
-                "parameters": [
-                    SALE_ID,
-                    _idempotency_key("a repeat with the same key changes nothing (changed: false)"),
-                ],
-                "requestBody": _body("StockRequest"),
-                "responses": {
-                    "200": _json("SaleChange", "the sale after the change"),
-                    # 409 not_enough_unsold_stock: withdrawing more than remains unsold.
-                    **_problems(400, 401, 403, 404, 409, 413, 415, 422, 503),
-                },
-            }
-        },
-        "/v1/sales/{sale_id}/close": {
-            "post": {
-                "summary": "Stop taking reservations now; pending ones keep their window (admin).",
-                "security": _ADMIN,
-                "parameters": [SALE_ID],
-                "responses": {
-                    "200": _json("SaleChange", "the sale, now ended"),
-                    **_problems(401, 403, 404, 503),
-                },
-            }
-        },
-        "/v1/reservations/{reservation_id}": {
-            "get": {
-                "security": _BUYER_OR_ADMIN,
-                "parameters": [RESERVATION_ID],
-                "responses": {
-                    "200": _json("Reservation", "the reservation"),
-                    **_problems(401, 404),
-                },
-            }
-        },
-        "/v1/reservations/{reservation_id}/confirm": {
-            "post": {
-                "summary": "Pay for a pending reservation (its buyer or an admin).",
-                "security": _BUYER_OR_ADMIN,
-                "parameters": [RESERVATION_ID],
-                "responses": {
-                    "200": _json("ReservationChange", "confirmed (changed: false if it was)"),
-                    # 409 reservation_expired / reservation_closed (it was cancelled).
-                    **_problems(401, 404, 409, 503),
-                },
-            }
-        },
-        "/v1/reservations/{reservation_id}/cancel": {
-            "post": {
-                "summary": "Give a pending reservation's stock back (its buyer).",
-                "security": _BUYER,
-                "parameters": [RESERVATION_ID],
-                "responses": {
-                    "200": _json("ReservationChange", "cancelled (changed: false if it was)"),
-                    # 409 reservation_expired / reservation_closed (it was confirmed).
-                    **_problems(401, 404, 409, 503),
-                },
-            }
-        },
-        "/healthz": {"get": {"responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"responses": {"200": {"description": "ready"}, **_problems(503)}}},
-        "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text"}}}},
-        "/openapi.json": {"get": {"responses": {"200": {"description": "this document"}}}},
+    "admin": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "FLASHSALE_ADMIN_TOKEN",
     },
 }
+
+# Each path parameter's pattern: the one the view checks it with (else it is not found);
+# and an example, where one can exist before the API runs (the sale NewSale's example opens).
+PATH_PATTERNS: dict[str, str] = {
+    "sale_id": SALE_ID.pattern,
+    "reservation_id": RESERVATION_ID.pattern,
+}
+PATH_EXAMPLES: dict[str, Any] = {"sale_id": (NewSale.model_fields["sale_id"].examples or [None])[0]}
+
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "Location": {
+        "description": "the resource this answer is about",
+        "schema": {"type": "string", "pattern": "^/v1/"},
+    },
+    "Retry-After": {
+        "description": "seconds to wait before trying again",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    "WWW-Authenticate": {
+        "description": "the scheme to authenticate with",
+        "schema": {"type": "string"},
+    },
+}
+
+# Answers that any route, or none, can give: documented once, outside the operations.
+ROUTER_CODES = ("not_found", "method_not_allowed", "internal_error")
+BODY_CODES = ("malformed_json", "body_too_large", "unsupported_media_type", "invalid_body")
+
+
+@dataclass(frozen=True)
+class Link:
+    """An operation this answer leads to: its operation id (a handler's name) and where
+    each of its parameters comes from (an OpenAPI runtime expression)."""
+
+    operation: str
+    parameters: Mapping[str, str]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A success answer: its body's model (None: not JSON), headers always present, links."""
+
+    status: int
+    description: str
+    model: type[BaseModel] | None = None
+    media_type: str = "application/json"
+    headers: tuple[str, ...] = ()
+    links: Mapping[str, Link] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What a view declares about itself for the document."""
+
+    summary: str
+    answers: tuple[Answer, ...]
+    auth: tuple[str, ...] = ()
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    idempotency_key: str | None = None
+    problems: tuple[str, ...] = ()
+    description: str = ""
+
+    def codes(self) -> tuple[str, ...]:
+        """Every problem code of this operation: its own, and those its auth, body and
+        Idempotency-Key imply."""
+        implied: list[str] = []
+        if self.auth:
+            implied.append("unauthorized")
+        if self.auth == ("admin",):
+            implied.append("forbidden")
+        if self.body is not None:
+            implied.extend(BODY_CODES)
+        if self.idempotency_key is not None:
+            implied.append("bad_idempotency_key")
+        return tuple(dict.fromkeys([*implied, *self.problems]))
+
+
+_OPERATIONS: dict[Callable[..., Any], Operation] = {}
+
+
+def documented(
+    summary: str,
+    answers: tuple[Answer, ...] | Answer,
+    *,
+    auth: tuple[str, ...] = (),
+    body: type[BaseModel] | None = None,
+    body_required: bool = True,
+    idempotency_key: str | None = None,
+    problems: tuple[str, ...] = (),
+    description: str = "",
+) -> Callable[[H], H]:
+    """Declare a view's operation for the document (``auth``: the schemes of
+    ``SECURITY_SCHEMES`` it takes, any one; ``problems``: codes of
+    ``api.web.problems.problem_codes`` beyond those its auth and body imply). The view
+    itself is returned unchanged, so a request pays nothing for it."""
+    operation = Operation(
+        summary,
+        answers if isinstance(answers, tuple) else (answers,),
+        auth,
+        body,
+        body_required,
+        idempotency_key,
+        problems,
+        description,
+    )
+
+    def register(handler: H) -> H:
+        _OPERATIONS[handler] = operation
+        return handler
+
+    return register
+
+
+def operation_of(handler: Callable[..., Any]) -> Operation | None:
+    """What ``handler`` declared with ``@documented``, if anything."""
+    return _OPERATIONS.get(handler)
+
+
+class _Components:
+    """The named schemas of the document, built by pydantic in one pass."""
+
+    def __init__(self, models: list[tuple[type[BaseModel], JsonSchemaMode]]) -> None:
+        unique = list(dict.fromkeys(models))
+        refs, definitions = models_json_schema(unique, ref_template="#/components/schemas/{model}")
+        self.refs = refs
+        self.schemas: dict[str, Any] = definitions.get("$defs", {})
+
+    def ref(self, model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
+        return dict(self.refs[(model, mode)])
+
+
+def document(router: web.UrlDispatcher, version: str = "1") -> dict[str, Any]:
+    """The OpenAPI document of every route in ``router``."""
+    routes = [
+        (resource.canonical, route.method.lower(), route.handler)
+        for resource in router.resources()
+        for route in resource
+        if route.method != "HEAD"  # aiohttp adds one beside each GET
+    ]
+    operations: list[tuple[str, str, str, Operation]] = []
+    for path, method, handler in routes:
+        operation = operation_of(handler)
+        if operation is None:
+            raise LookupError(f"{method.upper()} {path}: its view is not @documented")
+        operations.append((path, method, getattr(handler, "__name__", path), operation))
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(Problem, "serialization")]
+    components = _Components(
+        models
+        + [(op.body, "validation") for *_, op in operations if op.body is not None]
+        + [
+            (answer.model, "serialization")
+            for *_, op in operations
+            for answer in op.answers
+            if answer.model is not None
+        ]
+    )
+    catalogue = problem_codes()
+    ids = {operation_id for _, _, operation_id, _ in operations}
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, operation_id, operation in operations:
+        paths.setdefault(path, {})[method] = _operation(
+            path, operation_id, operation, components, catalogue, ids
+        )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "flashsale",
+            "version": version,
+            "description": "Errors are application/problem+json; x-problem-codes lists"
+            " every code with its status.",
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": SECURITY_SCHEMES,
+            "schemas": components.schemas,
+            "responses": {
+                code: _problem_response(catalogue, [code], components) for code in ROUTER_CODES
+            },
+        },
+        "x-problem-codes": {code: {"status": status} for code, status in catalogue.items()},
+    }
+
+
+def _operation(
+    path: str,
+    operation_id: str,
+    operation: Operation,
+    components: _Components,
+    catalogue: dict[str, int],
+    ids: set[str],
+) -> dict[str, Any]:
+    for scheme in operation.auth:
+        if scheme not in SECURITY_SCHEMES:
+            raise LookupError(f"{operation_id}: no security scheme {scheme!r}")
+    parameters: list[dict[str, Any]] = []
+    for name in re.findall(r"{(\w+)}", path):
+        if name not in PATH_PATTERNS:
+            raise LookupError(f"{path}: no pattern for the path parameter {name!r}")
+        schema = {"type": "string", "pattern": PATH_PATTERNS[name]}
+        parameter = {"name": name, "in": "path", "required": True, "schema": schema}
+        if PATH_EXAMPLES.get(name) is not None:
+            parameter["example"] = PATH_EXAMPLES[name]
+        parameters.append(parameter)
+    if operation.idempotency_key is not None:
+        parameters.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": operation.idempotency_key,
+                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY.pattern},
+            }
+        )
+    responses: dict[str, Any] = {}
+    for answer in operation.answers:
+        responses[str(answer.status)] = _answer(answer, components, ids)
+    by_status: dict[int, list[str]] = {}
+    for code in operation.codes():
+        if code not in catalogue:
+            raise LookupError(f"{operation_id}: problem code {code!r} is not in the catalogue")
+        by_status.setdefault(catalogue[code], []).append(code)
+    for status, codes in sorted(by_status.items()):
+        responses[str(status)] = _problem_response(catalogue, codes, components)
+    spec: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": operation.summary,
+        "security": [{scheme: []} for scheme in operation.auth],
+        "parameters": parameters,
+        "responses": responses,
+    }
+    if operation.description:
+        spec["description"] = operation.description
+    if operation.body is not None:
+        spec["requestBody"] = {
+            "required": operation.body_required,
+            "content": {
+                "application/json": {"schema": components.ref(operation.body, "validation")}
+            },
+        }
+    return spec
+
+
+def _answer(answer: Answer, components: _Components, ids: set[str]) -> dict[str, Any]:
+    schema = (
+        components.ref(answer.model, "serialization")
+        if answer.model is not None
+        else {"type": "string"}
+    )
+    spec: dict[str, Any] = {
+        "description": answer.description,
+        "content": {answer.media_type: {"schema": schema}},
+    }
+    if answer.headers:
+        spec["headers"] = {name: _header(name, required=True) for name in answer.headers}
+    if answer.links:
+        for name, link in answer.links.items():
+            if link.operation not in ids:
+                raise LookupError(f"link {name!r} leads to no operation {link.operation!r}")
+        spec["links"] = {
+            name: {
+                "operationId": link.operation,
+                "parameters": dict(link.parameters),
+                "description": link.description or name,
+            }
+            for name, link in answer.links.items()
+        }
+    return spec
+
+
+def _header(name: str, required: bool) -> dict[str, Any]:
+    return {**RESPONSE_HEADERS[name], "required": required}
+
+
+def _problem_response(
+    catalogue: dict[str, int], codes: list[str], components: _Components
+) -> dict[str, Any]:
+    """The answer of one status: a problem whose ``code`` is one of ``codes``, with the
+    headers every one of them carries (required) or some carry (optional)."""
+    schema = {
+        "allOf": [
+            components.ref(Problem, "serialization"),
+            {"properties": {"code": {"enum": codes}}},
+        ]
+    }
+    spec: dict[str, Any] = {
+        "description": ", ".join(codes),
+        "content": {PROBLEM_TYPE: {"schema": schema}},
+    }
+    carried = [set(HEADERS_OF_CODE.get(code, ())) for code in codes]
+    always = set.intersection(*carried) if carried else set()
+    some = set.union(*carried) if carried else set()
+    if some:
+        spec["headers"] = {name: _header(name, name in always) for name in sorted(some)}
+    return spec

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.web.auth import AuthError
 from api.web.requests import BadRequest
@@ -74,6 +75,72 @@ def _plain_problem_json(status: int, code: str, title: str, detail: str) -> str:
     """The common refusals (sold_out above all) repeat the same few bodies: each is
     serialized once."""
     return _problem_json(status, code, title, detail)
+
+
+# Every domain error that reaches ``from_error`` from a view: its code is answered over HTTP.
+ANSWERED_ERRORS: tuple[type[errors.FlashsaleError], ...] = (
+    *errors.REJECTIONS.values(),
+    errors.InfrastructureError,
+    errors.NotReplicated,
+)
+
+# The codes spelled here and in the views rather than by an error class, with their status.
+SPELLED_CODES: dict[str, int] = {
+    "malformed_json": 400,
+    "bad_idempotency_key": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_body": 422,
+    "turned_away": 429,
+    "internal_error": 500,
+    "not_ready": 503,
+}
+
+# Headers every answer with the code carries (``from_error`` adds Retry-After to each 503).
+HEADERS_OF_CODE: dict[str, tuple[str, ...]] = {
+    "unauthorized": ("WWW-Authenticate",),
+    "turned_away": ("Retry-After",),
+    "unavailable": ("Retry-After",),
+    "not_replicated": ("Retry-After", "Location"),
+}
+
+
+def problem_codes() -> dict[str, int]:
+    """Every problem code the API can answer, with its HTTP status."""
+    codes = {kind.code: _status_and_title(kind)[0] for kind in ANSWERED_ERRORS}
+    return codes | SPELLED_CODES
+
+
+class FieldError(BaseModel):
+    """One reason a body failed validation."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem: every error answer, as ``application/problem+json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="https://flashsale.dev/problems/{code}")
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="what went wrong, one of the codes listed per status")
+    errors: list[FieldError] = Field(
+        default_factory=list, description="invalid_body only: each reason, pydantic's"
+    )
+    reservation_id: str = Field(
+        default="",
+        description="not_replicated, and unavailable from a placement: the id it placed or"
+        " tried; look it up before trying again",
+    )
 
 
 # Status and title of each error class met so far (the lookup walks the class's bases).

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from core.errors import ReservationNotFound, SaleNotFound
 from core.models import SALE_ID_PATTERN
 
-# The OpenAPI document states the same patterns (a test keeps them equal).
+# The OpenAPI document publishes these patterns for the path parameters and the header.
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SALE_ID = re.compile(SALE_ID_PATTERN)
 RESERVATION_ID = re.compile(r"^[0-9]{1,4}-[A-Za-z0-9]{1,128}$")
@@ -29,16 +29,12 @@ class BadRequest(Exception):
         self.status, self.code, self.detail, self.extra = status, code, detail, extra
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, or a 400/413/415 ``BadRequest``."""
-    return _loads(await _raw_json(request))
-
-
 async def read_model(request: web.Request, model: type[M]) -> M:
     """The request's JSON body validated into ``model`` straight from the bytes.
 
     One pass of pydantic's own parser on the raw body; a body it does not accept goes the
     long way (``json.loads`` then ``validate``) so every 400/422 answer stays the same.
+    The models validate JSON values alike both ways (``core.models.Whole``, ``Moment``).
     """
     raw = await _raw_json(request)
     try:
@@ -67,11 +63,15 @@ def validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        errors = [
-            {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
-            for err in e.errors(include_url=False, include_context=False, include_input=False)
-        ]
-        raise BadRequest(422, "invalid_body", "the body failed validation", errors=errors) from e
+        raise _invalid_body(e) from e
+
+
+def _invalid_body(error: ValidationError) -> BadRequest:
+    errors = [
+        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+        for err in error.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    return BadRequest(422, "invalid_body", "the body failed validation", errors=errors)
 
 
 def sale_id_of(request: web.Request) -> str:

@@ -5,11 +5,13 @@ PostgreSQL's ``orders``."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.web.auth import buyer_id, is_admin
+from api.web.openapi import Answer, Link, documented
 from api.web.problems import from_error, problem
 from api.web.requests import (
     idempotency_key_of,
@@ -30,7 +32,7 @@ from core.errors import (
     SaleNotFound,
     SoldOut,
 )
-from core.models import ReservationStatus, ReservationView
+from core.models import MAX_QTY, ReservationStatus, ReservationView, Whole
 from projections.tables.orders import final_order, final_orders_of
 
 
@@ -39,7 +41,32 @@ class ReservationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    qty: int = Field(default=1, ge=1, le=10_000, strict=True)
+    qty: Annotated[int, Whole(1, MAX_QTY)] = Field(default=1, examples=[1])
+
+
+_RID = {"reservation_id": "$response.body#/reservation_id"}
+# Where an answer naming a reservation leads.
+RESERVATION_LINKS = {
+    "GetReservation": Link("get_reservation", _RID),
+    "Confirm": Link("confirm_reservation", _RID, "pay for it"),
+    "Cancel": Link("cancel_reservation", _RID, "give its stock back"),
+}
+
+
+class ReservationChange(ReservationView):
+    """The reservation after a confirm or cancel call."""
+
+    changed: bool = Field(description="false when the call found the work already done")
+
+
+class MyReservations(BaseModel):
+    """Body of GET /v1/sales/{sale_id}/reservations/mine."""
+
+    sale_id: str
+    reservations: list[ReservationView] = Field(
+        description="oldest first (placement time, then id), whatever their status,"
+        " pruned ones included"
+    )
 
 
 class Placement(BaseModel):
@@ -52,6 +79,37 @@ class Placement(BaseModel):
     expires_at: datetime
 
 
+@documented(
+    "Hold stock for the payment window (buyer).",
+    Answer(
+        202,
+        "reservation held",
+        Placement,
+        headers=("Location",),
+        links={
+            **RESERVATION_LINKS,
+            "MyReservations": Link("my_reservations", {"sale_id": "$request.path.sale_id"}),
+        },
+    ),
+    auth=("buyer",),
+    body=ReservationRequest,
+    body_required=False,
+    idempotency_key="a repeat with the same key returns the same reservation",
+    problems=(
+        "sale_not_found",
+        "reservation_not_found",
+        "sold_out",
+        "limit_reached",
+        "sale_not_active",
+        "idempotency_key_reused",
+        "turned_away",
+        "not_replicated",
+        "unavailable",
+    ),
+    description="503 unavailable after Redis stayed silent: the problem carries the"
+    " reservation_id that was tried (and a Location); look it up before trying again."
+    " 503 not_replicated: the reservation stands; retry with the same Idempotency-Key.",
+)
 async def reserve(request: web.Request) -> web.Response:
     """POST /v1/sales/{sale_id}/reservations (buyer): hold stock for the payment window.
 
@@ -148,6 +206,12 @@ async def find_reservation(app: web.Application, rid: str) -> ReservationView | 
     return view
 
 
+@documented(
+    "A reservation (its buyer, or an admin).",
+    Answer(200, "the reservation", ReservationView, links=RESERVATION_LINKS),
+    auth=("buyer", "admin"),
+    problems=("reservation_not_found", "unavailable"),
+)
 async def get_reservation(request: web.Request) -> web.Response:
     """GET /v1/reservations/{reservation_id}: its buyer (or an admin) reads it."""
     settings = request.app[SETTINGS]
@@ -183,6 +247,20 @@ async def reservations_of(
     return [view for _, view in merged]
 
 
+@documented(
+    "The caller's reservations in a sale, whatever their status (buyer).",
+    Answer(
+        200,
+        "the buyer's reservations",
+        MyReservations,
+    ),
+    auth=("buyer",),
+    problems=("sale_not_found", "unavailable"),
+    description="Redis's reservations merged with the final ones already pruned from it,"
+    " read from PostgreSQL's orders (Redis's view wins for an id in both), oldest first."
+    " 503 unavailable while PostgreSQL is out of reach: only it can say which were"
+    " pruned, and a partial list would look complete.",
+)
 async def my_reservations(request: web.Request) -> web.Response:
     """GET /v1/sales/{sale_id}/reservations/mine (buyer): every reservation the buyer placed
     in the sale, whatever its status, oldest first, pruned ones included; how a buyer whose
@@ -222,6 +300,17 @@ async def _pruned_transition(
     raise ReservationClosed()
 
 
+@documented(
+    "Pay for a pending reservation (its buyer, or an admin).",
+    Answer(200, "confirmed (changed: false if it was)", ReservationChange),
+    auth=("buyer", "admin"),
+    problems=(
+        "reservation_not_found",
+        "reservation_expired",
+        "reservation_closed",
+        "unavailable",
+    ),
+)
 async def confirm_reservation(request: web.Request) -> web.Response:
     """POST /v1/reservations/{reservation_id}/confirm: its buyer (or an admin) pays."""
     settings = request.app[SETTINGS]
@@ -236,6 +325,17 @@ async def confirm_reservation(request: web.Request) -> web.Response:
     return await _reservation_answer(request, rid, changed)
 
 
+@documented(
+    "Give a pending reservation's stock back (its buyer).",
+    Answer(200, "cancelled (changed: false if it was)", ReservationChange),
+    auth=("buyer",),
+    problems=(
+        "reservation_not_found",
+        "reservation_expired",
+        "reservation_closed",
+        "unavailable",
+    ),
+)
 async def cancel_reservation(request: web.Request) -> web.Response:
     """POST /v1/reservations/{reservation_id}/cancel: its buyer gives the stock back."""
     user_id = buyer_id(request, request.app[SETTINGS].jwt_secret)

@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.web.auth import require_admin
-from api.web.requests import BadRequest, idempotency_key_of, read_json, sale_id_of, validate
+from api.web.openapi import Answer, Link, documented
+from api.web.requests import idempotency_key_of, read_model, sale_id_of
 from api.web.state import GATEWAY, SALE_VIEWS, SETTINGS
 from core.errors import SaleNotFound
-from core.models import MAX_STOCK, NewSale
+from core.models import MAX_STOCK, NewSale, SaleView, Whole
+
+_SALE_ID = {"sale_id": "$response.body#/sale_id"}
+# Where an answer naming a sale leads.
+SALE_LINKS = {
+    "GetSale": Link("get_sale", _SALE_ID),
+    "Reserve": Link("reserve", _SALE_ID, "place a reservation in this sale"),
+    "MyReservations": Link("my_reservations", _SALE_ID),
+    "AdjustStock": Link("adjust_stock", _SALE_ID),
+    "CloseSale": Link("close_sale", _SALE_ID),
+}
 
 
+class SaleChange(SaleView):
+    """The sale after a stock change or closing."""
+
+    changed: bool = Field(description="false when the call found the work already done")
+
+
+@documented(
+    "Open a sale (admin).",
+    Answer(201, "created", SaleView, headers=("Location",), links=SALE_LINKS),
+    auth=("admin",),
+    body=NewSale,
+    problems=("sale_exists", "unavailable"),
+)
 async def create_sale(request: web.Request) -> web.Response:
     """POST /v1/sales (admin): open a sale."""
     require_admin(request, request.app[SETTINGS].admin_token)
-    sale = validate(NewSale, await read_json(request))
+    sale = await read_model(request, NewSale)
     view = await request.app[GATEWAY].create_sale(sale)
     return web.json_response(
         view.model_dump(mode="json"),
@@ -24,6 +50,11 @@ async def create_sale(request: web.Request) -> web.Response:
     )
 
 
+@documented(
+    "A sale's counters and status (a few milliseconds old at most).",
+    Answer(200, "the sale", SaleView, links=SALE_LINKS),
+    problems=("sale_not_found", "unavailable"),
+)
 async def get_sale(request: web.Request) -> web.Response:
     """GET /v1/sales/{sale_id}: public counters and status, at most
     ``FLASHSALE_SALE_VIEW_CACHE_MS`` old (see ``SaleViewCache``)."""
@@ -45,7 +76,9 @@ class StockRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    delta: int = Field(ge=-MAX_STOCK, le=MAX_STOCK, strict=True)
+    delta: Annotated[int, Whole(-MAX_STOCK, MAX_STOCK, nonzero=True)] = Field(
+        description="Restock (delta > 0) or withdraw unsold stock (delta < 0).", examples=[10]
+    )
 
 
 async def _sale_answer(request: web.Request, sale_id: str, changed: bool) -> web.Response:
@@ -56,18 +89,35 @@ async def _sale_answer(request: web.Request, sale_id: str, changed: bool) -> web
     return web.json_response(view.model_dump(mode="json") | {"changed": changed})
 
 
+@documented(
+    "Restock, or withdraw unsold stock (admin).",
+    Answer(200, "the sale after the change", SaleChange, links=SALE_LINKS),
+    auth=("admin",),
+    body=StockRequest,
+    idempotency_key="a repeat with the same key changes nothing (changed: false)",
+    problems=(
+        "sale_not_found",
+        "not_enough_unsold_stock",
+        "idempotency_key_reused",
+        "unavailable",
+    ),
+)
 async def adjust_stock(request: web.Request) -> web.Response:
     """POST /v1/sales/{sale_id}/stock (admin): restock, or withdraw unsold stock."""
     require_admin(request, request.app[SETTINGS].admin_token)
     sale_id = sale_id_of(request)
     key = idempotency_key_of(request)
-    body = validate(StockRequest, await read_json(request))
-    if body.delta == 0:
-        raise BadRequest(422, "invalid_body", "delta must not be 0")
+    body = await read_model(request, StockRequest)
     changed = await request.app[GATEWAY].adjust_stock(sale_id, body.delta, key)
     return await _sale_answer(request, sale_id, changed)
 
 
+@documented(
+    "Stop taking reservations now; pending ones keep their window (admin).",
+    Answer(200, "the sale, now ended", SaleChange, links=SALE_LINKS),
+    auth=("admin",),
+    problems=("sale_not_found", "unavailable"),
+)
 async def close_sale(request: web.Request) -> web.Response:
     """POST /v1/sales/{sale_id}/close (admin): stop taking reservations now."""
     require_admin(request, request.app[SETTINGS].admin_token)

@@ -18,5 +18,7 @@ METRICS = web.AppKey("metrics", ApiMetrics)
 INFLIGHT = web.AppKey("inflight", list)
 SALE_VIEWS = web.AppKey("sale_views", SaleViewCache)
 HEALTH = web.AppKey("health", CachedHealth)
+# The OpenAPI document, serialized once when the app is built.
+OPENAPI_JSON = web.AppKey("openapi_json", str)
 # Present only when a database is configured; only reads of pruned reservations use it.
 ORDERS_POOL = web.AppKey("orders_pool", asyncpg.Pool)

@@ -10,57 +10,79 @@ ever sees it), hence no migration.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
+from core.events import ReservationEvent, ReservationPlaced, SaleCreated
 from projections.entries import LogEntry
 from projections.tables import events
 
 TABLE = "incoming"
 
-# The archive's columns, then the reservation fields the orders statements read.
-COLUMNS = (*events.COLUMNS, "reservation_id", "user_id", "qty", "expires_at")
+# The archive's columns, then the reservation fields the orders statements read, and the
+# times of a sale's window (as exact as the event holds them: milliseconds are no float).
+COLUMNS = (
+    *events.COLUMNS,
+    "reservation_id",
+    "user_id",
+    "qty",
+    "expires_at",
+    "starts_at",
+    "ends_at",
+)
 
-# The types of events's columns, plus the reservation fields the orders statements read.
+# The types of events's columns, plus the fields the orders and stock view statements read.
 # ``qty`` is wider than ``orders.qty``, so that PostgreSQL refuses a quantity beyond it.
 _CREATE = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {TABLE} (
     event_id text, partition integer, stream_id text, stream_ms bigint, stream_seq bigint,
     sale_id text, type text, occurred_at timestamptz, payload jsonb,
-    reservation_id text, user_id text, qty bigint, expires_at timestamptz
+    reservation_id text, user_id text, qty bigint, expires_at timestamptz,
+    starts_at timestamptz, ends_at timestamptz
 ) ON COMMIT DELETE ROWS
 """
 
-_KEEP_ONLY = f"DELETE FROM {TABLE} WHERE NOT (event_id = ANY($1::text[]))"
+_COLUMNS = list(COLUMNS)
+_NO_EXTRA = (None,) * (len(COLUMNS) - len(events.COLUMNS))
+
+# The last statement of a batch: how many events the scratch table holds by then (the new
+# ones), and the commit has nothing left to empty.
+EMPTY = f"WITH emptied AS (DELETE FROM {TABLE} RETURNING 1) SELECT count(*) FROM emptied"
 
 
-def _record(entry: LogEntry) -> tuple[Any, ...]:
+def record(entry: LogEntry) -> tuple[Any, ...]:
+    """The scratch table's row of ``entry``, its values in the order of ``COLUMNS``."""
     event = entry.event
-    return (
-        *events.row_of(entry),
-        getattr(event, "reservation_id", None),
-        getattr(event, "user_id", None),
-        getattr(event, "qty", None),
-        getattr(event, "expires_at", None),
-    )
+    # Dispatched on the type: ``getattr`` with a default is slow on a pydantic model that
+    # lacks the field.
+    if type(event) is ReservationPlaced:  # nearly every event: first
+        extra: tuple[Any, ...] = (
+            event.reservation_id,
+            event.user_id,
+            event.qty,
+            event.expires_at,
+            None,
+            None,
+        )
+    elif isinstance(event, ReservationEvent):
+        extra = (event.reservation_id, event.user_id, event.qty, None, None, None)
+    elif isinstance(event, SaleCreated):
+        extra = (None, None, None, None, event.starts_at, event.ends_at)
+    else:
+        extra = _NO_EXTRA
+    return events.row_of(entry) + extra
 
 
-async def stage(conn: asyncpg.Connection, entries: Iterable[LogEntry]) -> None:
-    """COPY ``entries`` into the scratch table (inside the caller's transaction).
+async def stage_records(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
+    """COPY records (:func:`record`) into the scratch table (inside the caller's
+    transaction).
 
     Raises ``asyncpg.DataError`` when a value does not fit its column."""
     await conn.execute(_CREATE)
     try:
-        await conn.copy_records_to_table(
-            TABLE, records=[_record(e) for e in entries], columns=list(COLUMNS), timeout=None
-        )
+        await conn.copy_records_to_table(TABLE, records=records, columns=_COLUMNS, timeout=None)
     except (OverflowError, ValueError, TypeError) as e:
         # A value no column can hold: data PostgreSQL refuses, as it does a bound argument.
         raise asyncpg.DataError(f"invalid input for COPY: {e}") from e
-
-
-async def keep_only(conn: asyncpg.Connection, event_ids: Sequence[str]) -> None:
-    """Drop every staged row but those of ``event_ids`` (the events new to the archive)."""
-    await conn.execute(_KEEP_ONLY, list(event_ids))

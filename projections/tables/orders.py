@@ -15,10 +15,11 @@ from core.events import to_ms
 from core.models import ReservationView
 
 # From the projector's scratch table (``incoming``), which holds only events new to the
-# archive. One row per reservation (the event with the highest id, as a batch sorted by
-# event id and folded into a dict kept), in reservation order, so that writers lock in one
-# order. A placement never overwrites the status: a terminal event may have arrived first.
-_PLACED = """
+# archive by then (``events.ARCHIVE_INCOMING`` drops the others). One row per reservation
+# (the event with the highest id, as a batch sorted by event id and folded into a dict
+# kept), in reservation order, so that writers lock in one order. A placement never
+# overwrites the status: a terminal event may have arrived first.
+PLACED_FROM_INCOMING = """
 INSERT INTO orders AS o (reservation_id, sale_id, user_id, qty, status, placed_at, expires_at)
 SELECT DISTINCT ON (reservation_id)
        reservation_id, sale_id, user_id, qty, 'pending', occurred_at, expires_at
@@ -28,7 +29,7 @@ ON CONFLICT (reservation_id) DO UPDATE SET
     placed_at = EXCLUDED.placed_at, expires_at = EXCLUDED.expires_at, updated_at = now()
 """
 
-_FINISHED = """
+FINISHED_FROM_INCOMING = """
 INSERT INTO orders AS o (reservation_id, sale_id, user_id, qty, status,
                          confirmed_at, cancelled_at, expired_at)
 SELECT r, s, u, q, st,
@@ -116,16 +117,6 @@ async def final_orders_of(
     left out: a pending reservation is always in Redis, which the caller reads first."""
     rows = await _read(pool, _FINAL_ORDERS_OF, sale_id, user_id)
     return [(to_ms(row["placed_at"]), _view(row)) for row in rows]
-
-
-async def write_incoming(conn: asyncpg.Connection, placed: bool, finished: bool) -> None:
-    """Write the batch staged in ``incoming``: placements (pending unless a final event got
-    there first), then final states (confirmed, cancelled, expired). ``placed`` and
-    ``finished`` say whether the batch holds any of each, to skip an empty statement."""
-    if placed:
-        await conn.execute(_PLACED)
-    if finished:
-        await conn.execute(_FINISHED)
 
 
 async def orders_of_sale(

@@ -1,12 +1,11 @@
 """Statements on ``stock_view``: one row of counters and configuration per sale.
 
-The projector adds each batch's deltas (additive, so events may arrive in any order);
-verify reads the rows back.
+The projector adds each batch's deltas (additive, so events may arrive in any order),
+summed from its scratch table; verify reads the rows back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -27,12 +26,32 @@ class StockDelta:
     closed: bool = False
 
 
-_ADD = """
+# Each sale's deltas summed from the projector's scratch table (``incoming``, holding only
+# events new to the archive by then), the sale's configuration from its SaleCreated, if
+# there; in sale order, so that writers lock in one order. The same sums as
+# :func:`projections.batch.stock_deltas`.
+ADD_INCOMING = """
 INSERT INTO stock_view AS v (sale_id, stock, remaining, held, confirmed, released,
                              per_user_limit, hold_seconds, starts_at, ends_at, closed)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                     $6::bigint[], $7::int[], $8::int[], $9::timestamptz[],
-                     $10::timestamptz[], $11::bool[])
+SELECT sale_id, sum(stock), sum(stock) - sum(placed) + sum(released), sum(placed)
+       - sum(confirmed) - sum(released), sum(confirmed), sum(released), max(per_user_limit),
+       max(hold_seconds), max(starts_at), max(ends_at), bool_or(type = 'SaleClosed')
+FROM (
+    SELECT sale_id, type, starts_at, ends_at,
+           CASE type WHEN 'SaleCreated' THEN (payload->>'stock')::bigint
+                     WHEN 'StockAdjusted' THEN (payload->>'delta')::bigint
+                     ELSE 0 END AS stock,
+           CASE type WHEN 'ReservationPlaced' THEN qty ELSE 0 END AS placed,
+           CASE type WHEN 'ReservationConfirmed' THEN qty ELSE 0 END AS confirmed,
+           CASE WHEN type IN ('ReservationCancelled', 'ReservationExpired') THEN qty ELSE 0
+           END AS released,
+           CASE type WHEN 'SaleCreated' THEN (payload->>'per_user_limit')::int
+           END AS per_user_limit,
+           CASE type WHEN 'SaleCreated' THEN (payload->>'hold_seconds')::int END AS hold_seconds
+    FROM incoming
+) AS d
+GROUP BY sale_id
+ORDER BY sale_id
 ON CONFLICT (sale_id) DO UPDATE SET
     stock = v.stock + EXCLUDED.stock,
     remaining = v.remaining + EXCLUDED.remaining,
@@ -46,26 +65,6 @@ ON CONFLICT (sale_id) DO UPDATE SET
     closed = v.closed OR EXCLUDED.closed,
     updated_at = now()
 """
-
-
-async def add_deltas(conn: asyncpg.Connection, deltas: Sequence[tuple[str, StockDelta]]) -> None:
-    """Add each ``(sale_id, delta)`` to its sale's row (created with the sale's
-    configuration if absent); pass them sorted by sale, so that writers lock in one order."""
-    created = [d.created for _, d in deltas]
-    await conn.execute(
-        _ADD,
-        [sale_id for sale_id, _ in deltas],
-        [d.stock for _, d in deltas],
-        [d.remaining for _, d in deltas],
-        [d.held for _, d in deltas],
-        [d.confirmed for _, d in deltas],
-        [d.released for _, d in deltas],
-        [c.per_user_limit if c else None for c in created],
-        [c.hold_seconds if c else None for c in created],
-        [c.starts_at if c else None for c in created],
-        [c.ends_at if c else None for c in created],
-        [d.closed for _, d in deltas],
-    )
 
 
 async def read_row(conn: asyncpg.Connection, sale_id: str) -> asyncpg.Record | None:
