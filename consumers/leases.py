@@ -28,10 +28,12 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+from core.gateway.clients import RedisClient
 from core.gateway.scripts import load_lua
 from core.keys import PartitionKeys, consumer_members
 
@@ -42,7 +44,7 @@ class PartitionLeases:
     """The partitions one consumer of ``group`` owns, kept up to date by :meth:`refresh`."""
 
     def __init__(
-        self, client: aioredis.Redis, partitions: int, group: str, consumer: str, lease_ms: int
+        self, client: RedisClient, partitions: int, group: str, consumer: str, lease_ms: int
     ) -> None:
         self.client = client
         self.partitions = partitions
@@ -97,16 +99,25 @@ class PartitionLeases:
         seconds, micros = await self.client.time()
         now = seconds * 1000 + micros // 1000
         held = sorted(self.owned)
+        on_cluster = isinstance(self.client, RedisCluster)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.zadd(self.members, {self.consumer: now + self.lease_ms})
             pipe.zremrangebyscore(self.members, "-inf", f"({now}")
             pipe.zcard(self.members)
-            for p in held:
-                await self._renew(
-                    keys=[self._key(p)], args=[self.consumer, self.lease_ms], client=pipe
-                )
+            if isinstance(pipe, Pipeline):  # one server: the renewals ride along
+                for p in held:
+                    await self._renew(
+                        keys=[self._key(p)], args=[self.consumer, self.lease_ms], client=pipe
+                    )
             replies: list[Any] = await pipe.execute()
         live, renewed = int(replies[2]), replies[3:]
+        if on_cluster:
+            # Each lease lives in its partition's slot, so on its own node: one call each,
+            # which also loads the script on a node that lacks it (a pipeline would fail).
+            renewed = [
+                await self._renew(keys=[self._key(p)], args=[self.consumer, self.lease_ms])
+                for p in held
+            ]
         lost = {p for p, ok in zip(held, renewed, strict=True) if not ok}
         owned = set(held) - lost
         self.live = live

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import KeyT, StreamIdT
 
@@ -50,6 +50,7 @@ from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from consumers.leases import PartitionLeases
 from core.events import parse_event
+from core.gateway.clients import RedisClient
 from core.keys import CONSUMER_GROUP, PartitionKeys
 from projections.batch import Batch, prepare, project, write
 from projections.entries import LogEntry
@@ -60,6 +61,10 @@ RawEntry = tuple[bytes | str, dict[bytes | str, bytes | str]]
 Position = tuple[int, str]
 
 _MAX_BACKOFF_S = 5.0
+
+# On a cluster, how often the streams are polled for new entries while there are none: a
+# blocking read can wait on one stream only, and each partition stream has its own slot.
+_CLUSTER_POLL_S = 0.05
 
 # Deliveries parsed between two looks at the other tasks, when preparing a batch read ahead
 # (about a millisecond of work).
@@ -130,7 +135,7 @@ class Projector:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         pool: asyncpg.Pool,
         partitions: int,
         *,
@@ -143,6 +148,9 @@ class Projector:
         lease_ms: int = 0,
     ) -> None:
         self.client = client
+        # A cluster refuses a read over streams in different slots: there each stream is
+        # read on its own (concurrently), and new entries are polled for, not blocked on.
+        self.per_stream = isinstance(client, RedisCluster)
         self.pool = pool
         self.group = group
         self.consumer = consumer or default_consumer_name()
@@ -220,6 +228,8 @@ class Projector:
         if not reading:  # no partition leased yet: wait for the next lease refresh
             await asyncio.sleep(min(block, self.leases.lease_ms / 3 if self.leases else 0) / 1000)
             return []
+        if self.per_stream:
+            return await self._poll_new(reading, block)
         reply: Any = await self.client.xreadgroup(
             self.group,
             self.consumer,
@@ -232,15 +242,78 @@ class Projector:
             deliveries.extend(self._deliveries(stream, entries))
         return deliveries
 
+    async def _read_each(self, streams: dict[str, str]) -> list[tuple[str, Sequence[RawEntry]]]:
+        """One XREADGROUP (without blocking) per stream, all at once: ``(stream, entries)``
+        for each stream of ``streams`` (name -> id to read after)."""
+
+        async def one(stream: str, after: str) -> tuple[str, Sequence[RawEntry]]:
+            reply: Any = await self._read_one(stream, after)
+            for _, entries in reply or []:
+                return stream, entries
+            return stream, []
+
+        replies = await asyncio.gather(
+            *(one(s, after) for s, after in streams.items()), return_exceptions=True
+        )
+        read = [r for r in replies if not isinstance(r, BaseException)]
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        if errors and not any(entries for _, entries in read):
+            raise errors[0]
+        for error in errors:
+            # What the other streams delivered is handled now; this one is read again next.
+            log.warning("stream_read_failed", error=str(error), error_type=type(error).__name__)
+        return read
+
+    async def _read_one(self, stream: str, after: str) -> Any:
+        """XREADGROUP on one stream of a cluster, sent straight to the node that owns its
+        slot: redis-py would otherwise ask a node for the command's keys (COMMAND GETKEYS,
+        twice) before every read. A MOVED reply is followed as usual: the client updates
+        its slot table and sends the read to the new owner."""
+        assert isinstance(self.client, RedisCluster)
+        node = self.client.get_node_from_key(stream)
+        if node is None:  # the client has not read the cluster's layout yet
+            return await self.client.xreadgroup(
+                self.group, self.consumer, {stream: after}, count=self.batch
+            )
+        return await self.client.execute_command(
+            "XREADGROUP",
+            "GROUP",
+            self.group,
+            self.consumer,
+            "COUNT",
+            self.batch,
+            "STREAMS",
+            stream,
+            after,
+            target_nodes=node,
+        )
+
+    async def _poll_new(self, reading: list[str], block: int) -> list[Delivery]:
+        """:meth:`read_new` on a cluster: every stream read on its own, again every
+        ``_CLUSTER_POLL_S`` until something comes or ``block`` ms have passed."""
+        deadline = time.monotonic() + block / 1000
+        while True:
+            deliveries: list[Delivery] = []
+            for stream, entries in await self._read_each(dict.fromkeys(reading, ">")):
+                deliveries.extend(self._deliveries(stream, entries))
+            left = deadline - time.monotonic()
+            if deliveries or left <= 0:
+                return deliveries
+            await asyncio.sleep(min(left, _CLUSTER_POLL_S))
+
     async def read_own(self, after: dict[str, str]) -> list[Delivery]:
         """Entries pending on this consumer's own name after ``after`` (per stream), with
         their delivery counts: what an earlier process under the same name took and never
         acknowledged. Moves ``after`` on; a stream with nothing more leaves it."""
-        streams: dict[KeyT, StreamIdT] = {}
-        streams.update(after)
-        reply: Any = await self.client.xreadgroup(
-            self.group, self.consumer, streams, count=self.batch
-        )
+        reply: Any
+        if self.per_stream:
+            reply = await self._read_each(after)
+        else:
+            streams: dict[KeyT, StreamIdT] = {}
+            streams.update(after)
+            reply = await self.client.xreadgroup(
+                self.group, self.consumer, streams, count=self.batch
+            )
         deliveries: list[Delivery] = []
         for stream, entries in reply or []:
             name = text(stream)

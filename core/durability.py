@@ -8,8 +8,10 @@ answers (``appendonly yes``, ``appendfsync always``). ``none`` accepts whatever 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 
 from core.errors import DurabilityError, InfrastructureError
@@ -40,14 +42,32 @@ class Persistence:
 async def read_persistence(client: RedisClient) -> Persistence:
     """CONFIG GET appendonly / appendfsync and the connected replica count.
 
-    A server that refuses CONFIG (some managed services rename it) reports ``None``.
+    A server that refuses CONFIG (some managed services rename it) reports ``None``. On a
+    cluster every primary is asked, and the weakest answer stands: the first primary that
+    does not fsync every write (else the first one), with the fewest replicas of any.
     """
+    if not isinstance(client, RedisCluster):
+        return await _read_node(client, None)
     try:
-        replicas = int((await client.info("replication")).get("connected_slaves", 0))
+        await client.initialize()  # a client that has run no command yet knows no nodes
+    except RedisError as e:
+        raise InfrastructureError(f"cannot read the redis cluster's nodes: {e}") from e
+    each = [await _read_node(client, node) for node in client.get_primaries()]
+    if not each:
+        raise InfrastructureError("the redis cluster reports no primary")
+    weakest = next((p for p in each if not p.fsyncs_every_write), each[0])
+    return Persistence(weakest.appendonly, weakest.appendfsync, min(p.replicas for p in each))
+
+
+async def _read_node(client: RedisClient, node: ClusterNode | None) -> Persistence:
+    """:func:`read_persistence` of one server, or of one ``node`` of a cluster."""
+    target: dict[str, Any] = {} if node is None else {"target_nodes": node}
+    try:
+        replicas = int((await client.info("replication", **target)).get("connected_slaves", 0))
     except RedisError as e:
         raise InfrastructureError(f"cannot read redis replication info: {e}") from e
     try:
-        config = await client.config_get("append*")
+        config = await client.config_get("append*", **target)
     except RedisError:
         return Persistence(appendonly=None, appendfsync=None, replicas=replicas)
     values = {_text(k): _text(v) for k, v in config.items()}

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
@@ -102,8 +101,6 @@ def stop_on_signals() -> asyncio.Event:
 def projector_for(services: Services, **overrides: int) -> Projector:
     """A projector configured from the settings."""
     s = services.settings
-    if not isinstance(services.redis, aioredis.Redis):
-        raise ConfigurationError("the projector does not run on a Redis Cluster yet")
     return Projector(
         services.redis,
         services.pool,
