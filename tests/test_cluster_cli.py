@@ -185,3 +185,33 @@ async def test_up_on_an_embedded_cluster_serves_projects_and_stops_on_sigterm(
     finally:
         stop_all(proc)
         kill_all(children)
+
+
+async def test_up_stopped_while_its_cluster_forms_leaves_nothing_behind(
+    settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+):
+    """SIGTERM before the service is up (the cluster takes a second or two to form) stops
+    the nodes started so far and deletes their data, as Ctrl-C would."""
+    log_path = tmp_path / "up.log"
+    tmp = tmp_path / "tmp"  # where the nodes' data directories go
+    tmp.mkdir()
+    env = _env(settings, TMPDIR=str(tmp))
+    proc = start(["up", "--redis-cluster", "--workers", "1"], env, log_path)
+    nodes: dict[int, Path] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not (nodes := _redis_nodes(proc.pid)):
+            running((proc, log_path))()
+            assert time.monotonic() < deadline, "no redis node started"
+            await asyncio.sleep(0.01)
+        rc = await terminate(proc, within=30)
+        text = log_path.read_text()
+        assert "flashsale is up" not in text, "too late: the test meant to stop it while forming"
+        assert rc == 130 and text.rstrip().endswith("interrupted"), text[-3000:]
+        await wait_gone(nodes, 10, "a redis node outlived `up`")
+        _assert_cleaned_up(nodes)
+        # Nodes started after the first one was seen left no data either.
+        assert not list(tmp.glob("flashsale-redis-*")), list(tmp.iterdir())
+    finally:
+        stop_all(proc)
+        kill_all(nodes)

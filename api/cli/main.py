@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import signal
 import sys
+from types import FrameType
 
 import asyncpg
 from pydantic import ValidationError
@@ -72,6 +74,17 @@ def _token(settings: Settings, user_id: str, ttl: int) -> int:
         raise ConfigurationError("--ttl must be at least 1 second")
     print(issue_token(settings.jwt_secret, user_id, ttl))
     return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM stop the command as Ctrl-C does until its event loop takes the signal
+    over: embedded servers started so far are then stopped and their data deleted (by
+    default SIGTERM ends the process at once, and a Redis Cluster takes seconds to form)."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _positive(text: str) -> int:
@@ -156,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("up", "demo"):
             # Before the secrets are printed: a refusal is one line.
             refuse_redis_url_with_cluster(settings, args.redis_cluster)
+            interrupt_on_sigterm()
             settings = with_run_secrets(settings)
         if args.command == "demo":
             with resolved(settings, embedded=True, redis_cluster=args.redis_cluster) as s:
