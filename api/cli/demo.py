@@ -18,10 +18,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
+from redis.asyncio.cluster import RedisCluster
 
 from api.cli.launcher import death_signal_setter
 from api.cli.processes import Services, open_services, run_consumers, running_api
 from api.web.auth import issue_token
+from core.gateway.clients import RedisClient
 from core.settings import Settings
 from projections.tables import orders, stock_view
 from projections.verify import verify
@@ -91,6 +93,7 @@ class DemoReport:
     catch_up_seconds: float | None = None
     verify_clean: bool = False
     verify_differences: int = 0
+    redis: str = "one server"
 
     @property
     def ok(self) -> bool:
@@ -106,6 +109,7 @@ class DemoReport:
     def render(self) -> str:
         rows: list[tuple[str, object]] = [
             ("sale", f"{self.sale_id}: {self.stock} units, {self.hold_seconds} s to pay"),
+            ("redis", self.redis),
             *self.first.rows("first wave"),
             (
                 "winners then",
@@ -325,6 +329,13 @@ async def read_back(services: Services, report: DemoReport, finished: float, pla
     report.verify_differences = len(result.differences)
 
 
+def redis_shape(client: RedisClient) -> str:
+    """What the sale ran on, for the report: one server or a cluster of N primaries."""
+    if isinstance(client, RedisCluster):
+        return f"a cluster of {len(client.get_primaries())} primaries"
+    return "one server"
+
+
 async def run_demo(
     settings: Settings, stock: int, attempts: int, hold_seconds: int, as_json: bool
 ) -> int:
@@ -340,5 +351,6 @@ async def run_demo(
         finally:
             stop.set()
             await consumers
+        report.redis = redis_shape(services.redis)
     print(json.dumps(asdict(report) | {"ok": report.ok}, indent=2) if as_json else report.render())
     return 0 if report.ok else 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import signal
 import sys
+from types import FrameType
 
 import asyncpg
 from pydantic import ValidationError
@@ -13,7 +15,14 @@ from redis.exceptions import RedisError
 from api.cli import operate, replay
 from api.cli.demo import run_demo
 from api.cli.launcher import LauncherError
-from api.cli.processes import consume, resolved, run_async, serve, up
+from api.cli.processes import (
+    consume,
+    refuse_redis_url_with_cluster,
+    resolved,
+    run_async,
+    serve,
+    up,
+)
 from api.web.auth import USER_ID, issue_token
 from core.errors import ConfigurationError, FlashsaleError
 from core.logs import configure_logging
@@ -67,12 +76,32 @@ def _token(settings: Settings, user_id: str, ttl: int) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM stop the command as Ctrl-C does until its event loop takes the signal
+    over: embedded servers started so far are then stopped and their data deleted (by
+    default SIGTERM ends the process at once, and a Redis Cluster takes seconds to form)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _positive(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _add_redis_cluster_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="start an embedded Redis Cluster (3 primaries, a replica each) instead of the"
+        " single embedded Redis (an error if FLASHSALE_REDIS_URL is set)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="API processes sharing the port (FLASHSALE_WORKERS; default: one per CPU)",
             )
+        if name == "up":
+            _add_redis_cluster_flag(p)
     token = sub.add_parser(
         "token", help="print a buyer JWT signed with FLASHSALE_JWT_SECRET (tests, demos)"
     )
@@ -106,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--buyers", type=int, default=5000)
     demo.add_argument("--hold-seconds", type=int, default=10, help="payment window")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_redis_cluster_flag(demo)
     replay.add_commands(sub)
     operate.add_commands(sub)
     return parser
@@ -135,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("serve", "consume"):
             refuse_default_secrets(settings)
         if args.command in ("up", "demo"):
+            # Before the secrets are printed: a refusal is one line.
+            refuse_redis_url_with_cluster(settings, args.redis_cluster)
+            interrupt_on_sigterm()
             settings = with_run_secrets(settings)
         if args.command == "demo":
-            with resolved(settings, embedded=True) as s:
+            with resolved(settings, embedded=True, redis_cluster=args.redis_cluster) as s:
                 code: int = run_async(
                     run_demo(s, args.stock, args.buyers, args.hold_seconds, args.json)
                 )
@@ -146,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(operate.run_operation(settings, args))
         if args.command == "replay":
             return replay.run_replay(settings, args)
-        with resolved(settings, embedded=args.command == "up") as s:
+        cluster = args.command == "up" and args.redis_cluster
+        with resolved(settings, embedded=args.command == "up", redis_cluster=cluster) as s:
             runner = {"up": up, "serve": serve, "consume": consume}[args.command]
             run_async(runner(s))
         return 0

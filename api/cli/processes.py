@@ -1,7 +1,7 @@
 """Process wiring of the ``flashsale`` command line: the connections a process shares, the
-embedded servers started for missing URLs, the HTTP API (in this process or in worker
-processes, see :mod:`api.cli.workers`) and the consumer daemons run side by side, and
-SIGINT/SIGTERM ending them."""
+embedded servers started for missing URLs (or an embedded Redis Cluster), the HTTP API (in
+this process or in worker processes, see :mod:`api.cli.workers`) and the consumer daemons
+run side by side, and SIGINT/SIGTERM ending them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from api.cli.cluster import EmbeddedRedisCluster
 from api.cli.launcher import embedded_servers
 from api.cli.workers import api_workers, worker_count
 from api.connections import postgres_pool_for, redis_client_for
@@ -71,9 +72,26 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         await client.aclose()
 
 
+def refuse_redis_url_with_cluster(settings: Settings, redis_cluster: bool) -> None:
+    """Raise when ``--redis-cluster`` (an embedded cluster) meets ``FLASHSALE_REDIS_URL``."""
+    if redis_cluster and settings.redis_url:
+        raise ConfigurationError(
+            "--redis-cluster starts an embedded cluster, but FLASHSALE_REDIS_URL is set: "
+            "unset it, or drop --redis-cluster to use that server"
+        )
+
+
 @contextlib.contextmanager
-def resolved(settings: Settings, embedded: bool) -> Iterator[Settings]:
-    """Settings with both URLs set, starting embedded servers for missing ones if allowed."""
+def resolved(
+    settings: Settings, embedded: bool, *, redis_cluster: bool = False
+) -> Iterator[Settings]:
+    """Settings with both URLs set, starting embedded servers for missing ones if allowed.
+
+    ``redis_cluster``: start an embedded Redis Cluster (three primaries with a replica each)
+    in place of the single embedded Redis; refused when ``FLASHSALE_REDIS_URL`` is set, since
+    either one would quietly overrule the other.
+    """
+    refuse_redis_url_with_cluster(settings, redis_cluster)
     if settings.redis_url and settings.database_url:
         yield settings
         return
@@ -82,10 +100,23 @@ def resolved(settings: Settings, embedded: bool) -> Iterator[Settings]:
             "set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
             "(or use `flashsale up`, which starts embedded servers)"
         )
-    with embedded_servers(settings.redis_url, settings.database_url) as urls:
-        print(f"redis: {urls.redis_url}\npostgres: {urls.database_url}", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        redis_url, shape = settings.redis_url, ""
+        update: dict[str, object] = {}
+        if redis_cluster:
+            cluster = EmbeddedRedisCluster()
+            stack.callback(cluster.stop)
+            redis_url = cluster.start()
+            primaries = ", ".join(str(node.port) for node in cluster.primaries)
+            replicas = ", ".join(str(node.port) for node in cluster.replicas)
+            shape = (
+                f"  (a Redis Cluster: primaries on ports {primaries}, a replica each on {replicas})"
+            )
+            update["redis_cluster"] = "on"  # known: no need to ask the node
+        urls = stack.enter_context(embedded_servers(redis_url, settings.database_url))
+        print(f"redis: {urls.redis_url}{shape}\npostgres: {urls.database_url}", file=sys.stderr)
         yield settings.model_copy(
-            update={"redis_url": urls.redis_url, "database_url": urls.database_url}
+            update=update | {"redis_url": urls.redis_url, "database_url": urls.database_url}
         )
 
 
