@@ -13,9 +13,11 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
+from redis.asyncio.cluster import RedisCluster
 
 from api.cli.cluster import EmbeddedRedisCluster
 from api.cli.launcher import ServerUrls, embedded_servers
+from api.connections import redis_client_for
 from api.web.app import create_app
 from consumers.projector import Projector
 from core.gateway import RedisGateway
@@ -44,6 +46,17 @@ def redis_cluster_url() -> Iterator[str]:
     cluster = EmbeddedRedisCluster()
     yield cluster.start()
     cluster.stop()
+
+
+@pytest.fixture
+async def cluster(cluster_settings: Settings) -> AsyncIterator[RedisCluster]:
+    """A cluster client of the requesting module's ``cluster_settings`` (found to be one from
+    the URL), every primary empty."""
+    client = redis_client_for(cluster_settings)
+    assert isinstance(client, RedisCluster)
+    await client.flushdb()
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -41,16 +40,6 @@ def cluster_settings(redis_cluster_url: str) -> Settings:
         sale_view_cache_ms=0,
         metrics_health_interval_ms=0,
     )
-
-
-@pytest.fixture
-async def cluster(cluster_settings: Settings) -> AsyncIterator[RedisCluster]:
-    """A cluster client of the settings (found to be one from the URL), every primary empty."""
-    client = redis_client_for(cluster_settings)
-    assert isinstance(client, RedisCluster)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 def gateway_on(client: RedisCluster, **options: Any) -> RedisGateway:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from api.connections import redis_client_for
 from consumers.deadletter import list_parked
 from consumers.expiry import ExpiryWorker
 from consumers.health import read_health
@@ -53,16 +51,6 @@ def cluster_settings(redis_cluster_url: str, settings: Settings) -> Settings:
         redis_pool_size=50,
         sale_view_cache_ms=0,
     )
-
-
-@pytest.fixture
-async def cluster(cluster_settings: Settings) -> AsyncIterator[RedisCluster]:
-    """A cluster client, every primary empty."""
-    client = redis_client_for(cluster_settings)
-    assert isinstance(client, RedisCluster)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
