@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -22,6 +24,8 @@ from core.gateway.clients import RedisClient
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
 from core.settings import Settings
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET, text
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 FLASHSALE = Path(sys.executable).parent / "flashsale"
 
@@ -183,6 +187,63 @@ def is_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return "\nState:\tZ" in status
+
+
+def gone_within(pid: int, timeout: float = 10.0) -> bool:
+    """Whether process ``pid`` is gone (see :func:`is_gone`) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not is_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def assert_servers_die_with_their_parent(setup: str, count: int) -> None:
+    """Run ``setup`` in a child Python process (it leaves ``count`` started embedded servers
+    in a list named ``servers``), kill the child outright and check that every server dies
+    with it. Whatever outlives a failed check is killed and its data removed."""
+    script = setup + textwrap.dedent(
+        """
+        import time
+        print("SERVERS", *(f"{s.pid}:{s.data_dir}" for s in servers), flush=True)
+        time.sleep(60)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert child.stdout is not None
+    pids: list[int] = []
+    dirs: list[Path] = []
+    try:
+        for line in child.stdout:
+            if line.startswith("SERVERS "):
+                for field in line.split()[1:]:
+                    number, _, data_dir = field.partition(":")
+                    pids.append(int(number))
+                    dirs.append(Path(data_dir))
+                break
+        assert len(pids) == count, f"the child reported {len(pids)} servers, not {count}"
+
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        for pid in pids:
+            assert gone_within(pid), f"server {pid} outlived its parent"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        for pid in pids:
+            if not is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        for directory in dirs:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 async def wait_gone(pids: Iterable[int], within: float, what: str) -> None:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import redis
 from redis.cluster import RedisCluster
 
 from api.cli.cluster import CLUSTER_SLOTS, EmbeddedRedisCluster
-from tests.daemons import is_gone
-from tests.test_launcher import PROJECT_ROOT, _wait_gone
+from tests.daemons import assert_servers_die_with_their_parent, gone_within
 
 
 def test_cluster_covers_every_slot_with_a_replica_per_primary_and_stops_cleanly() -> None:
@@ -64,7 +57,7 @@ def test_cluster_covers_every_slot_with_a_replica_per_primary_and_stops_cleanly(
             anonymous.close()
     finally:
         cluster.stop()
-    assert all(_wait_gone(pid) for pid in pids)
+    assert all(gone_within(pid) for pid in pids)
     assert not any(directory.exists() for directory in dirs)
     assert cluster.nodes == []
 
@@ -76,49 +69,15 @@ def _slot_rows(slots: object) -> list[tuple[int, int, object]]:
 
 
 def test_cluster_nodes_die_with_their_parent() -> None:
-    script = textwrap.dedent(
-        """
-        import time
-        from api.cli.cluster import EmbeddedRedisCluster
+    assert_servers_die_with_their_parent(
+        textwrap.dedent(
+            """
+            from api.cli.cluster import EmbeddedRedisCluster
 
-        cluster = EmbeddedRedisCluster()
-        cluster.start()
-        pids = " ".join(str(node.pid) for node in cluster.nodes)
-        dirs = " ".join(str(node.data_dir) for node in cluster.nodes)
-        print("NODES", pids, "|", dirs, flush=True)
-        time.sleep(60)
-        """
+            cluster = EmbeddedRedisCluster()
+            cluster.start()
+            servers = cluster.nodes
+            """
+        ),
+        count=6,
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert child.stdout is not None
-    pids: list[int] = []
-    dirs: list[Path] = []
-    try:
-        for line in child.stdout:
-            if line.startswith("NODES "):
-                head, _, tail = line.removeprefix("NODES ").partition("|")
-                pids = [int(pid) for pid in head.split()]
-                dirs = [Path(directory) for directory in tail.split()]
-                break
-        assert len(pids) == 6, "the child did not report its nodes"
-
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        for pid in pids:
-            assert _wait_gone(pid), f"node {pid} outlived its parent"
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        for pid in pids:
-            if not is_gone(pid):
-                os.kill(pid, signal.SIGKILL)
-        for directory in dirs:
-            shutil.rmtree(directory, ignore_errors=True)

@@ -6,13 +6,10 @@ import asyncio
 import importlib.util
 import os
 import shutil
-import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,18 +28,7 @@ from api.cli.launcher import (
     _valkey_binary,
     embedded_servers,
 )
-from tests.daemons import is_gone
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not is_gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+from tests.daemons import assert_servers_die_with_their_parent, is_gone
 
 
 def _child_commands() -> list[str]:
@@ -251,51 +237,18 @@ def test_embedded_servers_starts_nothing_when_both_urls_are_given() -> None:
 
 
 def test_servers_die_with_their_parent() -> None:
-    script = textwrap.dedent(
-        """
-        import time
-        from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis
+    assert_servers_die_with_their_parent(
+        textwrap.dedent(
+            """
+            from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis
 
-        redis, postgres = EmbeddedRedis(), EmbeddedPostgres()
-        redis.start()
-        postgres.start()
-        print("SERVERS", redis.pid, postgres.pid, redis.data_dir, postgres.data_dir, flush=True)
-        time.sleep(60)
-        """
+            servers = [EmbeddedRedis(), EmbeddedPostgres()]
+            for server in servers:
+                server.start()
+            """
+        ),
+        count=2,
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert child.stdout is not None
-    pids: list[int] = []
-    dirs: list[Path] = []
-    try:
-        for line in child.stdout:
-            if line.startswith("SERVERS "):
-                fields = line.split()
-                pids = [int(fields[1]), int(fields[2])]
-                dirs = [Path(fields[3]), Path(fields[4])]
-                break
-        assert pids, "the child did not report its servers"
-
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        for pid in pids:
-            assert _wait_gone(pid), f"server {pid} outlived its parent"
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        for pid in pids:
-            if not is_gone(pid):
-                os.kill(pid, signal.SIGKILL)
-        for directory in dirs:
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_valkey_binary_from_the_wheel_runs() -> None:
