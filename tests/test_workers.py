@@ -4,6 +4,7 @@ port, metrics summed over them, and every way the run can end leaving no process
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from api.cli.processes import open_services, running_api
 from api.cli.workers import available_cpus, worker_count
 from core.settings import Settings
 from tests.daemons import (
@@ -255,3 +257,20 @@ async def test_workers_default_to_the_cpus_and_must_be_positive(env: dict[str, s
     assert worker_count(Settings(workers=3)) == 3
     rc, out = await cli(env, "serve", "--workers", "0", within=30)
     assert rc == 2 and "must be at least 1" in out, out
+
+
+async def test_a_serving_process_freezes_what_it_holds_at_start_out_of_the_collector(
+    settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
+):
+    # What serve, up, demo and every worker run: the app started, its heap frozen.
+    gc.unfreeze()
+    try:
+        async with open_services(settings) as services, running_api(services, 0) as port:
+            assert gc.get_freeze_count() > 0
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/healthz") as response,
+            ):
+                assert response.status == 200
+    finally:
+        gc.unfreeze()

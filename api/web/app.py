@@ -3,7 +3,6 @@ parse, call the gateway, map errors."""
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import AsyncIterator
 
@@ -47,14 +46,6 @@ async def health_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
-async def _freeze_heap(app: web.Application) -> None:
-    """Move everything alive once the app has started (modules, schemas, pools) out of the
-    garbage collector's sight: a full collection then scans only what requests make, so a
-    busy process does not pause tens of milliseconds for objects that live for ever."""
-    gc.collect()
-    gc.freeze()
-
-
 def create_app(
     settings: Settings, client: RedisClient | None = None, metrics: ApiMetrics | None = None
 ) -> web.Application:
@@ -95,7 +86,6 @@ def create_app(
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(health_ctx)
     app.cleanup_ctx.append(orders_ctx)
-    app.on_startup.append(_freeze_heap)
     router = app.router
     # The hot routes first: aiohttp tries the routes under one path prefix in this order.
     router.add_post("/v1/sales/{sale_id}/reservations", reservations.reserve)
