@@ -69,13 +69,12 @@ def stream_entries(batch: Any) -> tuple[list[tuple[str, dict[str, str]]], set[st
         pairs = iter(flat)
         try:
             fields = {k.decode(): v.decode() for k, v in zip(pairs, pairs, strict=False)}
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, AttributeError):
+            # Bytes that are not UTF-8, or a client that decodes replies itself.
             pairs = iter(flat)
-            fields = {_readable(k): _readable(v) for k, v in zip(pairs, pairs, strict=False)}
-            undecodable.add(stream_id)
-        except AttributeError:  # a client that decodes replies itself
-            pairs = iter(flat)
-            fields = {text(k): text(v) for k, v in zip(pairs, pairs, strict=False)}
+            fields, decoded = entry_fields(dict(zip(pairs, pairs, strict=False)))
+            if not decoded:
+                undecodable.add(stream_id)
         entries.append((stream_id, fields))
     return entries, undecodable
 
