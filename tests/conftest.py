@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
+from playwright.async_api import Browser
 from redis.asyncio.cluster import RedisCluster
 
 from api.cli.cluster import EmbeddedRedisCluster
@@ -23,6 +24,7 @@ from consumers.projector import Projector
 from core.gateway import RedisGateway
 from core.settings import Settings
 from projections.db import open_pool
+from tests.browser import headless_chromium
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET
 from tests.http_helpers import serve, session_for
 
@@ -204,3 +206,10 @@ async def http(server: TestServer) -> AsyncIterator[aiohttp.ClientSession]:
     """A client session pointed at ``server``."""
     async with session_for(server) as session:
         yield session
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A real headless Chromium (``tests.browser``); skips, saying why, where there is none."""
+    async with headless_chromium() as chromium:
+        yield chromium

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from api.connections import postgres_pool_for, redis_client_for
-from api.web import openapi, reservations, sales, service
+from api.web import openapi, pages, reservations, sales, service
 from api.web.metrics import ApiMetrics
 from api.web.problems import problems_middleware
 from api.web.sale_views import SaleViewCache
@@ -101,5 +101,6 @@ def create_app(
     router.add_get("/readyz", service.readyz)
     router.add_get("/metrics", service.metrics_view)
     router.add_get("/openapi.json", service.openapi_view)
+    pages.add_routes(router)
     app[OPENAPI_JSON] = json.dumps(openapi.document(router))
     return app

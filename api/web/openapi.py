@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from api.web.problems import HEADERS_OF_CODE, PROBLEM_TYPE, Problem, problem_codes
-from api.web.requests import IDEMPOTENCY_KEY, RESERVATION_ID, SALE_ID
+from api.web.requests import ASSET_NAME, IDEMPOTENCY_KEY, RESERVATION_ID, SALE_ID
 from core.models import NewSale
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -47,8 +47,12 @@ SECURITY_SCHEMES: dict[str, dict[str, str]] = {
 PATH_PATTERNS: dict[str, str] = {
     "sale_id": SALE_ID.pattern,
     "reservation_id": RESERVATION_ID.pattern,
+    "name": ASSET_NAME.pattern,
 }
-PATH_EXAMPLES: dict[str, Any] = {"sale_id": (NewSale.model_fields["sale_id"].examples or [None])[0]}
+PATH_EXAMPLES: dict[str, Any] = {
+    "sale_id": (NewSale.model_fields["sale_id"].examples or [None])[0],
+    "name": "pages.css",  # the pages' style sheet (api/web/static)
+}
 
 RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
     "Location": {
@@ -82,12 +86,13 @@ class Link:
 
 @dataclass(frozen=True)
 class Answer:
-    """A success answer: its body's model (None: not JSON), headers always present, links."""
+    """A success answer: its body's model (None: not JSON), its media type (or the types it
+    can have), headers always present, links."""
 
     status: int
     description: str
     model: type[BaseModel] | None = None
-    media_type: str = "application/json"
+    media_type: str | tuple[str, ...] = "application/json"
     headers: tuple[str, ...] = ()
     links: Mapping[str, Link] = field(default_factory=dict)
 
@@ -293,7 +298,12 @@ def _answer(answer: Answer, components: _Components, ids: set[str]) -> dict[str,
     )
     spec: dict[str, Any] = {
         "description": answer.description,
-        "content": {answer.media_type: {"schema": schema}},
+        "content": {
+            media_type: {"schema": schema}
+            for media_type in (
+                (answer.media_type,) if isinstance(answer.media_type, str) else answer.media_type
+            )
+        },
     }
     if answer.headers:
         spec["headers"] = {name: _header(name, required=True) for name in answer.headers}

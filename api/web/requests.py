@@ -18,6 +18,7 @@ from core.models import SALE_ID_PATTERN
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 SALE_ID = re.compile(SALE_ID_PATTERN)
 RESERVATION_ID = re.compile(r"^[0-9]{1,4}-[A-Za-z0-9]{1,128}$")
+ASSET_NAME = re.compile(r"^[a-z0-9-]{1,64}\.(js|css)$")
 M = TypeVar("M", bound=BaseModel)
 
 
