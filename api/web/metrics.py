@@ -96,6 +96,17 @@ class ApiMetrics:
             )
         self.scraped.register(self.consumers)
 
+    def counter_totals(self, counter: Counter, label: str) -> dict[str, int]:
+        """Each value of ``label`` with the total of ``counter`` (one of this object's), as
+        ``/metrics`` shows it: summed over the API workers when there are several."""
+        name = f"{next(iter(counter.describe())).name}_total"
+        return {
+            sample.labels[label]: int(sample.value)
+            for family in self.scraped.collect()
+            for sample in family.samples
+            if sample.name == name and label in sample.labels
+        }
+
     def observe_consumers(self, health: Health | None) -> None:
         """Show ``health`` in the consumer gauges (None: Redis could not be read)."""
         self.consumers.observe(health)

@@ -92,6 +92,7 @@ SPELLED_CODES: dict[str, int] = {
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "verify_running": 409,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "invalid_body": 422,
