@@ -23,6 +23,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, Page, expect
 
+from api.web.app import create_app
+from core.settings import Settings
 from tests.conftest import ProjectorFactory
 from tests.helpers import ADMIN_TOKEN
 from tests.http_helpers import ADMIN, reserve, sale_body
@@ -174,6 +176,22 @@ async def test_a_wrong_token_is_refused_and_asked_again(server: TestServer, brow
     await expect(page.get_by_label("Admin token")).to_be_focused()
     assert await page.evaluate("sessionStorage.length") == 0
     await page.close()
+
+
+async def test_without_a_database_the_console_says_so_and_shows_the_rest(
+    settings: Settings, redis_client: aioredis.Redis, browser: Browser
+) -> None:
+    no_database = settings.model_copy(update={"database_url": None})
+    async with TestServer(create_app(no_database, redis_client)) as server:
+        page = await browser.new_page()
+        await page.goto(str(server.make_url("/console")))
+        await page.get_by_label("Admin token").fill(ADMIN_TOKEN)
+        await page.get_by_role("button", name="Open the console").click()
+        await expect(page.locator("#poll-problem")).to_contain_text(
+            "Service temporarily unavailable: no database configured", timeout=SHOWN
+        )
+        await expect(page.locator("#dead-letters")).to_have_text("0")
+        await page.close()
 
 
 async def test_the_verify_button_shows_the_result(

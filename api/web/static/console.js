@@ -397,18 +397,22 @@ async function poll() {
   polling = true;
   const problemBox = $("poll-problem");
   try {
+    // Each part is shown when it comes back; the first refusal is shown beside them
+    // (the list of sales needs the database, the overview does not).
     const [sales, overview] = await Promise.all([
       api("GET", "/v1/sales").catch((error) => error),
-      api("GET", "/v1/admin/overview"),
+      api("GET", "/v1/admin/overview").catch((error) => error),
     ]);
-    if (sales instanceof ApiError) throw sales;
-    renderSales(sales);
-    renderAttempts(overview.attempts, Date.parse(overview.at));
-    renderConsumers(overview.consumers);
+    if (!(sales instanceof Error)) renderSales(sales);
+    if (!(overview instanceof Error)) {
+      renderAttempts(overview.attempts, Date.parse(overview.at));
+      renderConsumers(overview.consumers);
+    }
     if (Date.now() - verifyReadAt > VERIFY_POLL_MS) {
       verifyReadAt = Date.now();
       await readVerify();
     }
+    for (const answer of [sales, overview]) if (answer instanceof Error) throw answer;
     problemBox.hidden = true;
     setText($("updated"), `Updated ${new Date().toLocaleTimeString()}`);
   } catch (error) {
