@@ -202,7 +202,7 @@ async def test_the_verify_button_shows_the_result(
     summary = console.locator("#verify-summary")
     await expect(summary).to_have_text("No verify has run yet.")
     await console.get_by_role("button", name="Run verify").click()
-    await expect(summary).to_contain_text("Clean: 1 sales, 1 events agree", timeout=SHOWN)
+    await expect(summary).to_contain_text("Clean: 1 sale, 1 event agree", timeout=SHOWN)
     keys = [k async for k in redis_client.scan_iter(match="*:sale:checked")]
     await redis_client.hset(keys[0], "remaining", 1)
     await console.get_by_role("button", name="Run verify").click()
@@ -247,7 +247,11 @@ async def test_a_screenshot_of_the_console(
             await reserve(http, f"user-{i}", {"qty": 1 + i % 2}, sale_id=sale_id)
     async with http.post("/v1/sales/late/close", headers=ADMIN):
         pass
+    # Everything shown and projected before the picture.
     await expect_counters(console, "summer-drop", held=270)
+    await expect_counters(console, "flash-42", remaining=0, held=20)
+    await expect(row(console, "late").locator("td.status")).to_have_text("ended", timeout=SHOWN)
+    await expect(console.locator("#total-lag")).to_have_text("0", timeout=SHOWN)
     await console.get_by_role("button", name="Run verify").click()
     await expect(console.locator("#verify-summary")).to_contain_text("Clean", timeout=SHOWN)
     await console.set_viewport_size({"width": 1200, "height": 900})

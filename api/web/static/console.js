@@ -85,6 +85,11 @@ function seconds(value) {
 
 const numbers = new Intl.NumberFormat();
 
+/** "1 sale", "3 sales". */
+function count(n, noun, nouns = `${noun}s`) {
+  return `${numbers.format(n)} ${n === 1 ? noun : nouns}`;
+}
+
 // ------------------------------------------------------------------ messages
 
 /** Show the answer of an action: a problem (title, detail, code, field errors) or a note. */
@@ -263,11 +268,12 @@ function renderVerify(result) {
   }
   summary.replaceChildren();
   const verdict = cell("strong", result.clean ? "Clean" : "Drift", result.clean ? "clean" : "drift");
+  const checked = `${count(result.sales, "sale")}, ${count(result.events, "event")}`;
   let said = result.clean
-    ? `: ${result.sales} sales, ${result.events} events agree in the log, Redis and PostgreSQL`
-    : `: ${result.differences} differences (${result.sales} sales, ${result.events} events checked)`;
-  if (result.lagging) said += `, ${result.lagging} events not projected yet`;
-  if (result.malformed) said += `, ${result.malformed} log entries skipped`;
+    ? `: ${checked} agree in the log, Redis and PostgreSQL`
+    : `: ${count(result.differences, "difference")} (${checked} checked)`;
+  if (result.lagging) said += `, ${count(result.lagging, "event")} not projected yet`;
+  if (result.malformed) said += `, ${count(result.malformed, "log entry", "log entries")} skipped`;
   summary.append(verdict, document.createTextNode(`${said}. Finished `));
   summary.append(timeElement(result.finished_at), document.createTextNode(` in ${result.seconds} s.`));
   const body = table.tBodies[0];
