@@ -222,18 +222,27 @@ async def test_keyboard_alone_signs_in_and_creates_a_sale(
     await page.keyboard.type(ADMIN_TOKEN)
     await page.keyboard.press("Enter")
     await expect(page.locator("#console-title")).to_be_focused(timeout=SHOWN)
-    for _ in range(40):  # Tab along the page to the form
-        if await page.evaluate("document.activeElement.id") == "create-sale":
-            break
-        await page.keyboard.press("Tab")
-    await expect(page.get_by_label("Sale id").nth(1)).to_be_focused()
+    await tab_to(page, "create-sale")
     await page.keyboard.type("by-keys")
     await page.keyboard.press("Tab")
     await page.keyboard.type("7")
     await page.keyboard.press("Enter")
     await expect(page.get_by_role("alert")).to_have_text("Sale by-keys created with 7 in stock.")
     await expect_counters(page, "by-keys", stock=7, remaining=7)
+    await tab_to(page, "run-verify")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#verify-summary")).to_contain_text("Clean", timeout=SHOWN)
+    await expect(page.get_by_role("button", name="Run verify")).to_be_focused()
     await page.close()
+
+
+async def tab_to(page: Page, element_id: str) -> None:
+    """Press Tab until the element has the focus (the test fails if it never does)."""
+    for _ in range(60):
+        if await page.evaluate("document.activeElement.id") == element_id:
+            return
+        await page.keyboard.press("Tab")
+    await expect(page.locator(f"#{element_id}")).to_be_focused()
 
 
 async def test_a_screenshot_of_the_console(

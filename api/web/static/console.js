@@ -296,8 +296,9 @@ async function readVerify() {
 
 async function runVerify() {
   const button = $("run-verify");
-  button.disabled = true;
-  button.setAttribute("aria-busy", "true");
+  // Marked busy rather than disabled: a disabled button would lose the keyboard focus.
+  if (button.getAttribute("aria-disabled") === "true") return;
+  button.setAttribute("aria-disabled", "true");
   setText(button, "Verifying…");
   try {
     const result = await api("POST", "/v1/admin/verify");
@@ -306,8 +307,7 @@ async function runVerify() {
   } catch (error) {
     failed(error);
   } finally {
-    button.disabled = false;
-    button.removeAttribute("aria-busy");
+    button.removeAttribute("aria-disabled");
     setText(button, "Run verify");
   }
 }
@@ -362,17 +362,21 @@ async function changeSale(form, action) {
   form.delta.value = "";
 }
 
-/** Run ``work`` for a submitted form, its buttons disabled meanwhile; errors are shown. */
+/** Run ``work`` for a submitted form, once at a time (its buttons marked busy, not
+ * disabled, so the keyboard focus stays where it was); errors are shown. */
 async function submitting(form, work) {
+  if (form.dataset.busy) return;
+  form.dataset.busy = "true";
   const buttons = [...form.querySelectorAll("button")];
-  for (const button of buttons) button.disabled = true;
+  for (const button of buttons) button.setAttribute("aria-disabled", "true");
   try {
     await work();
     poll();
   } catch (error) {
     failed(error);
   } finally {
-    for (const button of buttons) button.disabled = false;
+    delete form.dataset.busy;
+    for (const button of buttons) button.removeAttribute("aria-disabled");
   }
 }
 
