@@ -404,7 +404,8 @@ async function place(intent) {
       saveIntent(null);
       problem(refusal(answer));
       if (answer.status === 401) $("token").focus();
-      if (answer.data.code === "limit_reached") loadMine();
+      // Bought elsewhere (another tab, another device): show what the buyer holds.
+      if (answer.data.code === "limit_reached") loadMine({ quiet: true });
       return;
     }
     if (attempt >= AUTO_RETRIES) {
@@ -419,13 +420,13 @@ async function place(intent) {
 
 // ---------------------------------------------------------------- reservations
 
-async function loadMine() {
+async function loadMine({ quiet = false } = {}) {
   const token = state.token;
   let answer;
   try {
     answer = await api("GET", salePath + "/reservations/mine", { auth: true });
   } catch {
-    setTimeout(() => state.token === token && loadMine(), 2000);
+    setTimeout(() => state.token === token && loadMine({ quiet }), 2000);
     return;
   }
   if (state.token !== token) return;
@@ -433,11 +434,11 @@ async function loadMine() {
     for (const view of answer.data.reservations || []) upsert(view);
     renderReservations();
     const pending = [...state.reservations.values()].filter((e) => e.view.status === "pending");
-    if (pending.length) announce(pending[pending.length - 1].view, "found");
+    if (pending.length && !quiet) announce(pending[pending.length - 1].view, "found");
   } else if (answer.status === 401) {
     problem(refusal(answer));
   } else if (answer.status >= 500) {
-    setTimeout(() => state.token === token && loadMine(), 2000);
+    setTimeout(() => state.token === token && loadMine({ quiet }), 2000);
   }
   renderBuy();
 }
