@@ -24,7 +24,8 @@ const state = {
   reservations: new Map(), // reservation_id -> {view, busy, polledAt, item}
   buying: false,
   cooldownUntil: 0,
-  opened: false, // the countdown reached the start (before a poll says active)
+  shownStatus: "loading", // saleStatus() as last shown
+  opened: false, // the sale opened while this page was showing it
 };
 
 // ---------------------------------------------------------------- server clock
@@ -216,7 +217,17 @@ function tokenFromFragment() {
 
 // ---------------------------------------------------------------- the sale
 
+const poller = { timer: 0, inFlight: false, again: false };
+
+// Polls the sale every SALE_POLL_MS; called directly, it polls now (after this page's own
+// purchase, payment or cancel changed the numbers), one request at a time.
 async function pollSale() {
+  clearTimeout(poller.timer);
+  if (poller.inFlight) {
+    poller.again = true;
+    return;
+  }
+  poller.inFlight = true;
   try {
     const answer = await api("GET", salePath);
     if (answer.status === 200) {
@@ -231,8 +242,14 @@ async function pollSale() {
     // Offline for now: keep showing the last answer, marked as old.
     $("sale-status").classList.add("stale");
   }
+  poller.inFlight = false;
   renderSale();
-  setTimeout(pollSale, SALE_POLL_MS);
+  if (poller.again) {
+    poller.again = false;
+    pollSale();
+  } else {
+    poller.timer = setTimeout(pollSale, SALE_POLL_MS);
+  }
 }
 
 // The sale's state as the buyer should see it: a scheduled sale whose start has passed on
@@ -274,7 +291,9 @@ function saleNote(status) {
 function renderSale() {
   const sale = state.sale;
   const status = saleStatus();
-  if (status === "active" && sale && sale.status === "scheduled") state.opened = true;
+  // Seen scheduled, now open (by the clock, or by a poll that came first): say so once.
+  if (status === "active" && state.shownStatus === "scheduled") state.opened = true;
+  state.shownStatus = status;
   setText($("sale-status"), STATUS_WORDS[status] || status);
   setText($("remaining"), sale ? String(sale.remaining) : "–");
   setText($("stock"), sale ? String(sale.stock) : "–");
@@ -293,7 +312,9 @@ function renderCountdown() {
   const sale = state.sale;
   const left = sale && sale.status === "scheduled" ? Date.parse(sale.starts_at) - clock.now() : 0;
   setText($("countdown"), left > 0 ? `(starts in ${duration(left)})` : "");
-  if (left <= 0 && sale && sale.status === "scheduled" && !state.opened) renderSale();
+  if (left <= 0 && sale && sale.status === "scheduled" && state.shownStatus === "scheduled") {
+    renderSale();
+  }
 }
 
 // ---------------------------------------------------------------- buying
@@ -397,12 +418,14 @@ async function place(intent) {
       const entry = upsert(view);
       renderReservations();
       announce(entry.view, "placed");
+      pollSale();
       return;
     }
     const retryable = answer === null || answer.status === 429 || answer.status >= 500;
     if (!retryable) {
       saveIntent(null);
       problem(refusal(answer));
+      pollSale();
       if (answer.status === 401) $("token").focus();
       // Bought elsewhere (another tab, another device): show what the buyer holds.
       if (answer.data.code === "limit_reached") loadMine({ quiet: true });
@@ -563,6 +586,7 @@ async function act(entry, action) {
     if (answer.status === 200) {
       entry.view = { ...entry.view, ...answer.data };
       announce(entry.view, action);
+      pollSale();
     } else {
       problem(refusal(answer));
       if (answer.data.code === "reservation_expired") entry.view = { ...entry.view, status: "expired" };
