@@ -35,7 +35,8 @@ def token(user: str, ttl: int = 3600) -> str:
 @pytest.fixture
 async def open_page(server: TestServer, browser: Browser) -> AsyncIterator[PageOpener]:
     """Opens /buy/{sale_id} (with ``token`` in the fragment, as ``flashsale up`` prints it)
-    in a fresh browser context; fails the test on any script error the page logged."""
+    in a fresh browser context; fails the test on any script error or anything the
+    Content-Security-Policy refused."""
     contexts = []
     errors: list[str] = []
 
@@ -44,6 +45,12 @@ async def open_page(server: TestServer, browser: Browser) -> AsyncIterator[PageO
         contexts.append(context)
         page = await context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
+        # Refused requests and 404s are logged too (some tests cause them): only what the
+        # Content-Security-Policy refused counts.
+        page.on(
+            "console",
+            lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None,
+        )
         fragment = f"#token={buyer_token}" if buyer_token else ""
         await page.goto(str(server.make_url(f"/buy/{sale_id}")) + fragment)
         return page
@@ -148,8 +155,9 @@ async def test_a_double_click_places_exactly_one_reservation(
     assert len(keys) >= 1 and len(set(keys)) == 1 and keys[0]
 
 
+@pytest.mark.parametrize("lost_as", ["connection reset", "503 unavailable"])
 async def test_a_purchase_whose_answer_was_lost_is_retried_with_the_same_key_and_placed_once(
-    open_page: PageOpener, gateway: RedisGateway
+    open_page: PageOpener, gateway: RedisGateway, lost_as: str
 ) -> None:
     await open_sale(gateway, "sale-1", stock=5, per_user_limit=3)
     page = await open_page("sale-1", token("alice"))
@@ -157,11 +165,15 @@ async def test_a_purchase_whose_answer_was_lost_is_retried_with_the_same_key_and
 
     async def lose_the_first_answer(route: Route) -> None:
         keys.append(route.request.headers.get("idempotency-key"))
-        if len(keys) == 1:
-            await route.fetch()  # the API places the reservation...
-            await route.abort("connectionreset")  # ...and its answer never arrives
-        else:
+        if len(keys) > 1:
             await route.continue_()
+            return
+        await route.fetch()  # the API places the reservation, and its answer is lost
+        if lost_as == "connection reset":
+            await route.abort("connectionreset")
+        else:  # as the API answers when Redis stayed silent through its retries
+            problem = {"code": "unavailable", "status": 503, "title": "Unavailable"}
+            await route.fulfill(status=503, json=problem, headers={"Retry-After": "1"})
 
     await page.route("**/v1/sales/sale-1/reservations", lose_the_first_answer)
     await expect(buy_button(page)).to_be_enabled()
@@ -172,6 +184,34 @@ async def test_a_purchase_whose_answer_was_lost_is_retried_with_the_same_key_and
     await expect(item).to_contain_text(rid)
     sale = await gateway.get_sale("sale-1")
     assert sale is not None and sale.held == 1
+
+
+async def test_after_the_automatic_retries_try_again_sends_the_same_key(
+    open_page: PageOpener, gateway: RedisGateway
+) -> None:
+    await open_sale(gateway, "sale-1", stock=5)
+    page = await open_page("sale-1", token("alice"))
+    keys: list[str | None] = []
+
+    async def unreachable(route: Route) -> None:
+        keys.append(route.request.headers.get("idempotency-key"))
+        await route.abort("connectionrefused")
+
+    await page.route("**/v1/sales/sale-1/reservations", unreachable)
+    await expect(buy_button(page)).to_be_enabled()
+    await buy_button(page).click()
+    await expect(page.locator("#problem")).to_contain_text("No answer from the sale", timeout=8000)
+    await expect(buy_button(page)).to_have_text("Try again")
+    await expect(page.locator("#qty")).to_be_disabled()
+    assert len(keys) == 4 and len(set(keys)) == 1
+    await page.unroute("**/v1/sales/sale-1/reservations")
+    sent: list[str | None] = []
+    page.on("request", lambda request: sent.append(request.headers.get("idempotency-key")))
+    await buy_button(page).click()
+    await hold_of(page, "Pending: held for you")
+    assert keys[0] in sent
+    await expect(buy_button(page)).to_have_text("Buy")
+    assert len(await reservations_in_redis(gateway, "sale-1", "alice")) == 1
 
 
 async def test_limit_reached_and_an_existing_hold_shown_on_reload(
