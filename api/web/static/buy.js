@@ -3,6 +3,7 @@
 "use strict";
 
 const SALE_POLL_MS = 1000; // live remaining stock
+const HIDDEN_POLL_MS = 5000; // the same while the tab is not shown
 const RESERVATION_POLL_MS = 5000; // a pending hold paid or cancelled elsewhere
 const TICK_MS = 250; // countdowns
 const AUTO_RETRIES = 3; // tries of one purchase after a lost answer, a 503 or a 429
@@ -243,12 +244,16 @@ async function pollSale() {
     $("sale-status").classList.add("stale");
   }
   poller.inFlight = false;
-  renderSale();
-  if (poller.again) {
-    poller.again = false;
-    pollSale();
-  } else {
-    poller.timer = setTimeout(pollSale, SALE_POLL_MS);
+  try {
+    renderSale();
+  } finally {
+    // Whatever happened, the page keeps polling.
+    if (poller.again) {
+      poller.again = false;
+      pollSale();
+    } else {
+      poller.timer = setTimeout(pollSale, document.hidden ? HIDDEN_POLL_MS : SALE_POLL_MS);
+    }
   }
 }
 
@@ -348,7 +353,8 @@ function whyNotBuy() {
   if (status === "missing") return "There is no such sale.";
   if (status === "loading") return "Loading the sale…";
   if (status === "scheduled") return "Buy opens when the sale starts.";
-  if (status === "sold_out") return "Sold out.";
+  // A purchase whose answer never came may be retried even now: it may hold a sold unit.
+  if (status === "sold_out" && !loadIntent()) return "Sold out.";
   if (status === "ended") return "The sale has ended.";
   if (!state.token) return "Enter your buyer token to buy.";
   if (tokenExpired()) return "Your token has expired.";
@@ -433,6 +439,7 @@ async function place(intent) {
     }
     if (attempt >= AUTO_RETRIES) {
       problem("No answer from the sale. Press Try again: it retries the same purchase, which is never made twice.");
+      loadMine({ quiet: true }); // a placement that did happen shows meanwhile
       return;
     }
     const seconds = Number(answer && answer.retryAfter) || 0.5 * 2 ** attempt;
@@ -651,6 +658,7 @@ function start() {
     notice("Token forgotten.");
   });
   $("buy-form").addEventListener("submit", buy);
+  document.addEventListener("visibilitychange", () => document.hidden || pollSale());
   const fromFragment = tokenFromFragment();
   useToken(fromFragment !== null ? fromFragment : sessionStorage.getItem(TOKEN_KEY) || "");
   pollSale();
