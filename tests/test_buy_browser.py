@@ -82,7 +82,10 @@ async def test_a_buyer_buys_sees_the_hold_and_its_time_left_pays_and_sees_it_con
     open_page: PageOpener, gateway: RedisGateway
 ) -> None:
     await open_sale(gateway, "sale-1", stock=3, hold_seconds=600)
-    page = await open_page("sale-1", token("alice"))
+    buyer_token = token("alice")
+    page = await open_page("sale-1", buyer_token)
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url))
     await expect(page.locator("#token-who")).to_contain_text("Buying as alice")
     await expect(page.locator("#remaining")).to_have_text("3")
     await expect(page.locator("#sale-status")).to_have_text("On sale")
@@ -105,6 +108,8 @@ async def test_a_buyer_buys_sees_the_hold_and_its_time_left_pays_and_sees_it_con
     assert reservation is not None and reservation.status == "confirmed"
     sale = await gateway.get_sale("sale-1")
     assert sale is not None and (sale.confirmed, sale.held, sale.remaining) == (1, 0, 2)
+    # The token went in headers only, never in an address.
+    assert sent and not any(buyer_token in url for url in sent)
 
 
 async def test_a_second_buyer_on_a_sold_out_sale_sees_sold_out(

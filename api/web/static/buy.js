@@ -304,7 +304,7 @@ function renderSale() {
   setText($("stock"), sale ? String(sale.stock) : "–");
   setTime($("starts-at"), sale ? sale.starts_at : null);
   setTime($("ends-at"), sale ? sale.ends_at : null);
-  if (sale && !sale.ends_at) setText($("ends-at"), "when sold out");
+  $("no-end").hidden = !sale || Boolean(sale.ends_at);
   setText($("limit"), sale ? units(sale.per_user_limit) : "–");
   setText($("hold"), sale ? duration(sale.hold_seconds * 1000) + " after you buy" : "–");
   if (sale) $("qty").max = String(sale.per_user_limit);
