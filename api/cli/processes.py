@@ -20,6 +20,7 @@ from aiohttp import web
 
 from api.cli.cluster import EmbeddedRedisCluster
 from api.cli.launcher import embedded_servers
+from api.cli.links import ADMIN_TOKEN_FROM_ENV, base_url, page_lines
 from api.cli.workers import api_workers, worker_count
 from api.connections import postgres_pool_for, redis_client_for
 from api.web.app import create_app
@@ -236,14 +237,20 @@ async def consume(settings: Settings) -> None:
         await run_consumers(services, stop_on_signals(), retention=True)
 
 
-async def up(settings: Settings) -> None:
+async def up(settings: Settings, admin_hint: str = ADMIN_TOKEN_FROM_ENV) -> None:
     """``flashsale up``: the HTTP API and the consumer daemons (once, in this process,
-    whatever the number of API workers) until a signal."""
+    whatever the number of API workers) until a signal. It prints the pages' addresses,
+    the buyer page's with a buyer token minted for it, and ``admin_hint``: where the
+    console's admin token is."""
     async with open_services(settings) as services:
         await check_durability(services.redis, settings)
         stop = stop_on_signals()
         async with serving_api(services, stop) as port:
             print(
                 f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr
+            )
+            print(
+                page_lines(base_url(settings.host, port), settings.jwt_secret, admin_hint),
+                file=sys.stderr,
             )
             await run_consumers(services, stop, retention=True)
