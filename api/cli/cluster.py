@@ -112,6 +112,7 @@ class EmbeddedRedisCluster:
         replicas: int = 1,
         extra_args: Sequence[str] = (),
         ports: Sequence[int] = (),
+        node_timeout_ms: int = 2000,
     ) -> None:
         if primaries < 1 or replicas < 0:
             raise LauncherError("a cluster needs at least one primary")
@@ -122,6 +123,9 @@ class EmbeddedRedisCluster:
         self._primaries = primaries
         self._replicas = replicas
         self._extra_args = list(extra_args)
+        # How long a node may stay silent before the others fail it over (tests of a
+        # failover take less: it is most of the time buyers see 503s).
+        self._node_timeout_ms = node_timeout_ms
         #: Every node, the primaries first, then their replicas in the same order.
         self.nodes: list[EmbeddedRedis] = []
 
@@ -150,12 +154,15 @@ class EmbeddedRedisCluster:
         args = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",  # relative to the node's own --dir
-            "--cluster-node-timeout", "2000",
+            "--cluster-node-timeout", str(self._node_timeout_ms),
             # A replica syncs at once, not after the default 5 s wait for others.
             "--repl-diskless-sync-delay", "0",
             # CLUSTER SLOTS leaves out a replica until its replication offset moves, which
             # an idle primary's pings do every repl-ping-replica-period (10 s by default).
             "--repl-ping-replica-period", "1",
+            # While a dead primary's replica takes over, the other primaries keep serving
+            # their own slots (by default every node refuses every command until then).
+            "--cluster-require-full-coverage", "no",
             *self._extra_args,
         ]  # fmt: skip
         try:
