@@ -24,7 +24,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from redis.asyncio.cluster import RedisCluster
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from api.cli.cluster import EmbeddedRedisCluster
 from api.connections import redis_client_for
@@ -296,3 +297,186 @@ async def test_a_primary_killed_under_load_loses_no_accepted_reservation(
     finally:
         stop_all(consume)
         await client.aclose()
+
+
+# --- a partition's slot moved to another primary --------------------------------------------
+
+
+@pytest.fixture
+def cluster_settings(redis_cluster_url: str, settings: Settings) -> Settings:
+    return cluster_settings_of(redis_cluster_url, settings.database_url)
+
+
+def node_client(cluster: RedisCluster, node: ClusterNode) -> aioredis.Redis:
+    """A plain client of one node."""
+    password = cluster.get_connection_kwargs().get("password")
+    return aioredis.Redis(host=node.host, port=int(node.port), password=password)
+
+
+async def command(client: aioredis.Redis, *args: Any) -> Any:
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+async def move_slot(
+    cluster: RedisCluster, slot: int, source: ClusterNode, target: ClusterNode, batch: int
+) -> int:
+    """Move ``slot`` from ``source`` to ``target`` as ``redis-cli --cluster reshard`` does:
+    SETSLOT IMPORTING on the target and MIGRATING on the source, MIGRATE ``batch`` keys at
+    a time, then SETSLOT NODE on the target, the source and the other primaries. Returns
+    how many keys moved."""
+    src, dst = node_client(cluster, source), node_client(cluster, target)
+    password = cluster.get_connection_kwargs().get("password") or ""
+    moved = 0
+    try:
+        src_id = await command(src, "CLUSTER MYID")
+        dst_id = await command(dst, "CLUSTER MYID")
+        await command(dst, "CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        await command(src, "CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := await command(src, "CLUSTER GETKEYSINSLOT", slot, batch):
+            await command(
+                src, "MIGRATE", target.host, target.port, "", 0, 5000, "AUTH", password, "KEYS",
+                *keys,
+            )  # fmt: skip
+            moved += len(keys)
+            await asyncio.sleep(0.01)  # calls meet the slot half moved meanwhile
+        others = [n for n in cluster.get_primaries() if n.name not in (source.name, target.name)]
+        for node in (target, source, *others):
+            owner = node_client(cluster, node)
+            try:
+                await command(owner, "CLUSTER SETSLOT", slot, "NODE", dst_id)
+            finally:
+                await owner.aclose()
+    finally:
+        await src.aclose()
+        await dst.aclose()
+    return moved
+
+
+async def wait_until_settled(cluster: RedisCluster) -> None:
+    """Until every node reports the same layout (after a slot move, the nodes not told
+    directly learn of it by gossip), for the tests that follow."""
+    layouts: set[Any] = set()
+    for _ in range(200):
+        await cluster.nodes_manager.initialize()
+        layouts = set()
+        for node in cluster.get_nodes():
+            reader = node_client(cluster, node)
+            try:
+                rows = await command(reader, "CLUSTER SLOTS")
+            finally:
+                await reader.aclose()
+            layouts.add(tuple(sorted((r[0], r[1], *(n[1] for n in r[2:])) for r in rows)))
+        if len(layouts) == 1:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the nodes disagree on the layout: {layouts}")
+
+
+async def redirections(
+    cluster: RedisCluster, source: ClusterNode, target: ClusterNode
+) -> collections.Counter[str]:
+    """ASK and TRYAGAIN errors the source answered, and ASKING commands the target took,
+    since their stats were reset."""
+    found: collections.Counter[str] = collections.Counter()
+    errors = await cluster.info("errorstats", target_nodes=source)
+    for error in ("ASK", "TRYAGAIN"):
+        found[error] = int(errors.get(f"errorstat_{error}", {}).get("count", 0))
+    commands = await cluster.info("commandstats", target_nodes=target)
+    found["asking"] = int(commands.get("cmdstat_asking", {}).get("calls", 0))
+    return found
+
+
+async def orders_twice(pool: asyncpg.Pool) -> int:
+    """Buyers with more than one order (each buyer of these tests buys once)."""
+    async with pool.acquire() as conn:
+        value: int = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT user_id FROM orders GROUP BY sale_id, user_id"
+            " HAVING count(*) > 1) AS t"
+        )
+    return value
+
+
+async def test_a_slot_moved_under_load_loses_nothing_and_applies_nothing_twice(
+    cluster: RedisCluster, cluster_settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+):
+    gateway = RedisGateway(cluster, PARTITIONS, 3600)
+    by_primary = sales_by_primary(cluster, 1, "moving")
+    sales = [sale_id for ids in by_primary.values() for sale_id in ids]
+    for sale_id in sales:
+        await open_sale(gateway, sale_id, stock=100_000)
+    moving = sales[0]
+    keys = PartitionKeys(partition_of(moving, PARTITIONS), PARTITIONS)
+    slot = cluster.keyslot(keys.events)
+    source = cluster.get_node_from_key(keys.events)
+    assert source is not None
+    target = next(n for n in cluster.get_primaries() if n.name != source.name)
+    env = env_for(
+        cluster_settings.redis_url or "",
+        cluster_settings.database_url or "",
+        PARTITIONS,
+        FLASHSALE_WAIT_REPLICAS="1",
+    )
+    log_c = tmp_path / "consume.log"
+    consume = start(["consume"], env, log_c)
+    try:
+        answers: list[Answer] = []
+        stop = asyncio.Event()
+        async with serving(env, tmp_path / "serve.log") as (http, serve):
+            await wait_started(consume, log_c)
+            alive = running((consume, log_c), (serve, tmp_path / "serve.log"))
+            load = asyncio.create_task(buy_until(http, sales, stop, answers))
+
+            async def under_way() -> bool:
+                on_moving = sum(a.status == 202 and a.sale_id == moving for a in answers)
+                return on_moving >= 100 and await table_count(pool, "orders") > 0
+
+            await eventually(under_way, 30, "the load never got going", alive)
+            for node in (source, target):
+                await cluster.config_resetstat(target_nodes=node)
+            started = time.monotonic()
+            moved = await move_slot(cluster, slot, source, target, batch=10)
+            took = time.monotonic() - started
+            redirected = await redirections(cluster, source, target)
+            await asyncio.sleep(0.5)  # and a while on the new owner
+            stop.set()
+            await load
+            first_answers = list(answers)
+            failed = [a for a in first_answers if a.status != 202]
+            print(
+                f"\nslot move: {moved} keys in {took:.2f}s, {redirected};"
+                f" {len(first_answers) - len(failed)} answered 202, {len(failed)} not:",
+                dict(collections.Counter((a.status, a.body.get("code")) for a in failed)),
+            )
+            # The buyers met the slot half moved, and were sent on (ASKING, on the target).
+            assert redirected["ASK"] + redirected["TRYAGAIN"] > 0 and redirected["asking"] > 0
+            for a in failed:
+                assert (a.status, a.content_type) == (503, PROBLEM), a
+            accepted = accepted_of(first_answers)
+            for a in failed:
+                again = await reserve_once(http, a.sale_id, a.user)
+                assert again.status == 202, again
+                accepted[a.user] = again.body["reservation_id"]
+            assert await terminate(serve) == 0
+
+        await cluster.nodes_manager.initialize()
+        owner = cluster.get_node_from_key(keys.events)
+        assert owner is not None and owner.name == target.name
+        # The stream came with its consumer group and the group's pending entries.
+        groups = await cluster.xinfo_groups(keys.events)
+        assert [text(g["name"]) for g in groups] == ["projector"]
+        assert await reservations_in_redis(cluster, sales) == set(accepted.values())
+
+        async def projected() -> bool:
+            return await order_ids(pool) == set(accepted.values()) and not await group_pending(
+                cluster, PARTITIONS
+            )
+
+        await eventually(projected, 30, "orders never matched the 202s", running((consume, log_c)))
+        assert await table_count(pool, "orders") == len(accepted)
+        assert await orders_twice(pool) == 0
+        rc, out = await cli(env, "replay", "verify")
+        assert rc == 0, out
+        assert await terminate(consume) == 0
+    finally:
+        stop_all(consume)
+        await wait_until_settled(cluster)
