@@ -14,6 +14,7 @@ import asyncio
 import collections
 import functools
 import itertools
+import signal
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -31,20 +32,25 @@ from api.cli.cluster import EmbeddedRedisCluster
 from api.connections import redis_client_for
 from api.web.auth import issue_token
 from core.gateway import RedisGateway
-from core.keys import PartitionKeys, partition_of
+from core.keys import PartitionKeys, dead_letter_stream, partition_of
 from core.settings import Settings
 from tests.daemons import (
+    caught_up,
     cli,
+    consumer_name,
     env_for,
     eventually,
     group_pending,
+    kill_frozen_when,
     logged,
     order_ids,
     running,
     start,
+    start_consumers,
     stop_all,
     table_count,
     terminate,
+    wait_exit,
     wait_started,
 )
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale, text
@@ -480,3 +486,72 @@ async def test_a_slot_moved_under_load_loses_nothing_and_applies_nothing_twice(
     finally:
         stop_all(consume)
         await wait_until_settled(cluster)
+
+
+# --- a consumer killed with -9 --------------------------------------------------------------
+
+
+async def place_some(gateway: RedisGateway, sales: list[str], first: int, count: int) -> list[str]:
+    """Buyers ``u<first>`` .. each place one reservation on every sale; their ids."""
+    users = [f"u{n}" for n in range(first, first + count)]
+    placed = await asyncio.gather(
+        *(gateway.reserve(sale_id, user, 1, None) for sale_id in sales for user in users)
+    )
+    return [p.reservation_id for p in placed]
+
+
+async def test_a_consumer_killed_holding_a_batch_is_taken_over_on_a_cluster(
+    cluster: RedisCluster, cluster_settings: Settings, pool: asyncpg.Pool, tmp_path: Path
+):
+    gateway = RedisGateway(cluster, PARTITIONS, 3600)
+    sales = [s for ids in sales_by_primary(cluster, 2, "twin").values() for s in ids]
+    for sale_id in sales:
+        await open_sale(gateway, sale_id, stock=100_000)
+    env = env_for(cluster_settings.redis_url or "", cluster_settings.database_url or "", PARTITIONS)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a, b = await start_consumers(env, log_a, log_b)
+    try:
+        victim = consumer_name(a)
+        killed = asyncio.Event()
+
+        async def buy() -> list[str]:
+            """Buyers arrive until the victim is killed (and 600 reservations at least), so
+            that it is caught holding a batch however fast it projects."""
+            placed: list[str] = []
+            for first in itertools.count(0, 10):
+                if killed.is_set() and len(placed) >= 600:
+                    return placed
+                assert first < 5000, "the victim was never caught holding a batch"
+                placed += await place_some(gateway, sales, first, 10)
+                await asyncio.sleep(0.01)
+            raise AssertionError("unreachable")
+
+        buying = asyncio.create_task(buy())
+
+        # Freeze the victim at a moment it holds entries it has not acknowledged, then kill it.
+        async def holding() -> bool:
+            return bool(await group_pending(cluster, PARTITIONS, victim))
+
+        await kill_frozen_when(a, log_a, holding, "never caught the victim holding a batch")
+        killed.set()
+        assert await wait_exit(a, 10) == -signal.SIGKILL
+        orphaned = await group_pending(cluster, PARTITIONS, victim)
+        assert orphaned > 0
+        placed = await asyncio.wait_for(buying, 60)
+
+        async def taken_over() -> bool:
+            return not await group_pending(cluster, PARTITIONS, victim) and await caught_up(
+                cluster, pool, PARTITIONS
+            )
+
+        await eventually(taken_over, 30, "the survivor did not take over", running((b, log_b)))
+        assert sum(r["count"] for r in logged(log_b, "entries_reclaimed")) >= orphaned
+        assert await order_ids(pool) == set(placed)
+        assert await table_count(pool, "orders") == len(placed)
+        assert await orders_twice(pool) == 0
+        assert await cluster.xlen(dead_letter_stream()) == 0
+        rc, out = await cli(env, "replay", "verify")
+        assert rc == 0, out
+        assert await terminate(b) == 0
+    finally:
+        stop_all(a, b)
