@@ -31,9 +31,11 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from api.cli.cluster import EmbeddedRedisCluster
 from api.connections import redis_client_for
 from api.web.auth import issue_token
+from core.errors import LimitReached
 from core.gateway import RedisGateway
 from core.keys import PartitionKeys, dead_letter_stream, partition_of
 from core.settings import Settings
+from projections.verify import verify
 from tests.daemons import (
     caught_up,
     cli,
@@ -53,7 +55,7 @@ from tests.daemons import (
     wait_exit,
     wait_started,
 )
-from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale, text
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale, pg_rows, project_all, text
 
 PARTITIONS = 16
 PROBLEM = "application/problem+json"
@@ -555,3 +557,71 @@ async def test_a_consumer_killed_holding_a_batch_is_taken_over_on_a_cluster(
         assert await terminate(b) == 0
     finally:
         stop_all(a, b)
+
+
+# --- replay repair and rebuild --------------------------------------------------------------
+
+
+async def projected_sales(
+    cluster: RedisCluster, gateway: RedisGateway, pool: asyncpg.Pool
+) -> dict[str, list[str]]:
+    """A sale on every primary, five buyers each (the first confirmed, the second cancelled,
+    the rest pending), everything projected; sale -> reservation ids."""
+    placed: dict[str, list[str]] = {}
+    for sale_id in (ids[0] for ids in sales_by_primary(cluster, 1, "drift").values()):
+        await open_sale(gateway, sale_id, stock=20)
+        placed[sale_id] = await place_some(gateway, [sale_id], 0, 5)  # u0 .. u4
+        assert await gateway.confirm(placed[sale_id][0], "u0")
+        assert await gateway.cancel(placed[sale_id][1], "u1")
+    await project_all(cluster, pool, PARTITIONS)  # type: ignore[arg-type]
+    return placed
+
+
+async def test_repair_and_rebuild_put_drift_right_on_a_cluster(
+    cluster: RedisCluster, cluster_settings: Settings, pool: asyncpg.Pool
+):
+    gateway = RedisGateway(cluster, PARTITIONS, 3600)
+    placed = await projected_sales(cluster, gateway, pool)
+    env = env_for(cluster_settings.redis_url or "", cluster_settings.database_url or "", PARTITIONS)
+    assert (await verify(gateway, pool)).clean
+    views = {sale_id: await gateway.get_sale(sale_id) for sale_id in placed}
+    rows = await pg_rows(pool)
+
+    # Redis drifts on every primary: a counter, a buyer's quota, a whole sale wiped.
+    first, second, third = placed
+    k1, k2, k3 = (PartitionKeys(partition_of(s, PARTITIONS), PARTITIONS) for s in placed)
+    await cluster.hincrby(k1.sale(first), "remaining", 3)
+    await cluster.hdel(k2.holders(second), "u3")
+    await cluster.delete(k3.sale(third))
+    await cluster.delete(k3.holders(third))
+    await cluster.delete(k3.reservations(third))
+    for rid in placed[third]:
+        await cluster.delete(k3.reservation(rid))
+    drifted = await verify(gateway, pool)
+    assert {(d.sale_id, d.source) for d in drifted.differences} >= {(s, "redis") for s in placed}
+    rc, out = await cli(env, "replay", "repair", "--redis")
+    assert rc == 0, out
+    assert out.startswith("repaired 3 of 3 sales in Redis"), out
+    assert {sale_id: await gateway.get_sale(sale_id) for sale_id in placed} == views
+    assert (await verify(gateway, pool)).clean
+    # The quota is back: u3 is at the limit of one again.
+    with pytest.raises(LimitReached):
+        await gateway.reserve(second, "u3", 1, None)
+
+    # PostgreSQL drifts: a counter changed, an order gone, another's status changed.
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE stock_view SET remaining = 0 WHERE sale_id = $1", first)
+        await conn.execute("DELETE FROM orders WHERE reservation_id = $1", placed[second][2])
+        await conn.execute(
+            "UPDATE orders SET status = 'expired' WHERE reservation_id = $1", placed[third][3]
+        )
+    drifted = await verify(gateway, pool)
+    assert {(d.sale_id, d.source) for d in drifted.differences} >= {(s, "postgres") for s in placed}
+    rc, out = await cli(env, "replay", "rebuild")
+    assert rc == 0, out
+    rc, out = await cli(env, "replay", "verify")
+    assert rc == 0, out
+    rebuilt = await pg_rows(pool)
+    assert {name: rebuilt[name] for name in ("orders", "stock_view", "events")} == {
+        name: rows[name] for name in ("orders", "stock_view", "events")
+    }
