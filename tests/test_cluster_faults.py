@@ -27,12 +27,16 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.cli.cluster import EmbeddedRedisCluster
+from api.cli.launcher import _free_port as free_port
 from api.connections import redis_client_for
 from api.web.auth import issue_token
 from core.errors import LimitReached
 from core.gateway import RedisGateway
+from core.gateway.clients import load_everywhere
+from core.gateway.pipelining import ScriptPipeline
 from core.keys import PartitionKeys, dead_letter_stream, partition_of
 from core.settings import Settings
 from projections.verify import verify
@@ -199,6 +203,30 @@ def figures(answers: list[Answer], killed_at: float, on_victim: set[str]) -> str
     if back:
         line += f", the victim's sales answered 202 again {min(back) - killed_at:.2f}s after it"
     return line
+
+
+# --- a node that fails ----------------------------------------------------------------------
+
+
+async def test_a_node_that_fails_fails_only_its_own_callers(cluster: RedisCluster):
+    incr = cluster.register_script("return redis.call('INCR', KEYS[1])")
+    await load_everywhere(cluster, incr.script)
+    keys = [f"counter-{i}" for i in range(12)]  # spread over the three primaries
+    # The client believes a node that is gone serves the first key's slot.
+    gone = keys[0]
+    nobody = ClusterNode("127.0.0.1", free_port(), server_type="primary")
+    cluster.nodes_manager.slots_cache[cluster.keyslot(gone)] = [nobody]
+    scripts = ScriptPipeline(cluster)
+    answers = await asyncio.gather(
+        *(scripts.run(incr, [key], []) for key in keys), return_exceptions=True
+    )
+    for key, answer in zip(keys, answers, strict=True):
+        if cluster.keyslot(key) == cluster.keyslot(gone):
+            assert isinstance(answer, RedisConnectionError), answer
+        else:  # answered, in the same batches as the calls that failed
+            assert answer == 1, (key, answer)
+    # The failure made the client read the layout again: the slot's true owner answers.
+    assert await scripts.run(incr, [gone], []) == 1
 
 
 # --- a primary killed with -9 ---------------------------------------------------------------
