@@ -98,20 +98,37 @@ async def reserve_once(http: aiohttp.ClientSession, sale_id: str, user: str) -> 
         return Answer(user, sale_id, 0, {}, "", time.monotonic())
 
 
+async def confirm_once(http: aiohttp.ClientSession, user: str, reservation_id: str) -> int:
+    """The buyer pays for their reservation: the answer's status (0: no answer at all)."""
+    headers = {"Authorization": f"Bearer {issue_token(JWT_SECRET, user)}"}
+    try:
+        async with http.post(f"/v1/reservations/{reservation_id}/confirm", headers=headers) as r:
+            await r.read()
+            return r.status
+    except (aiohttp.ClientError, TimeoutError):
+        return 0
+
+
 async def buy_until(
     http: aiohttp.ClientSession,
     sales: list[str],
     stop: asyncio.Event,
     answers: list[Answer],
     workers: int = 6,
+    confirms: dict[str, int] | None = None,
 ) -> None:
-    """Buyers arrive one after another on every sale until ``stop`` (each buys once)."""
+    """Buyers arrive one after another on every sale until ``stop`` (each buys once). With
+    ``confirms``, every third buyer answered 202 pays at once: reservation id -> status."""
     numbers = itertools.count()
 
     async def worker() -> None:
         while not stop.is_set():
             n = next(numbers)
-            answers.append(await reserve_once(http, sales[n % len(sales)], f"buyer-{n}"))
+            answer = await reserve_once(http, sales[n % len(sales)], f"buyer-{n}")
+            answers.append(answer)
+            if confirms is not None and answer.status == 202 and n % 3 == 0:
+                rid = answer.body["reservation_id"]
+                confirms[rid] = await confirm_once(http, answer.user, rid)
             await asyncio.sleep(0.01)
 
     await asyncio.gather(*(worker() for _ in range(workers)))
@@ -354,12 +371,18 @@ async def command(client: aioredis.Redis, *args: Any) -> Any:
 
 
 async def move_slot(
-    cluster: RedisCluster, slot: int, source: ClusterNode, target: ClusterNode, batch: int
+    cluster: RedisCluster,
+    slot: int,
+    source: ClusterNode,
+    target: ClusterNode,
+    batch: int,
+    hold: float,
 ) -> int:
     """Move ``slot`` from ``source`` to ``target`` as ``redis-cli --cluster reshard`` does:
     SETSLOT IMPORTING on the target and MIGRATING on the source, MIGRATE ``batch`` keys at
-    a time, then SETSLOT NODE on the target, the source and the other primaries. Returns
-    how many keys moved."""
+    a time, then SETSLOT NODE on the target, the source and the other primaries. Every
+    key moved, it waits ``hold`` seconds before SETSLOT NODE (meanwhile the source answers
+    ASK for every key of the slot). Returns how many keys moved."""
     src, dst = node_client(cluster, source), node_client(cluster, target)
     password = cluster.get_connection_kwargs().get("password") or ""
     moved = 0
@@ -375,6 +398,7 @@ async def move_slot(
             )  # fmt: skip
             moved += len(keys)
             await asyncio.sleep(0.01)  # calls meet the slot half moved meanwhile
+        await asyncio.sleep(hold)
         others = [n for n in cluster.get_primaries() if n.name not in (source.name, target.name)]
         for node in (target, source, *others):
             owner = node_client(cluster, node)
@@ -460,7 +484,8 @@ async def test_a_slot_moved_under_load_loses_nothing_and_applies_nothing_twice(
         async with serving(env, tmp_path / "serve.log") as (http, serve):
             await wait_started(consume, log_c)
             alive = running((consume, log_c), (serve, tmp_path / "serve.log"))
-            load = asyncio.create_task(buy_until(http, sales, stop, answers))
+            confirms: dict[str, int] = {}
+            load = asyncio.create_task(buy_until(http, sales, stop, answers, confirms=confirms))
 
             async def under_way() -> bool:
                 on_moving = sum(a.status == 202 and a.sale_id == moving for a in answers)
@@ -470,7 +495,7 @@ async def test_a_slot_moved_under_load_loses_nothing_and_applies_nothing_twice(
             for node in (source, target):
                 await cluster.config_resetstat(target_nodes=node)
             started = time.monotonic()
-            moved = await move_slot(cluster, slot, source, target, batch=10)
+            moved = await move_slot(cluster, slot, source, target, batch=10, hold=0.3)
             took = time.monotonic() - started
             redirected = await redirections(cluster, source, target)
             await asyncio.sleep(0.5)  # and a while on the new owner
@@ -481,7 +506,16 @@ async def test_a_slot_moved_under_load_loses_nothing_and_applies_nothing_twice(
             print(
                 f"\nslot move: {moved} keys in {took:.2f}s, {redirected};"
                 f" {len(first_answers) - len(failed)} answered 202, {len(failed)} not:",
-                dict(collections.Counter((a.status, a.body.get("code")) for a in failed)),
+                dict(collections.Counter(a.body.get("code") for a in failed)),
+                "| 202s on the moving sale while it moved:",
+                sum(
+                    a.status == 202
+                    and a.sale_id == moving
+                    and started + 0.05 < a.at < started + took
+                    for a in first_answers
+                ),
+                "| payments:",
+                dict(collections.Counter(confirms.values())),
             )
             # The buyers met the slot half moved, and were sent on (ASKING, on the target).
             assert redirected["ASK"] + redirected["TRYAGAIN"] > 0 and redirected["asking"] > 0
@@ -492,6 +526,12 @@ async def test_a_slot_moved_under_load_loses_nothing_and_applies_nothing_twice(
                 again = await reserve_once(http, a.sale_id, a.user)
                 assert again.status == 202, again
                 accepted[a.user] = again.body["reservation_id"]
+            # A payment that met the move is paid again (a repeat answers 200, unchanged).
+            users = {rid: user for user, rid in accepted.items()}
+            for rid, status in confirms.items():
+                assert status in (200, 503), (rid, status)
+                if status == 503:
+                    assert await confirm_once(http, users[rid], rid) == 200
             assert await terminate(serve) == 0
 
         await cluster.nodes_manager.initialize()
@@ -510,6 +550,9 @@ async def test_a_slot_moved_under_load_loses_nothing_and_applies_nothing_twice(
         await eventually(projected, 30, "orders never matched the 202s", running((consume, log_c)))
         assert await table_count(pool, "orders") == len(accepted)
         assert await orders_twice(pool) == 0
+        async with pool.acquire() as conn:
+            paid = await conn.fetch("SELECT reservation_id FROM orders WHERE status = 'confirmed'")
+        assert {r["reservation_id"] for r in paid} == set(confirms)
         rc, out = await cli(env, "replay", "verify")
         assert rc == 0, out
         assert await terminate(consume) == 0
