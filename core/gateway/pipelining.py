@@ -179,18 +179,19 @@ class ScriptPipeline:
         outcomes = await asyncio.gather(
             *(self._round_on(node, group) for node, group in groups), return_exceptions=True
         )
+        for outcome in outcomes:
+            if not isinstance(outcome, list | Exception):  # a cancellation, not a failure
+                raise outcome
+        failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+        if failures:
+            # Before the callers hear of it, so that their retries go to the new layout.
+            await refresh_layout(self.client, failures[0])
         again: list[_Call] = []
-        failure: Exception | None = None
         for (_, group), outcome in zip(groups, outcomes, strict=True):
             if isinstance(outcome, list):
                 again += outcome
             elif isinstance(outcome, Exception):
-                failure = outcome
                 _fail(group, outcome)
-            else:  # a cancellation: not one node's failure
-                raise outcome
-        if failure is not None:
-            await refresh_layout(self.client, failure)
         return again
 
     async def _round_on(self, node: ClusterNode | None, calls: list[_Call]) -> list[_Call]:
