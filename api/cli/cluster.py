@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -71,8 +72,8 @@ def _free_cluster_port() -> int:
 class _ClusterNode(EmbeddedRedis):
     """One node of the embedded cluster: cluster mode on, its bus port free."""
 
-    def __init__(self, extra_args: Sequence[str], port: int | None) -> None:
-        super().__init__(extra_args)
+    def __init__(self, extra_args: Sequence[str], port: int | None, binary: Path | None) -> None:
+        super().__init__(extra_args, binary)
         self._wanted_port = port
 
     def _pick_port(self) -> int:
@@ -113,6 +114,7 @@ class EmbeddedRedisCluster:
         extra_args: Sequence[str] = (),
         ports: Sequence[int] = (),
         node_timeout_ms: int = 2000,
+        binary: Path | None = None,
     ) -> None:
         if primaries < 1 or replicas < 0:
             raise LauncherError("a cluster needs at least one primary")
@@ -126,6 +128,8 @@ class EmbeddedRedisCluster:
         # How long a node may stay silent before the others fail it over (tests of a
         # failover take less: it is most of the time buyers see 503s).
         self._node_timeout_ms = node_timeout_ms
+        #: The server binary of every node; None: the embedded default's.
+        self._binary = binary
         #: Every node, the primaries first, then their replicas in the same order.
         self.nodes: list[EmbeddedRedis] = []
 
@@ -169,7 +173,7 @@ class EmbeddedRedisCluster:
             count = self._primaries * (1 + self._replicas)
             ports: list[int | None] = [*self._ports] or [None] * count
             for port in ports:
-                node = _ClusterNode(args, port)
+                node = _ClusterNode(args, port, self._binary)
                 self.nodes.append(node)
                 node.start()
             self._form()
