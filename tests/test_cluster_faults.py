@@ -286,7 +286,8 @@ async def test_a_primary_killed_under_load_loses_no_accepted_reservation(
         async with serving(env, tmp_path / "serve.log") as (http, serve):
             await wait_started(consume, log_c)
             alive = running((consume, log_c), (serve, tmp_path / "serve.log"))
-            load = asyncio.create_task(buy_until(http, sales, stop, answers))
+            confirms: dict[str, int] = {}
+            load = asyncio.create_task(buy_until(http, sales, stop, answers, confirms=confirms))
 
             async def under_way() -> bool:
                 return len(accepted_of(answers)) >= 150 and await table_count(pool, "orders") > 0
@@ -324,6 +325,13 @@ async def test_a_primary_killed_under_load_loses_no_accepted_reservation(
                 again = await reserve_once(http, a.sale_id, a.user)
                 assert again.status == 202, again
                 accepted[a.user] = again.body["reservation_id"]
+            # A payment that met the failover is paid again (a repeat answers 200, unchanged).
+            users = {rid: user for user, rid in accepted.items()}
+            for rid, status in confirms.items():
+                assert status in (200, 503), (rid, status)
+                if status == 503:
+                    assert await confirm_once(http, users[rid], rid) == 200
+            print("failover: payments answered", dict(collections.Counter(confirms.values())))
             assert await terminate(serve) == 0
 
         await client.aclose()  # it still knows the dead node: a fresh one reads the layout
@@ -343,6 +351,7 @@ async def test_a_primary_killed_under_load_loses_no_accepted_reservation(
             )
 
         await eventually(projected, 30, "orders never matched the 202s", running((consume, log_c)))
+        assert await paid_orders(pool) == set(confirms)
         rc, out = await cli(env, "replay", "verify")
         assert rc == 0, out
         assert await terminate(consume) == 0
@@ -445,6 +454,13 @@ async def redirections(
     commands = await cluster.info("commandstats", target_nodes=target)
     found["asking"] = int(commands.get("cmdstat_asking", {}).get("calls", 0))
     return found
+
+
+async def paid_orders(pool: asyncpg.Pool) -> set[str]:
+    """The reservation ids of the confirmed orders."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT reservation_id FROM orders WHERE status = 'confirmed'")
+    return {r["reservation_id"] for r in rows}
 
 
 async def orders_twice(pool: asyncpg.Pool) -> int:
@@ -627,9 +643,7 @@ async def buy_through_a_slot_move(
         await eventually(projected, 30, "orders never matched the 202s", running((consume, log_c)))
         assert await table_count(pool, "orders") == len(accepted)
         assert await orders_twice(pool) == 0
-        async with pool.acquire() as conn:
-            paid = await conn.fetch("SELECT reservation_id FROM orders WHERE status = 'confirmed'")
-        assert {r["reservation_id"] for r in paid} == set(confirms)
+        assert await paid_orders(pool) == set(confirms)
         rc, out = await cli(env, "replay", "verify")
         assert rc == 0, out
         assert await terminate(consume) == 0
