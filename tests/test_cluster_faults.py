@@ -1,11 +1,14 @@
 """Faults on a real Redis Cluster: a primary killed outright under load, a partition's slot
-moved to another primary under load, a consumer killed outright.
+moved to another primary under load (key by key as ``redis-cli --cluster reshard`` does,
+and atomically by Valkey 9), a consumer killed outright; and drift put right by ``replay
+repair`` and ``replay rebuild``.
 
 Each scenario runs real ``flashsale`` processes (``serve`` and ``consume``) against a real
 cluster and the test's PostgreSQL, breaks something for real, and ends with ``flashsale
 replay verify`` exiting 0 and PostgreSQL holding exactly the reservations answered 202.
-The scenario that kills a node starts a cluster of its own; the others share the session's.
-Run with ``-s`` to see the failover figures.
+The failover and the Valkey scenarios start a cluster of their own; the others share the
+session's. Run with ``-s`` to see the figures (how long buyers saw 503s, how many 202s,
+how many lost).
 """
 
 from __future__ import annotations
