@@ -18,6 +18,7 @@ import collections
 import functools
 import itertools
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -180,7 +181,7 @@ async def has_logged(log_path: Path, event: str) -> bool:
 @asynccontextmanager
 async def serving(
     env: dict[str, str], log_path: Path
-) -> AsyncIterator[tuple[aiohttp.ClientSession, Any]]:
+) -> AsyncIterator[tuple[aiohttp.ClientSession, subprocess.Popen[bytes]]]:
     """A real ``flashsale serve`` (one process) on a free port, and a session pointed at it."""
     proc = start(["serve", "--workers", "1"], {**env, "FLASHSALE_PORT": "0"}, log_path)
     try:
@@ -197,7 +198,8 @@ async def serving(
         stop_all(proc)
 
 
-def cluster_settings_of(url: str, database_url: str | None, **options: Any) -> Settings:
+def cluster_settings_of(url: str, database_url: str | None) -> Settings:
+    """The settings of this module's clients: the cluster node ``url``, the test database."""
     return Settings(
         redis_url=url,
         database_url=database_url,
@@ -206,7 +208,6 @@ def cluster_settings_of(url: str, database_url: str | None, **options: Any) -> S
         partitions=PARTITIONS,
         redis_pool_size=50,
         sale_view_cache_ms=0,
-        **options,
     )
 
 
