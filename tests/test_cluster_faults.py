@@ -32,6 +32,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import SlotNotCoveredError
 
 from api.cli.cluster import EmbeddedRedisCluster
 from api.cli.launcher import _free_port as free_port
@@ -249,6 +250,25 @@ async def test_a_node_that_fails_fails_only_its_own_callers(cluster: RedisCluste
             assert answer == 1, (key, answer)
     # The failure made the client read the layout again: the slot's true owner answers.
     assert await scripts.run(incr, [gone], []) == 1
+
+
+async def test_a_slot_without_a_known_owner_fails_only_its_own_callers(cluster: RedisCluster):
+    incr = cluster.register_script("return redis.call('INCR', KEYS[1])")
+    await load_everywhere(cluster, incr.script)
+    keys = [f"counter-{i}" for i in range(12)]
+    # The client knows no owner of the first key's slot (as a layout read mid-failover).
+    orphan = keys[0]
+    del cluster.nodes_manager.slots_cache[cluster.keyslot(orphan)]
+    scripts = ScriptPipeline(cluster)
+    answers = await asyncio.gather(
+        *(scripts.run(incr, [key], []) for key in keys), return_exceptions=True
+    )
+    for key, answer in zip(keys, answers, strict=True):
+        if cluster.keyslot(key) == cluster.keyslot(orphan):
+            assert isinstance(answer, SlotNotCoveredError), answer
+        else:
+            assert answer == 1, (key, answer)
+    assert await scripts.run(incr, [orphan], []) == 1  # the layout was read again
 
 
 # --- a primary killed with -9 ---------------------------------------------------------------

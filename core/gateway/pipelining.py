@@ -167,30 +167,40 @@ class ScriptPipeline:
         ready to be sent again.
 
         On a cluster each node gets a pipeline of its own: a node that fails (killed, or
-        unreachable) fails its own callers only, not those of the nodes that answered.
+        unreachable) fails its own callers only, not those of the nodes that answered; so
+        does a slot the client knows no owner of.
         """
         if not isinstance(self.client, RedisCluster):
             return await self._round_on(None, calls)
         by_node: dict[str, tuple[ClusterNode, list[_Call]]] = {}
+        uncovered: list[_Call] = []
         for call in calls:
-            node = self._node_for(call)
+            try:
+                node = self._node_for(call)
+            except SlotNotCoveredError:
+                uncovered.append(call)
+                continue
             by_node.setdefault(node.name, (node, []))[1].append(call)
-        groups = list(by_node.values())
         outcomes = await asyncio.gather(
-            *(self._round_on(node, group) for node, group in groups), return_exceptions=True
+            *(self._round_on(node, group) for node, group in by_node.values()),
+            return_exceptions=True,
         )
-        for outcome in outcomes:
+        results: list[tuple[list[_Call], list[_Call] | Exception]] = []
+        for (_, group), outcome in zip(by_node.values(), outcomes, strict=True):
             if not isinstance(outcome, list | Exception):  # a cancellation, not a failure
                 raise outcome
-        failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+            results.append((group, outcome))
+        if uncovered:
+            results.append((uncovered, SlotNotCoveredError("no node serves the slot")))
+        failures = [outcome for _, outcome in results if isinstance(outcome, Exception)]
         if failures:
             # Before the callers hear of it, so that their retries go to the new layout.
             await refresh_layout(self.client, failures[0])
         again: list[_Call] = []
-        for (_, group), outcome in zip(groups, outcomes, strict=True):
+        for group, outcome in results:
             if isinstance(outcome, list):
                 again += outcome
-            elif isinstance(outcome, Exception):
+            else:
                 _fail(group, outcome)
         return again
 
