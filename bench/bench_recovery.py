@@ -64,6 +64,8 @@ class Consumers:
             FLASHSALE_DATABASE_URL=database_url,
             FLASHSALE_PARTITIONS=str(PARTITIONS),
             FLASHSALE_LOG_JSON="true",
+            # One process per consumer: the one killed is the one named.
+            FLASHSALE_CONSUMER_WORKERS="1",
             # ``consume`` refuses the public default secrets; these consumers check no token.
             FLASHSALE_ADMIN_TOKEN=secrets.token_urlsafe(24),
             FLASHSALE_JWT_SECRET=secrets.token_urlsafe(32),
