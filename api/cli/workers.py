@@ -1,4 +1,6 @@
-"""API worker processes: ``flashsale serve --workers N`` and ``flashsale up --workers N``.
+"""Worker processes: the API's (``flashsale serve --workers N``, ``flashsale up --workers
+N``) and the projectors' (``flashsale consume --workers N``, :func:`consumer_workers`, with
+the same lifecycle and no port). What follows is said of the API workers.
 
 One port, N processes. The parent binds a socket to the host and port with SO_REUSEPORT and
 never listens on it: that holds the port for the whole run (only sockets of this user that
