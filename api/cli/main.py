@@ -119,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--port", type=int, default=None, help="HTTP port (FLASHSALE_PORT)")
-        if name != "consume":
-            p.add_argument(
-                "--workers",
-                type=_positive,
-                default=None,
-                help="API processes sharing the port (FLASHSALE_WORKERS; default: one per CPU)",
-            )
+        p.add_argument(
+            "--workers",
+            type=_positive,
+            default=None,
+            help="projector processes sharing the partitions (FLASHSALE_CONSUMER_WORKERS;"
+            " default: one per CPU)"
+            if name == "consume"
+            else "API processes sharing the port (FLASHSALE_WORKERS; default: one per CPU)",
+        )
         if name == "up":
             _add_redis_cluster_flag(p)
     token = sub.add_parser(
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad FLASHSALE_* configuration:\n{e}", file=sys.stderr)
         return 2
     # Flags override the environment; in the settings, they reach API worker processes too.
-    flags = {"port": getattr(args, "port", None), "workers": getattr(args, "workers", None)}
+    workers = "consumer_workers" if args.command == "consume" else "workers"
+    flags = {"port": getattr(args, "port", None), workers: getattr(args, "workers", None)}
     settings = settings.model_copy(
         update={k: v for k, v in flags.items() if v is not None}
         | ({"log_level": args.log_level} if args.log_level else {})

@@ -205,6 +205,5 @@ async def problems_middleware(
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         response = problem(500, "internal_error", "Internal error", "unexpected server error")
-    metrics.requests_of(route_name, str(response.status)).inc()
-    metrics.latency_of(route_name).observe(time.perf_counter() - started)
+    metrics.record(route_name, response.status, time.perf_counter() - started)
     return response
