@@ -124,6 +124,7 @@ def lose_first_batch_reply() -> Callable[[bytes], bool]:
     return lose
 
 
+@pytest.mark.single_redis(reason="a TCP proxy in front of one server")
 async def test_a_batch_whose_replies_are_lost_is_retried_and_each_caller_gets_its_placement(
     make_gateway: GatewayFactory, settings: Settings, gateway: RedisGateway
 ):
