@@ -123,7 +123,9 @@ def settings(servers: ServerUrls) -> Settings:
         admin_token=ADMIN_TOKEN,
         jwt_secret=JWT_SECRET,
         partitions=4,
-        redis_pool_size=100,
+        # A cluster client raises past its pool instead of waiting (the gateway then waits
+        # a little and answers 503; test_cluster checks that): room for the tests' bursts.
+        redis_pool_size=400 if ON_CLUSTER else 100,
         claim_idle_ms=1000,
         consumer_block_ms=100,
         metrics_health_interval_ms=0,  # tests scrape, change state, and scrape again

@@ -20,7 +20,7 @@ from core.events import AnyEvent, ReservationPlaced, parse_event
 from core.gateway import RedisGateway
 from core.gateway.clients import RedisClient
 from core.settings import Settings
-from tests.helpers import ADMIN_TOKEN, JWT_SECRET
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, every_key
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -92,7 +92,7 @@ async def expect_problem(
 
 async def redis_dump(client: RedisClient) -> dict[Any, Any]:
     """Every key of the database with its serialized value: equal dumps, equal state."""
-    return {key: await client.dump(key) for key in await client.keys("*")}
+    return {key: await client.dump(key) for key in await every_key(client)}
 
 
 async def log_events(gateway: RedisGateway) -> list[AnyEvent]:
