@@ -57,7 +57,7 @@ ON_CLUSTER = _session_redis_is_cluster()
 
 
 def pytest_report_header() -> str:
-    return f"redis: {'a cluster' if ON_CLUSTER else 'one server'} (FLASHSALE_TEST_REDIS)"
+    return f"session redis: {'a cluster' if ON_CLUSTER else 'one server'}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
