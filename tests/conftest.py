@@ -53,7 +53,13 @@ def _session_redis_is_cluster() -> bool:
     return given
 
 
-ON_CLUSTER = _session_redis_is_cluster()
+#: Whether the session's Redis is a cluster; set once the command line is read.
+ON_CLUSTER = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global ON_CLUSTER
+    ON_CLUSTER = _session_redis_is_cluster()
 
 
 def pytest_report_header() -> str:
