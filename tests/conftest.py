@@ -139,12 +139,17 @@ def settings(servers: ServerUrls) -> Settings:
     )
 
 
+async def empty(client: RedisClient) -> None:
+    """Delete every key: FLUSHDB, which a cluster client sends to every primary."""
+    await client.flushdb()
+
+
 @pytest.fixture
 async def redis_client(settings: Settings) -> AsyncIterator[RedisClient]:
     """The session's Redis as the service connects to it (a cluster client on a cluster),
     emptied: every primary of a cluster."""
     client = redis_client_for(settings)
-    await client.flushdb()
+    await empty(client)
     yield client
     await client.aclose()
 
