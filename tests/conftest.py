@@ -1,5 +1,11 @@
 """Real servers for the tests: the ones named by FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL,
-else embedded ones started by the project's own launcher. State is reset before each test."""
+else embedded ones started by the project's own launcher. State is reset before each test.
+
+The session's Redis is one server, or a Redis Cluster when FLASHSALE_TEST_REDIS=cluster (an
+embedded cluster of three primaries with a replica each) or FLASHSALE_REDIS_URL names a
+cluster node (whose data the tests delete). On a cluster ``redis_client`` is a cluster
+client, the reset empties every primary, and the tests marked ``single_redis`` skip.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +17,81 @@ from typing import Any, Protocol
 import aiohttp
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser
 from redis.asyncio.cluster import RedisCluster
 
 from api.cli.cluster import EmbeddedRedisCluster
 from api.cli.launcher import ServerUrls, embedded_servers
-from api.connections import redis_client_for
+from api.connections import is_cluster, redis_client_for
 from api.web.app import create_app
 from consumers.projector import Projector
 from core.gateway import RedisGateway
+from core.gateway.clients import RedisClient
 from core.settings import Settings
 from projections.db import open_pool
 from tests.browser import headless_chromium
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET
 from tests.http_helpers import serve, session_for
 
+TEST_REDIS_KINDS = ("single", "cluster")
+
+
+def _session_redis_is_cluster() -> bool:
+    """Whether the session's Redis is a cluster (see the module's docstring)."""
+    wanted = os.environ.get("FLASHSALE_TEST_REDIS", "single")
+    if wanted not in TEST_REDIS_KINDS:
+        raise pytest.UsageError(f"FLASHSALE_TEST_REDIS={wanted!r}: not one of {TEST_REDIS_KINDS}")
+    env = Settings()
+    if not env.redis_url:
+        return wanted == "cluster"
+    given = is_cluster(env)
+    if wanted == "cluster" and not given:
+        raise pytest.UsageError(
+            "FLASHSALE_TEST_REDIS=cluster, but FLASHSALE_REDIS_URL does not name a cluster node"
+        )
+    return given
+
+
+#: Whether the session's Redis is a cluster; set once the command line is read.
+ON_CLUSTER = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global ON_CLUSTER
+    ON_CLUSTER = _session_redis_is_cluster()
+
+
+def pytest_report_header() -> str:
+    return f"session redis: {'a cluster' if ON_CLUSTER else 'one server'}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        # What ``-m session_redis`` selects: the tests whose outcome depends on which Redis
+        # the session has (the others bring their own servers, or need none).
+        if "servers" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.session_redis)
+    if not ON_CLUSTER:
+        return
+    for item in items:
+        marker = item.get_closest_marker("single_redis")
+        if marker is not None:
+            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(pytest.mark.skip(reason=f"needs one Redis server: {reason}"))
+
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[ServerUrls]:
     env = Settings()
+    if ON_CLUSTER and not env.redis_url:
+        cluster = EmbeddedRedisCluster()
+        try:
+            with embedded_servers(cluster.start(), env.database_url) as urls:
+                yield urls
+        finally:
+            cluster.stop()
+        return
     with embedded_servers(env.redis_url, env.database_url) as urls:
         yield urls
 
@@ -69,7 +129,9 @@ def settings(servers: ServerUrls) -> Settings:
         admin_token=ADMIN_TOKEN,
         jwt_secret=JWT_SECRET,
         partitions=4,
-        redis_pool_size=100,
+        # A cluster client raises past its pool instead of waiting (the gateway then waits
+        # a little and answers 503; test_cluster checks that): room for the tests' bursts.
+        redis_pool_size=400 if ON_CLUSTER else 100,
         claim_idle_ms=1000,
         consumer_block_ms=100,
         metrics_health_interval_ms=0,  # tests scrape, change state, and scrape again
@@ -77,14 +139,17 @@ def settings(servers: ServerUrls) -> Settings:
     )
 
 
-@pytest.fixture
-async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(
-        connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url or "", max_connections=settings.redis_pool_size, timeout=10
-        )
-    )
+async def empty(client: RedisClient) -> None:
+    """Delete every key: FLUSHDB, which a cluster client sends to every primary."""
     await client.flushdb()
+
+
+@pytest.fixture
+async def redis_client(settings: Settings) -> AsyncIterator[RedisClient]:
+    """The session's Redis as the service connects to it (a cluster client on a cluster),
+    emptied: every primary of a cluster."""
+    client = redis_client_for(settings)
+    await empty(client)
     yield client
     await client.aclose()
 
@@ -102,14 +167,14 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 class GatewayFactory(Protocol):
     """Builds a gateway from the test settings; keyword arguments override its options."""
 
-    def __call__(self, client: aioredis.Redis | None = None, **options: Any) -> RedisGateway: ...
+    def __call__(self, client: RedisClient | None = None, **options: Any) -> RedisGateway: ...
 
 
 @pytest.fixture
-def make_gateway(redis_client: aioredis.Redis, settings: Settings) -> GatewayFactory:
+def make_gateway(redis_client: RedisClient, settings: Settings) -> GatewayFactory:
     """A gateway on ``client`` (the test's Redis by default) with the settings' partitions."""
 
-    def make(client: aioredis.Redis | None = None, **options: Any) -> RedisGateway:
+    def make(client: RedisClient | None = None, **options: Any) -> RedisGateway:
         return RedisGateway(
             client if client is not None else redis_client,
             options.pop("partitions", settings.partitions),
@@ -132,7 +197,7 @@ class ProjectorFactory(Protocol):
         self,
         consumer: str,
         *,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
         pool: asyncpg.Pool | None = None,
         **options: Any,
     ) -> Projector: ...
@@ -140,7 +205,7 @@ class ProjectorFactory(Protocol):
 
 @pytest.fixture
 def make_projector(
-    redis_client: aioredis.Redis, pool: asyncpg.Pool, settings: Settings
+    redis_client: RedisClient, pool: asyncpg.Pool, settings: Settings
 ) -> ProjectorFactory:
     """A projector named ``consumer`` on the test's Redis and database (or the ones given)."""
     test_pool = pool
@@ -148,7 +213,7 @@ def make_projector(
     def make(
         consumer: str,
         *,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
         pool: asyncpg.Pool | None = None,
         **options: Any,
     ) -> Projector:
@@ -169,14 +234,14 @@ class AppServerFactory(Protocol):
     async def __call__(
         self,
         settings: Settings | None = None,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
         connections: int = 100,
     ) -> aiohttp.ClientSession: ...
 
 
 @pytest.fixture
 async def serve_app(
-    settings: Settings, redis_client: aioredis.Redis
+    settings: Settings, redis_client: RedisClient
 ) -> AsyncIterator[AppServerFactory]:
     """Factory of app servers (the test's settings and Redis by default), all stopped after."""
     test_settings = settings
@@ -184,7 +249,7 @@ async def serve_app(
 
         async def start(
             settings: Settings | None = None,
-            client: aioredis.Redis | None = None,
+            client: RedisClient | None = None,
             connections: int = 100,
         ) -> aiohttp.ClientSession:
             app_server = serve(settings or test_settings, client or redis_client, connections)
@@ -194,7 +259,7 @@ async def serve_app(
 
 
 @pytest.fixture
-async def server(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[TestServer]:
+async def server(settings: Settings, redis_client: RedisClient) -> AsyncIterator[TestServer]:
     """The app on a free TCP port, with the test's settings and Redis."""
     server = TestServer(create_app(settings, redis_client))
     async with server:

@@ -7,9 +7,11 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from consumers.projector import Projector
 from core.gateway import RedisGateway
+from core.gateway.clients import RedisClient
 from core.models import NewSale, SaleView
 
 ADMIN_TOKEN = "test-admin-token"
@@ -79,6 +81,23 @@ async def project_all(
     await projector.ensure_groups()
     while deliveries := await projector.read_new(block_ms=10):
         await projector.handle(deliveries)
+
+
+async def every_key(client: RedisClient) -> list[bytes | str]:
+    """Every key of the database: on a cluster, of every primary (KEYS asks one node)."""
+    if isinstance(client, RedisCluster):
+        return await client.keys("*", target_nodes=RedisCluster.PRIMARIES)
+    return await client.keys("*")
+
+
+async def command_calls(client: RedisClient, command: str) -> int:
+    """How many times ``command`` ran (INFO commandstats): on a cluster, on every primary."""
+    if isinstance(client, RedisCluster):
+        per_node = await client.info("commandstats", target_nodes=RedisCluster.PRIMARIES)
+        stats = list(per_node.values())
+    else:
+        stats = [await client.info("commandstats")]
+    return sum(int(s.get(f"cmdstat_{command.lower()}", {}).get("calls", 0)) for s in stats)
 
 
 def text(value: object) -> str:

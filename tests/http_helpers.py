@@ -12,15 +12,15 @@ from typing import Any
 
 import aiohttp
 import jwt
-import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from api.web.app import create_app
 from api.web.auth import issue_token
 from core.events import AnyEvent, ReservationPlaced, parse_event
 from core.gateway import RedisGateway
+from core.gateway.clients import RedisClient
 from core.settings import Settings
-from tests.helpers import ADMIN_TOKEN, JWT_SECRET
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, every_key
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -63,7 +63,7 @@ def session_for(
 @asynccontextmanager
 async def serve(
     settings: Settings,
-    client: aioredis.Redis | None,
+    client: RedisClient | None,
     connections: int = 100,
     request_seconds: float | None = None,
 ) -> AsyncIterator[aiohttp.ClientSession]:
@@ -90,9 +90,9 @@ async def expect_problem(
     return body
 
 
-async def redis_dump(client: aioredis.Redis) -> dict[Any, Any]:
+async def redis_dump(client: RedisClient) -> dict[Any, Any]:
     """Every key of the database with its serialized value: equal dumps, equal state."""
-    return {key: await client.dump(key) for key in await client.keys("*")}
+    return {key: await client.dump(key) for key in await every_key(client)}
 
 
 async def log_events(gateway: RedisGateway) -> list[AnyEvent]:

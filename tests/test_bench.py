@@ -32,6 +32,7 @@ def run_bench(module: str, settings: Settings, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.single_redis(reason="the benchmarks measure one server, with plain clients")
 def test_bench_reserve_runs_its_http_part_to_the_end(settings: Settings) -> None:
     out = run_bench(
         "bench.bench_reserve",
@@ -62,6 +63,7 @@ BENCH_ROWS = (
 )
 
 
+@pytest.mark.single_redis(reason="the benchmarks measure one server, with plain clients")
 def test_bench_suite_quick_run_prints_every_row_without_errors(
     settings: Settings, redis_client: aioredis.Redis, pool: asyncpg.Pool
 ) -> None:
@@ -104,6 +106,7 @@ def test_bench_loaders_count_every_answer_by_status(loader: str, tmp_path: Path)
     assert 0 < result.p50_ms <= result.p99_ms
 
 
+@pytest.mark.single_redis(reason="the benchmarks measure one server, with plain clients")
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_http_load_drives_each_endpoint_with_wrk_and_prints_medians(settings: Settings) -> None:
     args = ("--seconds", "1", "--rounds", "1", "--tokens", "50")

@@ -19,6 +19,7 @@ from api.connections import is_cluster, redis_client_for
 from api.web.app import create_app
 from core.errors import InfrastructureError
 from core.gateway import Placed, RedisGateway
+from core.gateway.clients import RedisClient
 from core.gateway.pipelining import ScriptPipeline
 from core.keys import PartitionKeys, partition_of
 from core.settings import Settings
@@ -42,7 +43,7 @@ def cluster_settings(redis_cluster_url: str) -> Settings:
     )
 
 
-def gateway_on(client: RedisCluster, **options: Any) -> RedisGateway:
+def gateway_on(client: RedisClient, **options: Any) -> RedisGateway:
     return RedisGateway(client, PARTITIONS, 3600, **options)
 
 
@@ -91,6 +92,7 @@ async def wait_until_settled(cluster: RedisCluster) -> None:
     raise AssertionError(f"the nodes disagree on the layout: {layouts}")
 
 
+@pytest.mark.single_redis(reason="tells the session's single server apart from a cluster")
 async def test_the_url_of_a_cluster_node_gives_a_cluster_client(
     cluster_settings: Settings, settings: Settings
 ):
@@ -229,6 +231,32 @@ async def test_replies_and_errors_stay_with_their_callers_across_nodes(cluster: 
     )
     assert answers[:12] == [1] * 12 and answers[13:] == [2] * 12
     assert isinstance(answers[12], ResponseError) and "WRONGTYPE" in str(answers[12])
+
+
+async def test_a_client_of_one_node_taken_for_a_server_answers_moved_as_unavailable(
+    cluster_settings: Settings, cluster: RedisCluster
+):
+    """FLASHSALE_REDIS_CLUSTER=off on a cluster (or a node silent when asked): the calls
+    whose keys live on that node run, the others fail with MOVED as a Redis error."""
+    plain = redis_client_for(cluster_settings.model_copy(update={"redis_cluster": "off"}))
+    assert not isinstance(plain, RedisCluster)
+    node = plain.connection_pool.connection_kwargs["port"]
+    try:
+        sales = sales_on_every_primary(cluster, per_primary=1)
+        for sale_id in sales:
+            await open_sale(gateway_on(cluster), sale_id, stock=5)
+        answers = await asyncio.gather(
+            *(gateway_on(plain).reserve(sale_id, "ann", 1, None) for sale_id in sales),
+            return_exceptions=True,
+        )
+        for sale_id, answer in zip(sales, answers, strict=True):
+            if int(primary_of(cluster, sale_id).port) == node:
+                assert isinstance(answer, Placed), answer
+            else:
+                assert isinstance(answer, InfrastructureError), answer
+                assert "MovedError" in str(answer), answer
+    finally:
+        await plain.aclose()
 
 
 async def test_wait_for_one_replica_puts_the_reservation_on_the_replica(cluster: RedisCluster):

@@ -130,6 +130,7 @@ async def project_all(client: aioredis.Redis, pool: asyncpg.Pool, partitions: in
     raise AssertionError("the projector did not catch up")
 
 
+@pytest.mark.single_redis(reason="a TCP proxy in front of one server")
 @pytest.mark.parametrize("client_retries", [False, True], ids=["app-client", "retrying-client"])
 async def test_every_placement_is_answered_202_when_replies_are_lost(
     make_gateway: GatewayFactory,
@@ -239,6 +240,7 @@ async def lossy_client_of(
             await client.aclose()
 
 
+@pytest.mark.single_redis(reason="a TCP proxy in front of one server")
 async def test_a_lost_reserve_reply_is_retried_and_answered_with_its_placement(
     make_gateway: GatewayFactory, settings: Settings, gateway: RedisGateway
 ):
@@ -254,6 +256,7 @@ async def test_a_lost_reserve_reply_is_retried_and_answered_with_its_placement(
     assert view is not None and (view.remaining, view.held) == (4, 1)
 
 
+@pytest.mark.single_redis(reason="a TCP proxy in front of one server")
 async def test_reserve_answers_503_with_the_id_it_tried_and_the_buyer_finds_it(
     settings: Settings, gateway: RedisGateway
 ):
@@ -298,6 +301,7 @@ def lose_every_other(*prefixes: bytes) -> Callable[[bytes], bool]:
     return lose
 
 
+@pytest.mark.single_redis(reason="a TCP proxy in front of one server")
 async def test_admin_and_lifecycle_calls_whose_reply_is_lost_answer_what_they_did(
     make_gateway: GatewayFactory, settings: Settings, gateway: RedisGateway
 ):

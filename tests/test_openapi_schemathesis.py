@@ -23,7 +23,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 import requests
 import schemathesis
 from aiohttp import web
@@ -31,6 +30,7 @@ from schemathesis.engine import Status, events
 from schemathesis.engine.recorder import CheckNode, ScenarioRecorder
 
 from api.cli.launcher import ServerUrls
+from api.connections import redis_client_for
 from api.web.app import create_app
 from api.web.auth import issue_token
 from api.web.metrics import ApiMetrics
@@ -76,7 +76,7 @@ class LiveApi:
     async def _serve(self) -> None:
         try:
             self._stop = asyncio.Event()
-            client = aioredis.Redis.from_url(self.settings.redis_url or "")
+            client = redis_client_for(self.settings)
             await client.flushdb()
             runner = web.AppRunner(create_app(self.settings, client, self.metrics))
             await runner.setup()

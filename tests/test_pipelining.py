@@ -21,7 +21,7 @@ from core.events import ReservationPlaced
 from core.gateway import Placed, RedisGateway
 from core.gateway.pipelining import ScriptPipeline
 from core.settings import Settings
-from tests.conftest import GatewayFactory
+from tests.conftest import ON_CLUSTER, GatewayFactory
 from tests.helpers import open_sale
 from tests.http_helpers import log_events
 from tests.test_lost_replies import RESERVE_REPLY, lossy_client
@@ -124,6 +124,7 @@ def lose_first_batch_reply() -> Callable[[bytes], bool]:
     return lose
 
 
+@pytest.mark.single_redis(reason="a TCP proxy in front of one server")
 async def test_a_batch_whose_replies_are_lost_is_retried_and_each_caller_gets_its_placement(
     make_gateway: GatewayFactory, settings: Settings, gateway: RedisGateway
 ):
@@ -146,8 +147,9 @@ async def test_a_batch_whose_replies_are_lost_is_retried_and_each_caller_gets_it
 async def test_one_wait_covers_a_batch_and_each_placement_learns_it_was_not_replicated(
     make_gateway: GatewayFactory, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ):
-    # No replica is attached to the test Redis: WAIT 1 answers 0 after its timeout.
-    waiting = make_gateway(wait_replicas=1, wait_timeout_ms=50)
+    # One more replica than the test Redis has (none; one per primary of a cluster): WAIT
+    # answers fewer after its timeout.
+    waiting = make_gateway(wait_replicas=2 if ON_CLUSTER else 1, wait_timeout_ms=50)
     await open_sale(waiting, stock=2, per_user_limit=1)
     opened = count_pipelines(monkeypatch, redis_client)
     answers = await outcomes(waiting, ["ann", "ann", "bob", "cat"])

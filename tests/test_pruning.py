@@ -35,7 +35,7 @@ from tests.daemons import (
     terminate,
     wait_started,
 )
-from tests.helpers import open_sale, project_all, text
+from tests.helpers import every_key, open_sale, project_all, text
 from tests.http_helpers import ADMIN, buyer, expect_problem, session_for
 
 FINAL = ("confirmed", "cancelled", "expired")
@@ -53,7 +53,7 @@ async def add_buyer_sets(gateway: RedisGateway, client: aioredis.Redis, sale_id:
 async def dump(client: aioredis.Redis) -> dict[str, Any]:
     """Every key and its value (streams excluded: pruning never touches them)."""
     out: dict[str, Any] = {}
-    for raw in await client.keys("*"):
+    for raw in await every_key(client):
         key = text(raw)
         kind = text(await client.type(key))
         if kind == "hash":
@@ -444,7 +444,7 @@ async def test_verify_is_clean_after_pruning(
 async def key_bytes(client: aioredis.Redis) -> int:
     """MEMORY USAGE summed over every key but the streams (retention bounds those)."""
     total = 0
-    for raw in await client.keys("*"):
+    for raw in await every_key(client):
         if text(await client.type(raw)) != "stream":
             total += int(await client.memory_usage(raw, samples=0) or 0)
     return total

@@ -29,6 +29,10 @@ from core.gateway import RedisGateway, ReservationRecord, SaleRepair, Touched
 from tests.conftest import GatewayFactory
 from tests.helpers import open_sale
 
+# The check itself breaks a cluster's rule: every script records into RECORD, a key in a
+# slot of its own. What it proves (every key in KEYS) is what lets the scripts run there.
+pytestmark = pytest.mark.single_redis(reason="the key check records into one key of its own")
+
 # Where the prelude records what it saw: "<script>:<COMMAND>" -> commands checked, and
 # "violations" -> keys touched that were not in KEYS. (A test key, outside the key schema.)
 RECORD = "script-key-check"

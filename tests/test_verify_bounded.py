@@ -296,6 +296,7 @@ async def test_many_changes_during_the_read_are_read_again_in_chunks_first(
     assert compare_redis("rush", state, snap) == []
 
 
+@pytest.mark.single_redis(reason="a TCP proxy in front of one server")
 async def test_snapshot_and_repair_send_a_command_again_when_its_reply_is_lost(
     make_gateway: GatewayFactory,
     gateway: RedisGateway,

@@ -236,18 +236,21 @@ class ScriptPipeline:
             # A failover under way: its callers retry once the layout is read again.
             await refresh_layout(self.client, ClusterDownError("CLUSTERDOWN"))
         again = []
+        # A client of one server cannot follow a redirection: on a cluster node taken for
+        # one (FLASHSALE_REDIS_CLUSTER=off, or a node silent when asked) MOVED is an error.
+        follows = isinstance(self.client, RedisCluster)
         for call, reply in zip(calls, replies, strict=True):
             call.asking = False
             call.error = None
             if isinstance(reply, NoScriptError | TryAgainError):
                 call.error = reply
                 again.append(call)
-            elif isinstance(reply, MovedError):  # (before AskError: MOVED is a kind of ASK)
+            elif isinstance(reply, MovedError) and follows:  # (a MOVED is a kind of ASK)
                 assert isinstance(self.client, RedisCluster)
                 await self.client.nodes_manager.move_slot(reply)
                 call.error = reply
                 again.append(call)
-            elif isinstance(reply, AskError):
+            elif isinstance(reply, AskError) and follows:
                 call.asking = True
                 call.ask_node = (reply.host, int(reply.port))
                 call.error = reply
