@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from api.cli.cluster import EmbeddedRedisCluster
@@ -23,6 +23,7 @@ from core.gateway.clients import RedisClient
 from core.gateway.pipelining import ScriptPipeline
 from core.keys import PartitionKeys, partition_of
 from core.settings import Settings
+from tests.cluster_helpers import command, move_slot, node_client, primary_of, wait_until_settled
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale
 from tests.http_helpers import buyer, session_for
 
@@ -47,49 +48,16 @@ def gateway_on(client: RedisClient, **options: Any) -> RedisGateway:
     return RedisGateway(client, PARTITIONS, 3600, **options)
 
 
-def primary_of(client: RedisCluster, sale_id: str) -> ClusterNode:
-    node = client.get_node_from_key(
-        PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).sale(sale_id)
-    )
-    assert node is not None
-    return node
-
-
 def sales_on_every_primary(client: RedisCluster, per_primary: int) -> list[str]:
     """Sale ids whose partitions live on every primary, ``per_primary`` on each."""
     found: dict[str, list[str]] = collections.defaultdict(list)
     for i in range(1000):
         sale_id = f"sale-{i}"
-        owner = found[primary_of(client, sale_id).name]
+        owner = found[primary_of(client, sale_id, PARTITIONS).name]
         if len(owner) < per_primary:
             owner.append(sale_id)
     assert len(found) == 3 and all(len(ids) == per_primary for ids in found.values())
     return [sale_id for ids in zip(*found.values(), strict=True) for sale_id in ids]
-
-
-def node_client(cluster: RedisCluster, node: ClusterNode) -> aioredis.Redis:
-    """A plain client of one node."""
-    password = cluster.get_connection_kwargs().get("password")
-    return aioredis.Redis(host=node.host, port=int(node.port), password=password)
-
-
-async def wait_until_settled(cluster: RedisCluster) -> None:
-    """Wait until every node reports the same layout, a replica for every primary (after a
-    failover or a slot move, the other nodes learn of it by gossip)."""
-    for _ in range(200):
-        await cluster.nodes_manager.initialize()
-        layouts = set()
-        for node in cluster.get_nodes():
-            reader = node_client(cluster, node)
-            try:
-                rows = await command(reader, "CLUSTER SLOTS")
-            finally:
-                await reader.aclose()
-            layouts.add(tuple(sorted((r[0], r[1], *(n[1] for n in r[2:])) for r in rows)))
-        if len(layouts) == 1 and all(len(row) == 4 for row in next(iter(layouts))):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the nodes disagree on the layout: {layouts}")
 
 
 @pytest.mark.single_redis(reason="tells the session's single server apart from a cluster")
@@ -185,7 +153,11 @@ async def test_buyers_over_http_never_oversell_across_primaries(
             assert [r["status"] for r in (await response.json())["reservations"]] == ["pending"]
 
         # Stock added, then the sale closed, on a sale of another primary.
-        other = next(s for s in sales if primary_of(cluster, s) != primary_of(cluster, freed_sale))
+        other = next(
+            s
+            for s in sales
+            if primary_of(cluster, s, PARTITIONS) != primary_of(cluster, freed_sale, PARTITIONS)
+        )
         async with http.post(
             f"/v1/sales/{other}/stock", json={"delta": 5}, headers=ADMIN
         ) as response:
@@ -250,7 +222,7 @@ async def test_a_client_of_one_node_taken_for_a_server_answers_moved_as_unavaila
             return_exceptions=True,
         )
         for sale_id, answer in zip(sales, answers, strict=True):
-            if int(primary_of(cluster, sale_id).port) == node:
+            if int(primary_of(cluster, sale_id, PARTITIONS).port) == node:
                 assert isinstance(answer, Placed), answer
             else:
                 assert isinstance(answer, InfrastructureError), answer
@@ -285,7 +257,7 @@ async def test_noscript_after_a_flush_on_one_primary_is_recovered(cluster: Redis
     await gateway.load_scripts()
     sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
     await open_sale(gateway, sale_id, stock=3)
-    primary = node_client(cluster, primary_of(cluster, sale_id))
+    primary = node_client(cluster, primary_of(cluster, sale_id, PARTITIONS))
     sha = gateway._reserve.sha
     try:
         await primary.script_flush()
@@ -356,48 +328,12 @@ async def test_after_a_failover_the_new_primary_gets_the_scripts_and_the_calls(
         placed = await gateway.reserve(sale_id, "ann", 1, None)
         assert isinstance(placed, Placed)
         assert await promoted.script_exists(gateway._reserve.sha) == [True]
-        assert primary_of(cluster, sale_id).port == replica.port
+        assert primary_of(cluster, sale_id, PARTITIONS).port == replica.port
         view = await gateway.get_sale(sale_id)
         assert view is not None and view.held == 1
-        await wait_until_settled(cluster)  # for the tests that follow
+        await wait_until_settled(cluster, replicas=1)  # for the tests that follow
     finally:
         await promoted.aclose()
-
-
-async def migrate_slot(
-    cluster: RedisCluster, slot: int, source: ClusterNode, target: ClusterNode, pause: float
-) -> None:
-    """Move ``slot`` from ``source`` to ``target`` the way redis-cli --cluster reshard does:
-    IMPORTING and MIGRATING, MIGRATE key by key (``pause`` seconds between keys, so calls
-    meet the slot half moved), then SETSLOT NODE on every primary."""
-    src, dst = node_client(cluster, source), node_client(cluster, target)
-    password = cluster.get_connection_kwargs().get("password") or ""
-    try:
-        src_id = await command(src, "CLUSTER MYID")
-        dst_id = await command(dst, "CLUSTER MYID")
-        await command(dst, "CLUSTER SETSLOT", slot, "IMPORTING", src_id)
-        await command(src, "CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
-        while keys := await command(src, "CLUSTER GETKEYSINSLOT", slot, 1):
-            await command(
-                src, "MIGRATE", target.host, target.port, "", 0, 5000, "AUTH", password, "KEYS",
-                *keys,
-            )  # fmt: skip
-            await asyncio.sleep(pause)
-        # The target first, then the source (as redis-cli does), then the others.
-        others = [n for n in cluster.get_primaries() if n.name not in (source.name, target.name)]
-        for node in (target, source, *others):
-            owner = node_client(cluster, node)
-            try:
-                await command(owner, "CLUSTER SETSLOT", slot, "NODE", dst_id)
-            finally:
-                await owner.aclose()
-    finally:
-        await src.aclose()
-        await dst.aclose()
-
-
-async def command(client: aioredis.Redis, *args: Any) -> Any:
-    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated(
@@ -408,7 +344,7 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
     sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
     await open_sale(gateway, sale_id, stock=60, per_user_limit=1)
     key = PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).sale(sale_id)
-    source = primary_of(cluster, sale_id)
+    source = primary_of(cluster, sale_id, PARTITIONS)
     target = next(node for node in cluster.get_primaries() if node.name != source.name)
     slot = cluster.keyslot(key)
 
@@ -417,7 +353,7 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
         return await gateway.reserve(sale_id, f"u{i}", 1, None)
 
     buying = asyncio.gather(*(buy(i) for i in range(200)), return_exceptions=True)
-    await migrate_slot(cluster, slot, source, target, pause=0.01)
+    await move_slot(cluster, slot, source, target)
     answers = await buying
     placed = [a for a in answers if isinstance(a, Placed)]
     others = collections.Counter(type(a).__name__ for a in answers if not isinstance(a, Placed))
@@ -426,8 +362,8 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
     assert view is not None
     assert view.held <= 60 and view.held + view.remaining == 60
     assert len(placed) <= view.held  # an unknown outcome may hold a unit too
-    assert primary_of(cluster, sale_id).name == target.name
-    await wait_until_settled(cluster)
+    assert primary_of(cluster, sale_id, PARTITIONS).name == target.name
+    await wait_until_settled(cluster, replicas=1)
 
 
 async def test_calls_bouncing_between_nodes_that_disagree_are_retried(cluster: RedisCluster):
@@ -435,7 +371,7 @@ async def test_calls_bouncing_between_nodes_that_disagree_are_retried(cluster: R
     await gateway.load_scripts()
     sale_id = sales_on_every_primary(cluster, per_primary=1)[0]
     slot = cluster.keyslot(PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).events)
-    source = primary_of(cluster, sale_id)
+    source = primary_of(cluster, sale_id, PARTITIONS)
     target = next(node for node in cluster.get_primaries() if node.name != source.name)
     src, dst = node_client(cluster, source), node_client(cluster, target)
     try:
@@ -447,12 +383,12 @@ async def test_calls_bouncing_between_nodes_that_disagree_are_retried(cluster: R
         await command(dst, "CLUSTER SETSLOT", slot, "NODE", await command(dst, "CLUSTER MYID"))
         view = await creating
         assert view.stock == 5
-        assert primary_of(cluster, sale_id).name == target.name
+        assert primary_of(cluster, sale_id, PARTITIONS).name == target.name
         assert await gateway.reserve(sale_id, "ann", 1, None)
     finally:
         await src.aclose()
         await dst.aclose()
-    await wait_until_settled(cluster)
+    await wait_until_settled(cluster, replicas=1)
 
 
 async def test_buyers_through_a_killed_primary_get_503_then_its_replica(
@@ -470,7 +406,7 @@ async def test_buyers_through_a_killed_primary_get_503_then_its_replica(
         sale_id = next(
             s
             for s in (f"sale-{i}" for i in range(1000))
-            if primary_of(client, s).port == victim.port
+            if primary_of(client, s, PARTITIONS).port == victim.port
         )
         await open_sale(gateway, sale_id, stock=200, per_user_limit=1)
 
@@ -493,7 +429,7 @@ async def test_buyers_through_a_killed_primary_get_503_then_its_replica(
                 await asyncio.sleep(0.1)
         else:
             raise AssertionError("no placement after the failover")
-        assert primary_of(client, sale_id).port != victim.port
+        assert primary_of(client, sale_id, PARTITIONS).port != victim.port
         view = await gateway.get_sale(sale_id)
         assert view is not None and view.held + view.remaining == 200
     finally:

@@ -29,7 +29,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import SlotNotCoveredError
@@ -46,6 +45,7 @@ from core.gateway.pipelining import ScriptPipeline
 from core.keys import PartitionKeys, dead_letter_stream, partition_of
 from core.settings import Settings
 from projections.verify import verify
+from tests.cluster_helpers import command, move_slot, node_client, primary_of, wait_until_settled
 from tests.daemons import (
     caught_up,
     cli,
@@ -147,11 +147,7 @@ def accepted_of(answers: Iterable[Answer]) -> dict[str, str]:
 
 def port_of_primary(client: RedisCluster, sale_id: str) -> int:
     """The port of the primary that serves ``sale_id``'s partition."""
-    node = client.get_node_from_key(
-        PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS).sale(sale_id)
-    )
-    assert node is not None
-    return int(node.port)
+    return int(primary_of(client, sale_id, PARTITIONS).port)
 
 
 def sales_by_primary(client: RedisCluster, per_primary: int, prefix: str) -> dict[int, list[str]]:
@@ -392,78 +388,6 @@ async def test_a_primary_killed_under_load_loses_no_accepted_reservation(
 @pytest.fixture
 def cluster_settings(redis_cluster_url: str, settings: Settings) -> Settings:
     return cluster_settings_of(redis_cluster_url, settings.database_url)
-
-
-def node_client(cluster: RedisCluster, node: ClusterNode) -> aioredis.Redis:
-    """A plain client of one node."""
-    password = cluster.get_connection_kwargs().get("password")
-    return aioredis.Redis(host=node.host, port=int(node.port), password=password)
-
-
-async def command(client: aioredis.Redis, *args: Any) -> Any:
-    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-async def move_slot(
-    cluster: RedisCluster,
-    slot: int,
-    source: ClusterNode,
-    target: ClusterNode,
-    batch: int,
-    hold: float,
-) -> int:
-    """Move ``slot`` from ``source`` to ``target`` as ``redis-cli --cluster reshard`` does:
-    SETSLOT IMPORTING on the target and MIGRATING on the source, MIGRATE ``batch`` keys at
-    a time, then SETSLOT NODE on the target, the source and the other primaries. Every
-    key moved, it waits ``hold`` seconds before SETSLOT NODE (meanwhile the source answers
-    ASK for every key of the slot). Returns how many keys moved."""
-    src, dst = node_client(cluster, source), node_client(cluster, target)
-    password = cluster.get_connection_kwargs().get("password") or ""
-    moved = 0
-    try:
-        src_id = await command(src, "CLUSTER MYID")
-        dst_id = await command(dst, "CLUSTER MYID")
-        await command(dst, "CLUSTER SETSLOT", slot, "IMPORTING", src_id)
-        await command(src, "CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
-        while keys := await command(src, "CLUSTER GETKEYSINSLOT", slot, batch):
-            await command(
-                src, "MIGRATE", target.host, target.port, "", 0, 5000, "AUTH", password, "KEYS",
-                *keys,
-            )  # fmt: skip
-            moved += len(keys)
-            await asyncio.sleep(0.01)  # calls meet the slot half moved meanwhile
-        await asyncio.sleep(hold)
-        others = [n for n in cluster.get_primaries() if n.name not in (source.name, target.name)]
-        for node in (target, source, *others):
-            owner = node_client(cluster, node)
-            try:
-                await command(owner, "CLUSTER SETSLOT", slot, "NODE", dst_id)
-            finally:
-                await owner.aclose()
-    finally:
-        await src.aclose()
-        await dst.aclose()
-    return moved
-
-
-async def wait_until_settled(cluster: RedisCluster) -> None:
-    """Until every node reports the same layout (after a slot move, the nodes not told
-    directly learn of it by gossip), for the tests that follow."""
-    layouts: set[Any] = set()
-    for _ in range(200):
-        await cluster.nodes_manager.initialize()
-        layouts = set()
-        for node in cluster.get_nodes():
-            reader = node_client(cluster, node)
-            try:
-                rows = await command(reader, "CLUSTER SLOTS")
-            finally:
-                await reader.aclose()
-            layouts.add(tuple(sorted((r[0], r[1], *(n[1] for n in r[2:])) for r in rows)))
-        if len(layouts) == 1:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the nodes disagree on the layout: {layouts}")
 
 
 async def redirections(

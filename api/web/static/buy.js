@@ -54,6 +54,12 @@ const clock = {
   now() {
     return Date.now() + (Number.isFinite(this.lo) ? (this.lo + this.hi) / 2 : 0);
   },
+  // The earliest the server's clock can read now (no Date header seen yet: the local
+  // clock). A start is passed for sure once this reaches it: the Buy button opens then,
+  // never before the server takes purchases (now(), the estimate, may be half a second ahead).
+  earliest() {
+    return Date.now() + (Number.isFinite(this.lo) ? this.lo : 0);
+  },
 };
 
 // ---------------------------------------------------------------- formatting
@@ -262,7 +268,9 @@ async function pollSale() {
 function saleStatus() {
   const sale = state.sale;
   if (!sale) return state.saleMissing ? "missing" : "loading";
-  if (sale.status === "scheduled" && Date.parse(sale.starts_at) <= clock.now()) return "active";
+  if (sale.status === "scheduled" && Date.parse(sale.starts_at) <= clock.earliest()) {
+    return "active";
+  }
   return sale.status;
 }
 
@@ -315,7 +323,9 @@ function renderSale() {
 
 function renderCountdown() {
   const sale = state.sale;
-  const left = sale && sale.status === "scheduled" ? Date.parse(sale.starts_at) - clock.now() : 0;
+  // Counted down to the moment the Buy button opens (see clock.earliest).
+  const left =
+    sale && sale.status === "scheduled" ? Date.parse(sale.starts_at) - clock.earliest() : 0;
   setText($("countdown"), left > 0 ? `(starts in ${duration(left)})` : "");
   if (left <= 0 && sale && sale.status === "scheduled" && state.shownStatus === "scheduled") {
     renderSale();
