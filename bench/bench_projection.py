@@ -9,13 +9,15 @@ Prints figures; asserts nothing about speed.
 
 ``throughput``: creates the sales through the gateway, then preloads the partition streams
 with placements written exactly as ``core/lua/reserve.lua`` writes them (one XADD of a
-compact JSON ``event`` field, pipelined), starts ``--consumers`` projector processes (each
-as ``flashsale consume`` runs one, with its own Redis client and pool; above one they share
-the partitions through leases) and times from the moment all are ready (imports done,
-pools open) until PostgreSQL holds every event: until the group's checkpoints, polled every
-20 ms, reach each stream's last entry (a checkpoint commits with its batch, so that is the
-moment). A ``count(*)`` of the archive every 20 ms, as before, took about 1.5 s of
-PostgreSQL CPU per 100,000 events from the consumers of a 2-core machine.
+compact JSON ``event`` field, pipelined), starts ``--consumers`` projector processes (by
+default as many as ``flashsale consume`` runs: ``FLASHSALE_CONSUMER_WORKERS``, else one per
+CPU; each as one of its processes runs, on uvloop, with its own Redis client and pool;
+above one they share the partitions through leases) and times from the moment all are
+ready (imports done, pools open) until PostgreSQL holds every event: until the group's
+checkpoints, polled every 20 ms, reach each stream's last entry (a checkpoint commits with
+its batch, so that is the moment). A ``count(*)`` of the archive every 20 ms, as before,
+took about 1.5 s of PostgreSQL CPU per 100,000 events from the consumers of a 2-core
+machine.
 Besides the consumers' CPU per event it prints their PostgreSQL backends' (from ``/proc``,
 when the server runs on this machine).
 
@@ -48,6 +50,8 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from api.cli.launcher import embedded_servers
+from api.cli.processes import run_async
+from api.cli.workers import consumer_worker_count
 from consumers.entries import text
 from consumers.projector import Delivery, Prepared, Projector
 from core.gateway import RedisGateway
@@ -183,9 +187,10 @@ async def consume(
 def consumer_process(
     settings: Settings, name: str, options: argparse.Namespace, go: Any, stop: Any, out: Any
 ) -> None:
-    """A consumer process of its own, as ``flashsale consume`` runs one; sends its
+    """A consumer process of its own, as ``flashsale consume`` runs one (on uvloop where it
+    is installed); sends its
     :class:`ConsumerRun` back through ``out`` once stopped."""
-    out.send(asyncio.run(consume(settings, name, options, go, stop, out)))
+    out.send(run_async(consume(settings, name, options, go, stop, out)))
     out.close()
 
 
@@ -438,7 +443,13 @@ def main() -> None:
     parser.add_argument("mode", choices=("throughput", "latency"))
     parser.add_argument("--placements", type=int, default=100_000)
     parser.add_argument("--sales", type=int, default=20)
-    parser.add_argument("--consumers", type=int, default=1)
+    parser.add_argument(
+        "--consumers",
+        type=int,
+        default=None,
+        help="projector processes (default: as many as `flashsale consume` runs,"
+        " FLASHSALE_CONSUMER_WORKERS or one per CPU)",
+    )
     parser.add_argument(
         "--batch", type=int, default=Settings.model_fields["consumer_batch"].default
     )
@@ -450,6 +461,8 @@ def main() -> None:
     parser.add_argument("--placers", type=int, default=2, help="processes placing")
     args = parser.parse_args()
     env = Settings()  # FLASHSALE_* from the environment
+    if args.consumers is None:
+        args.consumers = consumer_worker_count(env)
     with embedded_servers(env.redis_url, env.database_url) as urls:
         settings = env.model_copy(
             update={"redis_url": urls.redis_url, "database_url": urls.database_url}

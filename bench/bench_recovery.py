@@ -4,8 +4,9 @@ Run:  FLASHSALE_REDIS_URL=... FLASHSALE_DATABASE_URL=... \\
       .venv/bin/python -m bench.bench_recovery bad-bytes|kill [--survivor] [--live] [--env K=V]
 
 Both scenarios EMPTY the Redis database and the PostgreSQL ``public`` schema they are given,
-then run real ``flashsale consume`` processes (default settings, 4 partitions, plus any
-``--env``) while this process places reservations straight through the gateway:
+then run real ``flashsale consume`` processes (default settings but one projector process
+each, ``FLASHSALE_CONSUMER_WORKERS=1``, 4 partitions, plus any ``--env``) while this process
+places reservations straight through the gateway:
 
 - ``bad-bytes``: 150 reservations, one entry ``{"event": b"\\xff\\xfe..."}`` written into a
   partition stream, 150 more, then the consumer starts (with ``--live`` it runs from the
@@ -64,6 +65,8 @@ class Consumers:
             FLASHSALE_DATABASE_URL=database_url,
             FLASHSALE_PARTITIONS=str(PARTITIONS),
             FLASHSALE_LOG_JSON="true",
+            # One process per consumer: the one killed is the one named.
+            FLASHSALE_CONSUMER_WORKERS="1",
             # ``consume`` refuses the public default secrets; these consumers check no token.
             FLASHSALE_ADMIN_TOKEN=secrets.token_urlsafe(24),
             FLASHSALE_JWT_SECRET=secrets.token_urlsafe(32),

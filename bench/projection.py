@@ -17,7 +17,7 @@ from dataclasses import dataclass
 __all__ = ["ProjectionFigures", "projection_figures"]
 
 NOT_AVAILABLE = "not available"
-_RATE = re.compile(r"([\d,]+) events/s")
+_RATE = re.compile(r"with (\d+) consumer process\(es\).*?([\d,]+) events/s")
 _LAG = re.compile(r"p50 ([\d.]+) ms, p99 ([\d.]+) ms")
 
 
@@ -44,21 +44,29 @@ def _cell(args: list[str], env: dict[str, str], timeout: float) -> str:
         sys.stderr.write(done.stderr[-3000:])
         return f"ERROR: {args[0]} exited with {done.returncode}"
     if args[0] == "throughput" and (rate := _RATE.search(done.stdout)):
-        return f"{rate.group(1)} events/s"
+        processes = int(rate.group(1))
+        return f"{rate.group(2)} events/s ({processes} process{'es' if processes > 1 else ''})"
     if args[0] == "latency" and (lag := _LAG.search(done.stdout)):
         return f"p50 {lag.group(1)} ms, p99 {lag.group(2)} ms"
     return f"{NOT_AVAILABLE} (output not understood)"
 
 
 def projection_figures(env: dict[str, str], quick: bool) -> ProjectionFigures:
-    """Run the projection benchmark's two modes (short ones when ``quick``)."""
+    """Run the projection benchmark's two modes (short ones when ``quick``): throughput
+    with as many projector processes as ``flashsale consume`` runs by default, and with
+    one; the lag with the default."""
     if importlib.util.find_spec("bench.bench_projection") is None:
         return ProjectionFigures()
     throughput = ["throughput", "--placements", "5000" if quick else "100000"]
+    single = [*throughput, "--consumers", "1"]
     latency = ["latency", "--rate", *(("500", "--seconds", "1") if quick else ("5000",))]
     timeout = 120.0 if quick else 600.0
+    rate = _cell(throughput, env, timeout)
+    if "(1 process)" not in rate:
+        rate += f"; one process: {_cell(single, env, timeout).removesuffix(' (1 process)')}"
+    runs = (throughput, single, latency)
     return ProjectionFigures(
-        _cell(throughput, env, timeout),
+        rate,
         _cell(latency, env, timeout),
-        tuple(f"python -m bench.bench_projection {' '.join(a)}" for a in (throughput, latency)),
+        tuple(f"python -m bench.bench_projection {' '.join(a)}" for a in runs),
     )

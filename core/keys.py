@@ -151,3 +151,8 @@ def dead_letter_stream() -> str:
 def consumer_members(group: str) -> str:
     """Sorted set of the live consumers of ``group``, scored by when each expires (ms)."""
     return f"{PREFIX}:members:{group}"
+
+
+def last_verify() -> str:
+    """String holding the last verify result the API ran (JSON), for every API worker."""
+    return f"{PREFIX}:last-verify"

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="GET /v1/sales/{id} answers at most this old (per API process); 0: off.",
     )
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    consumer_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Projector processes of `consume`, sharing the partitions through leases;"
+        " unset: the CPUs this process may run on. 1: in the command's own process.",
+    )
     consumer_batch: int = Field(default=500, ge=1, le=10_000)
     consumer_block_ms: int = Field(default=1000, ge=1)
     claim_idle_ms: int = Field(default=5_000, ge=0)

@@ -37,6 +37,9 @@ FAST = {
     "FLASHSALE_CONSUMER_LEASE_MS": "2000",
     "FLASHSALE_RETENTION_INTERVAL_MS": "0",
     "FLASHSALE_LOG_JSON": "true",
+    # One process per `consume`, whose consumer name is host-pid of that process
+    # (tests/test_consumer_workers.py runs several).
+    "FLASHSALE_CONSUMER_WORKERS": "1",
 }
 
 

@@ -12,6 +12,7 @@ import asyncpg
 import jwt
 import pytest
 import redis.asyncio as aioredis
+from playwright.async_api import Browser, expect
 from pydantic import ValidationError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -135,6 +136,59 @@ async def test_up_without_secrets_generates_random_ones_and_says_how_to_use_them
                 headers = {"Authorization": f"Bearer {token}"}
                 async with http.post(url, json={"qty": 1}, headers=headers) as response:
                     assert response.status == status, await response.text()
+        assert await terminate(proc) == 0
+    finally:
+        stop_all(proc)
+
+
+# --- up prints the pages, the buyer page signed in -------------------------------------------
+
+
+async def test_up_prints_the_console_and_a_buyer_page_that_buys_with_its_minted_token(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    browser: Browser,
+    tmp_path: Path,
+):
+    env = _without_secrets(settings, FLASHSALE_PORT="0", FLASHSALE_WORKERS="1")
+    log_path = tmp_path / "up.log"
+    proc = start(["up"], env, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "buyer page: " not in (text := log_path.read_text()):
+            running((proc, log_path))()
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.1)
+        admin = re.search(r"admin token for this run: (\S+)", text)
+        console = re.search(
+            r"^console: +(http://\S+/console)  \(admin token: the one printed above", text, re.M
+        )
+        page = re.search(r"^buyer page: (http://\S+/buy/SALE_ID#token=(\S+))  \(buyer", text, re.M)
+        assert admin and console and page, text
+        async with aiohttp.ClientSession() as http:
+            async with http.get(console.group(1)) as response:
+                assert response.status == 200
+                assert response.content_type == "text/html"
+            base = console.group(1).removesuffix("/console")
+            sale = {"sale_id": "from-up", "stock": 2}
+            headers = {"Authorization": f"Bearer {admin.group(1)}"}
+            async with http.post(f"{base}/v1/sales", json=sale, headers=headers) as response:
+                assert response.status == 201, await response.text()
+        # The printed address, with the sale's id put in, buys as the printed buyer.
+        tab = await browser.new_page()
+        await tab.goto(page.group(1).replace("/buy/SALE_ID#", "/buy/from-up#"))
+        await expect(tab.locator("#token-who")).to_contain_text("Buying as web-buyer")
+        await tab.locator("#buy").click()
+        await expect(tab.locator("#reservations li .res-status")).to_have_text(
+            "Pending: held for you"
+        )
+        async with aiohttp.ClientSession() as http:
+            url = f"{base}/v1/sales/from-up/reservations/mine"
+            headers = {"Authorization": f"Bearer {page.group(2)}"}
+            async with http.get(url, headers=headers) as response:
+                mine = await response.json()
+        assert [r["status"] for r in mine["reservations"]] == ["pending"]
         assert await terminate(proc) == 0
     finally:
         stop_all(proc)

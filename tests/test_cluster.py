@@ -116,6 +116,17 @@ async def test_the_partitions_spread_evenly_over_the_primaries(cluster: RedisClu
     assert len(owners) == 3 and set(owners.values()) <= {5, 6}
 
 
+async def test_the_console_reads_sales_on_every_primary_in_one_call(cluster: RedisCluster):
+    gateway = gateway_on(cluster)
+    ids = sales_on_every_primary(cluster, 2)
+    for stock, sale_id in enumerate(ids, start=1):
+        await open_sale(gateway, sale_id, stock=stock)
+    views = await gateway.get_sales([*ids, "no-such-sale"])
+    assert [(v.sale_id, v.stock) for v in views] == [(s, n) for n, s in enumerate(ids, start=1)]
+    await gateway.save_verify_result('{"clean": true}')
+    assert await gateway.last_verify_result() == '{"clean": true}'
+
+
 async def test_buyers_over_http_never_oversell_across_primaries(
     cluster: RedisCluster, cluster_settings: Settings
 ):

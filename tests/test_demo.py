@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import jwt
 import pytest
 import redis.asyncio as aioredis
 
@@ -61,6 +62,19 @@ async def test_demo_sells_exactly_the_stock_and_reports_clean(
     assert admin and buyer, err.decode()
     assert admin.group(1) != DEFAULT_ADMIN_TOKEN and buyer.group(1) != DEFAULT_JWT_SECRET
     report = json.loads(out)
+    # The pages' addresses to watch it: the buyer page of its sale, signed in as a buyer of
+    # the run, and the console with a hint of its admin token.
+    page = re.search(
+        r"^buyer page: http://127.0.0.1:\d+/buy/(\S+)#token=(\S+)  ", err.decode(), re.M
+    )
+    assert page and page.group(1) == report["sale_id"], err.decode()
+    claims = jwt.decode(page.group(2), buyer.group(1), algorithms=["HS256"])
+    assert claims["sub"] == "web-buyer"
+    assert re.search(
+        r"^console: +http://127.0.0.1:\d+/console  \(admin token: the one printed above",
+        err.decode(),
+        re.M,
+    )
     assert report["ok"] is True
     first, second = report["first"], report["second"]
     assert first["sold"] == 30

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -596,9 +597,9 @@ async def test_unknown_route_is_404_problem(http: aiohttp.ClientSession, path: s
 
 
 async def test_wrong_method_is_405_problem(http: aiohttp.ClientSession):
-    async with http.get("/v1/sales") as r:
+    async with http.put("/v1/sales") as r:
         await expect_problem(r, 405, "method_not_allowed")
-        assert "POST" in r.headers["Allow"]
+        assert {"GET", "POST"} <= set(r.headers["Allow"].split(","))
     async with http.delete("/v1/sales/sale-1", headers=ADMIN) as r:
         await expect_problem(r, 405, "method_not_allowed")
 
@@ -768,3 +769,32 @@ async def test_non_utf8_authorization_header_is_a_4xx(
         status, head, body = await raw_http(server, request)
         assert 400 <= status < 500, (path, authorization, head, body)
         assert b"application/problem+json" in head, head
+
+
+async def test_metrics_count_and_time_every_request_by_route_and_status(
+    http: aiohttp.ClientSession, gateway: RedisGateway
+):
+    await open_sale(gateway, stock=1)
+    for _ in range(7):
+        async with http.get("/v1/sales/sale-1") as r:
+            assert r.status == 200
+    async with http.get("/v1/sales/nope") as r:
+        assert r.status == 404
+    async with http.get("/metrics") as r:
+        text = await r.text()
+    route = 'route="/v1/sales/{sale_id}"'
+    assert f'flashsale_http_requests_total{{{route},status="200"}} 7.0' in text
+    assert f'flashsale_http_requests_total{{{route},status="404"}} 1.0' in text
+    assert f"flashsale_http_request_seconds_count{{{route}}} 8.0" in text
+    assert f'flashsale_http_request_seconds_bucket{{le="+Inf",{route}}} 8.0' in text
+    buckets = [
+        float(n)
+        for n in re.findall(
+            r'^flashsale_http_request_seconds_bucket\{le="[^"]+",'
+            + re.escape(route)
+            + r"\} (\S+)$",
+            text,
+            re.M,
+        )
+    ]
+    assert len(buckets) == 12 and buckets == sorted(buckets)

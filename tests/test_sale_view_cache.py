@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 
 from api.web.reservations import Placement, placement_json
+from api.web.sale_views import SaleViewCache
+from core.errors import InfrastructureError
 from core.gateway import RedisGateway
 from core.settings import Settings
 from tests.helpers import open_sale
@@ -87,3 +89,34 @@ def test_the_202_body_written_directly_is_what_the_model_serializes():
     ):
         model = Placement(reservation_id="3-0af9", status="pending", expires_at=deadline)
         assert placement_json("3-0af9", deadline) == model.model_dump_json()
+
+
+async def test_callers_waiting_for_one_read_each_get_its_answer_or_its_error():
+    cache = SaleViewCache(ttl=60.0)
+    reads = 0
+    release = asyncio.Event()
+
+    async def read() -> str | None:
+        nonlocal reads
+        reads += 1
+        await release.wait()
+        return '{"sale_id": "sale-1"}'
+
+    callers = [asyncio.create_task(cache.get("sale-1", read)) for _ in range(5)]
+    await asyncio.sleep(0)
+    # One caller goes away while the read is under way: the others still get the view.
+    callers[0].cancel()
+    release.set()
+    answers = await asyncio.gather(*callers[1:])
+    assert answers == ['{"sale_id": "sale-1"}'] * 4 and reads == 1
+    assert callers[0].cancelled()
+    assert await cache.get("sale-1", read) == '{"sale_id": "sale-1"}' and reads == 1  # kept
+
+    async def failing() -> str | None:
+        await asyncio.sleep(0)
+        raise InfrastructureError("redis is down")
+
+    waiting = [asyncio.create_task(cache.get("sale-2", failing)) for _ in range(3)]
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert [type(r) for r in results] == [InfrastructureError] * 3
+    assert await cache.get("sale-2", read) == '{"sale_id": "sale-1"}'  # a failure is not kept

@@ -155,6 +155,9 @@ async def test_two_workers_answer_on_one_port_and_metrics_sum_over_both(
                     "flashsale_reservations_in_flight 0.0"
                 ]
                 assert len(re.findall(r"^flashsale_dead_letter_entries ", body, re.M)) == 1
+                # The console's overview counts the same way, whichever worker answers.
+                async with http.get("/v1/admin/overview", headers=ADMIN) as response:
+                    assert (await response.json())["attempts"] == {"placed": RESERVATIONS}
 
 
 async def test_sigterm_stops_every_worker_and_the_parent_exits_0(

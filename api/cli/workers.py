@@ -1,4 +1,6 @@
-"""API worker processes: ``flashsale serve --workers N`` and ``flashsale up --workers N``.
+"""Worker processes: the API's (``flashsale serve --workers N``, ``flashsale up --workers
+N``) and the projectors' (``flashsale consume --workers N``, :func:`consumer_workers`, with
+the same lifecycle and no port). What follows is said of the API workers.
 
 One port, N processes. The parent binds a socket to the host and port with SO_REUSEPORT and
 never listens on it: that holds the port for the whole run (only sockets of this user that
@@ -53,19 +55,24 @@ from core.errors import ConfigurationError, FlashsaleError
 from core.settings import Settings
 
 __all__ = [
+    "CONSUMING_LINE",
     "READY_LINE",
     "STARTUP_TIMEOUT_S",
     "STOP_TIMEOUT_S",
+    "ConsumerWorkerConfig",
     "WorkerConfig",
     "WorkerFailed",
     "api_workers",
     "available_cpus",
+    "consumer_worker_count",
+    "consumer_workers",
     "worker_count",
 ]
 
 log = structlog.get_logger(__name__)
 
 READY_LINE = b"listening\n"
+CONSUMING_LINE = b"consuming\n"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 # Exit statuses of a worker that stopped as asked: it handled SIGTERM, or it had not yet
@@ -74,8 +81,8 @@ _STOPPED_AS_ASKED = (0, -signal.SIGTERM)
 
 
 class WorkerFailed(FlashsaleError):
-    """An API worker exited on its own, or did not start or stop cleanly; the others were
-    stopped."""
+    """A worker process (API or consumer) exited on its own, or did not start or stop
+    cleanly; the others were stopped."""
 
     code = "worker_failed"
 
@@ -148,26 +155,32 @@ def _describe(code: int) -> str:
 
 @dataclass
 class _Workers:
-    """The worker processes of one run, as the parent sees them."""
+    """The worker processes of one run, as the parent sees them: each runs ``module``, is
+    handed its payload on stdin and writes ``ready`` on stdout once it works."""
 
-    config: WorkerConfig
+    kind: str  # "API worker", "consumer worker": how messages and logs name one
+    module: str
+    payloads: list[bytes]
+    ready: bytes
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: The multiprocess metrics directory of API workers (their live gauges are dropped
+    #: from the sums when they exit).
+    metrics_dir: str | None = None
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
     #: How each worker that exited before the parent asked it to ended, by pid.
     died: dict[int, str] = field(default_factory=dict)
     stopping: bool = False
 
-    async def spawn(self, count: int) -> None:
-        """Start ``count`` workers, each handed its config."""
-        env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": self.config.metrics_dir}
-        payload = self.config.model_dump_json().encode()
-        for _ in range(count):
+    async def spawn(self) -> None:
+        """Start a worker per payload, each handed its own."""
+        for payload in self.payloads:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "api.cli.worker",
+                self.module,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
-                env=env,
+                env=self.env,
                 preexec_fn=_child_setup(),
             )
             self.processes.append(process)
@@ -176,16 +189,16 @@ class _Workers:
             await process.stdin.drain()
             process.stdin.close()
 
-    async def _listening(self, process: asyncio.subprocess.Process) -> None:
+    async def _started(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
-        if await process.stdout.readline() != READY_LINE:
-            self.died[process.pid] = f"{_describe(await process.wait())} before listening"
-            raise WorkerFailed(f"API worker {process.pid} {self.died[process.pid]}")
+        if await process.stdout.readline() != self.ready:
+            self.died[process.pid] = f"{_describe(await process.wait())} before starting"
+            raise WorkerFailed(f"{self.kind} {process.pid} {self.died[process.pid]}")
 
-    async def listening(self, stop: asyncio.Event) -> None:
-        """Until every worker listens, or ``stop`` is set; raise if one exits first or they
-        take longer than :data:`STARTUP_TIMEOUT_S`."""
-        started = asyncio.gather(*(self._listening(p) for p in self.processes))
+    async def started(self, stop: asyncio.Event) -> None:
+        """Until every worker has said it works, or ``stop`` is set; raise if one exits
+        first or they take longer than :data:`STARTUP_TIMEOUT_S`."""
+        started = asyncio.gather(*(self._started(p) for p in self.processes))
         stopped = asyncio.ensure_future(stop.wait())
         either: set[asyncio.Future[Any]] = {started, stopped}
         try:
@@ -201,7 +214,7 @@ class _Workers:
         with contextlib.suppress(asyncio.CancelledError, WorkerFailed):
             await started
         if not done:
-            raise WorkerFailed(f"API workers did not all listen within {STARTUP_TIMEOUT_S:.0f}s")
+            raise WorkerFailed(f"{self.kind}s did not all start within {STARTUP_TIMEOUT_S:.0f}s")
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Set ``stop`` as soon as any worker exits while the parent has not asked it to."""
@@ -224,7 +237,7 @@ class _Workers:
                     process.send_signal(signal.SIGTERM)
             else:
                 self.died.setdefault(process.pid, f"{_describe(process.returncode)} on its own")
-        failures = [f"API worker {pid} {how}" for pid, how in self.died.items()]
+        failures = [f"{self.kind} {pid} {how}" for pid, how in self.died.items()]
         deadline = asyncio.get_running_loop().time() + STOP_TIMEOUT_S
         for process in self.processes:
             try:
@@ -233,18 +246,35 @@ class _Workers:
             except TimeoutError:
                 process.kill()
                 code = await process.wait()
-            # Its live gauges (in flight) leave the sums; its counters stay in them.
-            multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
-                process.pid, self.config.metrics_dir
-            )
+            if self.metrics_dir is not None:
+                # Its live gauges (in flight) leave the sums; its counters stay in them.
+                multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                    process.pid, self.metrics_dir
+                )
             if process.pid not in self.died and code not in _STOPPED_AS_ASKED:
-                failures.append(f"API worker {process.pid} {_describe(code)} when asked to stop")
+                failures.append(f"{self.kind} {process.pid} {_describe(code)} when asked to stop")
+        event = self.kind.lower().replace(" ", "_") + "_died"
         for pid, how in self.died.items():
-            log.error("api_worker_died", pid=pid, how=how)
+            log.error(event, pid=pid, how=how)
         if failures:
             others = len(self.processes) - len(self.died)
             stopped = f"; stopped the other {others}" if self.died else ""
             raise WorkerFailed(f"{'; '.join(failures)} (see the log above){stopped}")
+
+    @contextlib.asynccontextmanager
+    async def running(self, stop: asyncio.Event) -> AsyncIterator[None]:
+        """Start the workers, and stop them all when the block exits (see :meth:`stop`); a
+        worker that exits on its own meanwhile sets ``stop``."""
+        watcher: asyncio.Future[None] | None = None
+        try:
+            await self.spawn()
+            await self.started(stop)
+            watcher = asyncio.ensure_future(self.watch(stop))
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await self.stop()
 
 
 @contextlib.asynccontextmanager
@@ -260,21 +290,68 @@ async def api_workers(settings: Settings, count: int, stop: asyncio.Event) -> As
         tempfile.TemporaryDirectory(prefix="flashsale-metrics-") as metrics_dir,
     ):
         port: int = held.getsockname()[1]
-        workers = _Workers(
-            WorkerConfig(
-                settings=settings.model_copy(update={"port": port}), metrics_dir=metrics_dir
-            )
+        config = WorkerConfig(
+            settings=settings.model_copy(update={"port": port}), metrics_dir=metrics_dir
         )
-        watcher: asyncio.Future[None] | None = None
-        try:
-            await workers.spawn(count)
-            await workers.listening(stop)
+        workers = _Workers(
+            "API worker",
+            "api.cli.worker",
+            [config.model_dump_json().encode()] * count,
+            READY_LINE,
+            env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": metrics_dir},
+            metrics_dir=metrics_dir,
+        )
+        async with workers.running(stop):
             if not stop.is_set():
                 pids = [p.pid for p in workers.processes]
                 log.info("api_listening", host=settings.host, port=port, workers=count, pids=pids)
-            watcher = asyncio.ensure_future(workers.watch(stop))
             yield port
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            await workers.stop()
+
+
+class ConsumerWorkerConfig(BaseModel):
+    """What ``flashsale consume --workers N`` hands each of its processes on stdin."""
+
+    model_config = ConfigDict(frozen=True)
+
+    settings: Settings
+    #: Whether this process runs the expiry worker, the stream trimmer and the pruner
+    #: beside its projector (one process of the N does).
+    upkeep: bool
+
+
+def consumer_worker_count(settings: Settings) -> int:
+    """Projector processes ``consume`` runs: ``FLASHSALE_CONSUMER_WORKERS`` (or
+    ``consume --workers``), else one per CPU."""
+    return settings.consumer_workers or available_cpus()
+
+
+@contextlib.asynccontextmanager
+async def consumer_workers(
+    settings: Settings, count: int, stop: asyncio.Event
+) -> AsyncIterator[list[int]]:
+    """Run ``count`` consumer processes until the block exits; yields their pids.
+
+    Each runs a projector; they share the partitions through leases
+    (:mod:`consumers.leases`). The first also runs the expiry worker, the stream trimmer
+    and the pruner, which one process does for all. With ``FLASHSALE_CONSUMER_NAME`` set,
+    the processes are named after it (``NAME-0``, ``NAME-1``, ...), so that a restarted
+    run resumes each one's pending entries under the same names; else each is host-pid.
+    A worker that exits on its own sets ``stop``; leaving the block stops every worker and
+    then raises :class:`WorkerFailed` if one had died or did not stop cleanly.
+    """
+    name = settings.consumer_name
+    payloads = [
+        ConsumerWorkerConfig(
+            settings=settings.model_copy(update={"consumer_name": f"{name}-{i}" if name else None}),
+            upkeep=i == 0,
+        )
+        .model_dump_json()
+        .encode()
+        for i in range(count)
+    ]
+    workers = _Workers("consumer worker", "api.cli.consumer_worker", payloads, CONSUMING_LINE)
+    async with workers.running(stop):
+        pids = [p.pid for p in workers.processes]
+        if not stop.is_set():
+            log.info("consumer_workers_started", workers=count, pids=pids)
+        yield pids

@@ -3,6 +3,7 @@ parse, call the gateway, map errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -10,11 +11,12 @@ import structlog
 from aiohttp import web
 
 from api.connections import postgres_pool_for, redis_client_for
-from api.web import openapi, pages, reservations, sales, service
+from api.web import admin, openapi, pages, reservations, sales, service
 from api.web.metrics import ApiMetrics
 from api.web.problems import problems_middleware
 from api.web.sale_views import SaleViewCache
 from api.web.state import (
+    CONSOLE_HEALTH,
     GATEWAY,
     HEALTH,
     INFLIGHT,
@@ -23,6 +25,7 @@ from api.web.state import (
     ORDERS_POOL,
     SALE_VIEWS,
     SETTINGS,
+    VERIFY_LOCK,
 )
 from consumers.health import CachedHealth
 from core.errors import InfrastructureError
@@ -32,16 +35,21 @@ from core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-# Connections to PostgreSQL per API process: only reads of pruned reservations use them.
-ORDERS_POOL_SIZE = 2
+# Connections to PostgreSQL per API process, off the purchase path: reads of reservations
+# pruned from Redis, the console's list of sales, and verify (which holds two at once).
+ORDERS_POOL_SIZE = 3
+# The console shows consumer health at most this old (seconds).
+CONSOLE_HEALTH_INTERVAL = 1.0
 
 
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Consumer health for /metrics, on a one-connection Redis client of its own."""
+    """Consumer health for /metrics and the console, on a Redis client of their own."""
     settings = app[SETTINGS]
-    client = redis_client_for(settings, pool_size=1, name="flashsale-metrics")
+    client = redis_client_for(settings, pool_size=2, name="flashsale-metrics")
     interval = settings.metrics_health_interval_ms / 1000
     app[HEALTH] = CachedHealth(client, settings.partitions, interval)
+    console_interval = min(interval, CONSOLE_HEALTH_INTERVAL)
+    app[CONSOLE_HEALTH] = CachedHealth(client, settings.partitions, console_interval)
     yield
     await client.aclose()
 
@@ -57,6 +65,7 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics or ApiMetrics()
     app[INFLIGHT] = [0]
+    app[VERIFY_LOCK] = asyncio.Lock()
     app[SALE_VIEWS] = SaleViewCache(settings.sale_view_cache_ms / 1000)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -91,12 +100,16 @@ def create_app(
     router.add_post("/v1/sales/{sale_id}/reservations", reservations.reserve)
     router.add_get("/v1/sales/{sale_id}", sales.get_sale)
     router.add_post("/v1/sales", sales.create_sale)
+    router.add_get("/v1/sales", sales.list_sales)
     router.add_get("/v1/sales/{sale_id}/reservations/mine", reservations.my_reservations)
     router.add_get("/v1/reservations/{reservation_id}", reservations.get_reservation)
     router.add_post("/v1/reservations/{reservation_id}/confirm", reservations.confirm_reservation)
     router.add_post("/v1/reservations/{reservation_id}/cancel", reservations.cancel_reservation)
     router.add_post("/v1/sales/{sale_id}/stock", sales.adjust_stock)
     router.add_post("/v1/sales/{sale_id}/close", sales.close_sale)
+    router.add_get("/v1/admin/overview", admin.overview)
+    router.add_post("/v1/admin/verify", admin.run_verify)
+    router.add_get("/v1/admin/verify", admin.last_verify)
     router.add_get("/healthz", service.healthz)
     router.add_get("/readyz", service.readyz)
     router.add_get("/metrics", service.metrics_view)

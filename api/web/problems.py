@@ -92,6 +92,7 @@ SPELLED_CODES: dict[str, int] = {
     "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "verify_running": 409,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "invalid_body": 422,
@@ -204,6 +205,5 @@ async def problems_middleware(
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         response = problem(500, "internal_error", "Internal error", "unexpected server error")
-    metrics.requests_of(route_name, str(response.status)).inc()
-    metrics.latency_of(route_name).observe(time.perf_counter() - started)
+    metrics.record(route_name, response.status, time.perf_counter() - started)
     return response

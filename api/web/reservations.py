@@ -114,9 +114,10 @@ async def reserve(request: web.Request) -> web.Response:
     """POST /v1/sales/{sale_id}/reservations (buyer): hold stock for the payment window.
 
     A sale this process just saw sold out (even for one unit) is refused first, before
-    auth and the body are read: the answer reveals nothing GET /v1/sales does not, and in a
-    flash sale it is the answer to almost every request. A request with an Idempotency-Key
-    goes the whole way, since its retry must find the reservation it may already hold.
+    auth and the body are read: the answer reveals nothing GET /v1/sales/{sale_id} does
+    not, and in a flash sale it is the answer to almost every request. A request with an
+    Idempotency-Key goes the whole way, since its retry must find the reservation it may
+    already hold.
     """
     gateway = request.app[GATEWAY]
     metrics = request.app[METRICS]

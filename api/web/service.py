@@ -60,6 +60,7 @@ async def metrics_view(request: web.Request) -> web.Response:
     consumer lag and dead letters as last read (see ``FLASHSALE_METRICS_HEALTH_INTERVAL_MS``)."""
     metrics = request.app[METRICS]
     metrics.observe_consumers(await request.app[HEALTH].get())
+    metrics.tally.flush()  # this process's requests up to now
     body = generate_latest(metrics.scraped)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

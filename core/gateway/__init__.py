@@ -9,7 +9,8 @@ way redis-py combines its command mixins into one client):
 - ``reads``: a sale, a reservation, a buyer's reservations;
 - ``streams``: partition streams and consumer-group progress;
 - ``snapshot``: a sale's state read in bounded steps and fenced at one stream position;
-- ``repair``: writing a folded sale back, and pruning archived reservations.
+- ``repair``: writing a folded sale back, and pruning archived reservations;
+- ``records``: what the operators' tools keep beside the sales (the last verify result).
 
 Build it from the settings with ``RedisGateway.from_settings``.
 """
@@ -17,6 +18,7 @@ Build it from the settings with ``RedisGateway.from_settings``.
 from __future__ import annotations
 
 from core.gateway.clients import RedisClient
+from core.gateway.records import OperatorRecords
 from core.gateway.repair import Repairs, ReservationRecord, SaleRepair
 from core.gateway.reservations import Placed, ReservationCommands
 from core.gateway.sales import SaleCommands
@@ -26,7 +28,9 @@ from core.gateway.streams import GroupProgress, StreamChunk, StreamReads
 from core.settings import Settings
 
 
-class RedisGateway(SaleCommands, ReservationCommands, StreamReads, Snapshots, Repairs):
+class RedisGateway(
+    SaleCommands, ReservationCommands, StreamReads, Snapshots, Repairs, OperatorRecords
+):
     """Runs flashsale's Lua scripts (EVALSHA, loaded once per client) and reads state."""
 
     @classmethod

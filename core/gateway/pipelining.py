@@ -19,9 +19,14 @@ gets its own reply or its own error.
   connection, which covers every write the connection made; each such caller gets the
   number of replicas that acknowledged.
 
-On a Redis Cluster the batch is a cluster pipeline: it sends each node its own calls, in
-order, on one connection of that node, so every caller still gets its own reply or error.
-What changes:
+On a Redis Cluster the batch is split by node, and each node gets a pipeline of its own
+(its calls in order, on one connection of that node), all sent at once, so every caller
+still gets its own reply or error. What changes:
+
+- A node that fails (killed, unreachable) fails the callers of its own calls only: the
+  other nodes' calls ran and are answered. (One cluster pipeline for the whole batch
+  would lose every reply of the batch with it, and during a failover buyers of healthy
+  primaries would see 503s too.)
 
 - Each call goes to the node chosen here (the owner of its keys' slot), and redirections
   come back as replies instead of being followed by redis-py on other connections, so
@@ -138,49 +143,95 @@ class ScriptPipeline:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                again = await self._round(pipe, batch)
-                for _ in range(ROUNDS - 1):
-                    if not again:
-                        return
-                    # What did not run: after NOSCRIPT, load the scripts again; after
-                    # TRYAGAIN (a slot half moved), give the move a moment.
-                    noscript = [c for c in again if isinstance(c.error, NoScriptError)]
-                    for script in {id(c.script): c.script for c in noscript}.values():
-                        await load_everywhere(self.client, script.script)
-                    if any(isinstance(c.error, TryAgainError) for c in again):
-                        await asyncio.sleep(TRYAGAIN_PAUSE_S)
-                    again = await self._round(pipe, again)
+            again = await self._round(batch)
+            for _ in range(ROUNDS - 1):
+                if not again:
+                    return
+                # What did not run: after NOSCRIPT, load the scripts again; after
+                # TRYAGAIN (a slot half moved), give the move a moment.
+                noscript = [c for c in again if isinstance(c.error, NoScriptError)]
+                for script in {id(c.script): c.script for c in noscript}.values():
+                    await load_everywhere(self.client, script.script)
+                if any(isinstance(c.error, TryAgainError) for c in again):
+                    await asyncio.sleep(TRYAGAIN_PAUSE_S)
+                again = await self._round(again)
             for call in again:  # still not run: its caller decides (a retry, or a 503)
                 _fail([call], call.error or NoScriptError("NOSCRIPT"))
         except Exception as e:  # every caller still waiting learns what became of its call
             await refresh_layout(self.client, e)
             _fail(batch, e)
 
-    async def _round(self, pipe: Any, calls: list[_Call]) -> list[_Call]:
-        """Send ``calls`` in one pipeline and answer each of them, except those that did not
-        run (NOSCRIPT; on a cluster also MOVED, ASK and TRYAGAIN), which it returns with
-        ``error`` set, ready to be sent again."""
-        nodes = [self._node_for(call) for call in calls]
-        for call, node in zip(calls, nodes, strict=True):
-            evalsha = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-            if node is None:
-                pipe.execute_command(*evalsha)
+    async def _round(self, calls: list[_Call]) -> list[_Call]:
+        """Send ``calls`` and answer each of them, except those that did not run (NOSCRIPT;
+        on a cluster also MOVED, ASK and TRYAGAIN), which it returns with ``error`` set,
+        ready to be sent again.
+
+        On a cluster each node gets a pipeline of its own: a node that fails (killed, or
+        unreachable) fails its own callers only, not those of the nodes that answered; so
+        does a slot the client knows no owner of.
+        """
+        if not isinstance(self.client, RedisCluster):
+            return await self._round_on(None, calls)
+        by_node: dict[str, tuple[ClusterNode, list[_Call]]] = {}
+        uncovered: list[_Call] = []
+        for call in calls:
+            try:
+                node = self._node_for(call)
+            except SlotNotCoveredError:
+                uncovered.append(call)
                 continue
-            if call.asking:  # the slot is moving to ``node``: ASKING lets this call in
-                pipe.execute_command("ASKING", target_nodes=node)
-            # Raw, to the node chosen here: a cluster pipeline refuses its evalsha method.
-            pipe.execute_command(*evalsha, target_nodes=node)
-        waits = self._queue_waits(
-            pipe, {_name(n): n for c, n in zip(calls, nodes, strict=True) if c.replicated}
+            by_node.setdefault(node.name, (node, []))[1].append(call)
+        outcomes = await asyncio.gather(
+            *(self._round_on(node, group) for node, group in by_node.values()),
+            return_exceptions=True,
         )
-        if isinstance(self.client, RedisCluster):
-            # Redirections come back as replies: a call must run where its WAIT goes.
-            replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
-        else:
-            replies = await pipe.execute(raise_on_error=False)
-        acknowledged = dict(zip(waits, replies[len(replies) - len(waits) :], strict=True))
-        replies = _evalsha_replies(calls, nodes, replies)
+        results: list[tuple[list[_Call], list[_Call] | Exception]] = []
+        for (_, group), outcome in zip(by_node.values(), outcomes, strict=True):
+            if not isinstance(outcome, list | Exception):  # a cancellation, not a failure
+                raise outcome
+            results.append((group, outcome))
+        if uncovered:
+            results.append((uncovered, SlotNotCoveredError("no node serves the slot")))
+        failures = [outcome for _, outcome in results if isinstance(outcome, Exception)]
+        if failures:
+            # Before the callers hear of it, so that their retries go to the new layout.
+            await refresh_layout(self.client, failures[0])
+        again: list[_Call] = []
+        for group, outcome in results:
+            if isinstance(outcome, list):
+                again += outcome
+            else:
+                _fail(group, outcome)
+        return again
+
+    async def _round_on(self, node: ClusterNode | None, calls: list[_Call]) -> list[_Call]:
+        """Send ``calls`` to ``node`` (None: the one server) in one pipeline, WAIT after
+        them when some are replicated; returns those that did not run (see ``_round``)."""
+        pipe: Any = self.client.pipeline(transaction=False)
+        async with pipe:
+            for call in calls:
+                evalsha = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+                if node is None:
+                    pipe.execute_command(*evalsha)
+                    continue
+                if call.asking:  # the slot is moving to ``node``: ASKING lets this call in
+                    pipe.execute_command("ASKING", target_nodes=node)
+                # Raw, to the node chosen here: a cluster pipeline refuses its evalsha method.
+                pipe.execute_command(*evalsha, target_nodes=node)
+            replicated = any(call.replicated for call in calls)
+            if replicated and node is None:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            elif replicated:
+                pipe.execute_command(
+                    "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
+                )
+            if node is not None:
+                # Redirections come back as replies: a call must run where its WAIT goes.
+                replies = await pipe.execute(raise_on_error=False, allow_redirections=False)
+            else:
+                replies = await pipe.execute(raise_on_error=False)
+        acknowledged: Any = replies.pop() if replicated else None
+        replies = _evalsha_replies(calls, node, replies)
         if any(isinstance(reply, ClusterDownError) for reply in replies):
             # A failover under way: its callers retry once the layout is read again.
             await refresh_layout(self.client, ClusterDownError("CLUSTERDOWN"))
@@ -188,7 +239,7 @@ class ScriptPipeline:
         # A client of one server cannot follow a redirection: on a cluster node taken for
         # one (FLASHSALE_REDIS_CLUSTER=off, or a node silent when asked) MOVED is an error.
         follows = isinstance(self.client, RedisCluster)
-        for call, node, reply in zip(calls, nodes, replies, strict=True):
+        for call, reply in zip(calls, replies, strict=True):
             call.asking = False
             call.error = None
             if isinstance(reply, NoScriptError | TryAgainError):
@@ -210,17 +261,16 @@ class ScriptPipeline:
                 call.answer.set_exception(reply)
             elif not call.replicated:
                 call.answer.set_result(reply)
-            elif isinstance(ack := acknowledged[_name(node)], Exception):
-                call.answer.set_exception(ack)
+            elif isinstance(acknowledged, Exception):
+                call.answer.set_exception(acknowledged)
             else:
-                call.answer.set_result((reply, int(ack)))
+                call.answer.set_result((reply, int(acknowledged)))
         return again
 
-    def _node_for(self, call: _Call) -> ClusterNode | None:
-        """The cluster node to send ``call`` to (None: the one server): the one an ASK
-        named, else the owner of its keys' slot."""
-        if not isinstance(self.client, RedisCluster):
-            return None
+    def _node_for(self, call: _Call) -> ClusterNode:
+        """The cluster node to send ``call`` to: the one an ASK named, else the owner of
+        its keys' slot."""
+        assert isinstance(self.client, RedisCluster)
         if call.asking and call.ask_node is not None:
             host, port = call.ask_node
             node = self.client.get_node(host=host, port=port)
@@ -232,33 +282,15 @@ class ScriptPipeline:
             raise SlotNotCoveredError(f"no node serves the slot of {call.keys[0]!r}")
         return node
 
-    def _queue_waits(
-        self, pipe: Any, nodes: dict[str | None, ClusterNode | None]
-    ) -> list[str | None]:
-        """Queue one WAIT per node that runs replicated calls, after those calls on the
-        same connection; returns their node names in order (None: the one server)."""
-        for node in nodes.values():
-            if node is None:
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            else:
-                pipe.execute_command(
-                    "WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node
-                )
-        return list(nodes)
 
-
-def _name(node: ClusterNode | None) -> str | None:
-    return None if node is None else node.name
-
-
-def _evalsha_replies(
-    calls: list[_Call], nodes: list[ClusterNode | None], replies: list[Any]
-) -> list[Any]:
+def _evalsha_replies(calls: list[_Call], node: ClusterNode | None, replies: list[Any]) -> list[Any]:
     """Each call's EVALSHA reply, without the replies to the ASKING sent before some."""
+    if node is None:
+        return replies
     mine = []
     position = 0
-    for call, node in zip(calls, nodes, strict=True):
-        if node is not None and call.asking:
+    for call in calls:
+        if call.asking:
             position += 1
         mine.append(replies[position])
         position += 1

@@ -24,6 +24,24 @@ def sale_status(fields: dict[str, int], now_ms: int) -> SaleStatus:
     return "active"
 
 
+def sale_view(sale_id: str, raw: dict[Any, Any], now_ms: int) -> SaleView:
+    """A sale's hash (as Redis answers it) as a ``SaleView`` at ``now_ms``."""
+    fields = {text(k): int(v) for k, v in raw.items()}
+    return SaleView(
+        sale_id=sale_id,
+        status=sale_status(fields, now_ms),
+        stock=fields["stock"],
+        remaining=fields["remaining"],
+        held=fields["held"],
+        confirmed=fields["confirmed"],
+        released=fields["released"],
+        per_user_limit=fields["per_user_limit"],
+        hold_seconds=fields["hold_seconds"],
+        starts_at=time_of(fields["starts_at"]),
+        ends_at=time_of(fields["ends_at"]) if fields["ends_at"] else None,
+    )
+
+
 class Reads(GatewayBase):
     """Sale and reservation reads; each is retried after a lost reply."""
 
@@ -36,22 +54,29 @@ class Reads(GatewayBase):
             return raw
 
         raw = await self._retrying(read, "redis read")
-        if not raw:
-            return None
-        fields = {text(k): int(v) for k, v in raw.items()}
-        return SaleView(
-            sale_id=sale_id,
-            status=sale_status(fields, to_ms(datetime.now(UTC))),
-            stock=fields["stock"],
-            remaining=fields["remaining"],
-            held=fields["held"],
-            confirmed=fields["confirmed"],
-            released=fields["released"],
-            per_user_limit=fields["per_user_limit"],
-            hold_seconds=fields["hold_seconds"],
-            starts_at=time_of(fields["starts_at"]),
-            ends_at=time_of(fields["ends_at"]) if fields["ends_at"] else None,
-        )
+        return sale_view(sale_id, raw, to_ms(datetime.now(UTC))) if raw else None
+
+    async def get_sales(self, sale_ids: list[str]) -> list[SaleView]:
+        """Current counters of each of ``sale_ids`` that exists, in that order: one round
+        trip (a pipeline, not a transaction: each sale is read as it is, the list is not
+        one instant)."""
+        if not sale_ids:
+            return []
+
+        async def read() -> list[dict[Any, Any]]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for sale_id in sale_ids:
+                    pipe.hgetall(self.keys_for_sale(sale_id).sale(sale_id))
+                rows: list[dict[Any, Any]] = await pipe.execute()
+            return rows
+
+        rows = await self._retrying(read, "redis read")
+        now_ms = to_ms(datetime.now(UTC))
+        return [
+            sale_view(sale_id, raw, now_ms)
+            for sale_id, raw in zip(sale_ids, rows, strict=True)
+            if raw
+        ]
 
     async def get_reservation(self, reservation_id: str) -> ReservationView | None:
         """A reservation by id, or None if the id is unknown or malformed."""

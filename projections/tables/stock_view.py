@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from core.errors import InfrastructureError
 from core.events import SaleCreated
 
 
@@ -78,3 +79,23 @@ async def read_row(conn: asyncpg.Connection, sale_id: str) -> asyncpg.Record | N
 async def sale_ids(conn: asyncpg.Connection) -> set[str]:
     """Every sale that has a row."""
     return {r["sale_id"] for r in await conn.fetch("SELECT sale_id FROM stock_view")}
+
+
+# A listing waits this long for a connection and its answer, then the caller hears 503.
+_LIST_TIMEOUT = 5.0
+
+
+async def newest_sale_ids(pool: asyncpg.Pool, limit: int) -> list[str]:
+    """At most ``limit`` sale ids, the latest to start first (then by id). Raises
+    ``InfrastructureError`` when PostgreSQL cannot answer."""
+    try:
+        async with pool.acquire(timeout=_LIST_TIMEOUT) as conn:
+            rows = await conn.fetch(
+                "SELECT sale_id FROM stock_view"
+                " ORDER BY starts_at DESC NULLS LAST, sale_id LIMIT $1",
+                limit,
+                timeout=_LIST_TIMEOUT,
+            )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise InfrastructureError(f"cannot list sales from PostgreSQL: {e}") from e
+    return [r["sale_id"] for r in rows]
