@@ -8,25 +8,12 @@ listens, and stops on SIGTERM. Its logs go to stderr, which it shares with the p
 
 from __future__ import annotations
 
-import os
 import sys
 
-import asyncpg
-from redis.exceptions import RedisError
-
-from api.cli.processes import open_services, run_async, running_api, stop_on_signals
+from api.cli.processes import open_services, running_api, stop_on_signals
+from api.cli.worker_process import tell_parent, worker_main
 from api.cli.workers import READY_LINE, WorkerConfig
 from api.web.metrics import ApiMetrics
-from core.errors import FlashsaleError
-from core.logs import configure_logging
-
-
-def _say_listening() -> None:
-    """Tell the parent this worker listens, then point stdout at stderr: the parent reads
-    nothing more, and a later write must not wait on a pipe nobody drains."""
-    sys.stdout.buffer.write(READY_LINE)
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 async def serve_worker(config: WorkerConfig) -> None:
@@ -38,20 +25,13 @@ async def serve_worker(config: WorkerConfig) -> None:
         open_services(settings) as services,
         running_api(services, settings.port, metrics=metrics, reuse_port=True),
     ):
-        _say_listening()
+        tell_parent(READY_LINE)
         await stop.wait()
 
 
 def main() -> int:
     """Entry point of a worker process; exit 0 after a requested stop, 2 on an error."""
-    config = WorkerConfig.model_validate_json(sys.stdin.buffer.read())
-    configure_logging(config.settings.log_level, config.settings.log_json)
-    try:
-        run_async(serve_worker(config))
-    except (FlashsaleError, RedisError, OSError, asyncpg.PostgresError) as e:
-        print(f"error: API worker {os.getpid()}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return worker_main(WorkerConfig, serve_worker, "API worker")
 
 
 if __name__ == "__main__":

@@ -87,12 +87,17 @@ class WorkerFailed(FlashsaleError):
     code = "worker_failed"
 
 
-class WorkerConfig(BaseModel):
-    """What the parent hands each worker on its stdin."""
+class ChildConfig(BaseModel):
+    """What the parent hands every worker process on its stdin: at least its settings."""
 
     model_config = ConfigDict(frozen=True)
 
     settings: Settings
+
+
+class WorkerConfig(ChildConfig):
+    """What the parent hands each API worker on its stdin."""
+
     metrics_dir: str
 
 
@@ -308,12 +313,9 @@ async def api_workers(settings: Settings, count: int, stop: asyncio.Event) -> As
             yield port
 
 
-class ConsumerWorkerConfig(BaseModel):
+class ConsumerWorkerConfig(ChildConfig):
     """What ``flashsale consume --workers N`` hands each of its processes on stdin."""
 
-    model_config = ConfigDict(frozen=True)
-
-    settings: Settings
     #: Whether this process runs the expiry worker, the stream trimmer and the pruner
     #: beside its projector (one process of the N does).
     upkeep: bool
