@@ -115,6 +115,27 @@ async def confirm_once(http: aiohttp.ClientSession, user: str, reservation_id: s
         return 0
 
 
+async def retry_what_failed(
+    http: aiohttp.ClientSession,
+    failed: Iterable[Answer],
+    accepted: dict[str, str],
+    confirms: dict[str, int],
+) -> None:
+    """Each buyer answered 503 tries again with the same Idempotency-Key and gets 202 (the
+    reservation the first request placed, or a new one when it never ran or was lost before
+    anyone was told 202), recorded in ``accepted``; each payment answered 503 is paid again
+    (a repeat answers 200, unchanged)."""
+    for a in failed:
+        again = await reserve_once(http, a.sale_id, a.user)
+        assert again.status == 202, again
+        accepted[a.user] = again.body["reservation_id"]
+    users = {rid: user for user, rid in accepted.items()}
+    for rid, status in confirms.items():
+        assert status in (200, 503), (rid, status)
+        if status == 503:
+            assert await confirm_once(http, users[rid], rid) == 200
+
+
 async def buy_until(
     http: aiohttp.ClientSession,
     sales: list[str],
@@ -338,19 +359,9 @@ async def test_a_primary_killed_under_load_loses_no_accepted_reservation(
                 assert (a.status, a.content_type) == (503, PROBLEM), a
                 assert a.body["code"] in ("unavailable", "not_replicated"), a
                 assert a.body.get("reservation_id"), a
-            # A retry with the same Idempotency-Key gives the true outcome: the reservation
-            # the first request placed, or (it never ran, or was lost with the primary
-            # before anyone was told 202) a new one.
-            for a in failed:
-                again = await reserve_once(http, a.sale_id, a.user)
-                assert again.status == 202, again
-                accepted[a.user] = again.body["reservation_id"]
-            # A payment that met the failover is paid again (a repeat answers 200, unchanged).
-            users = {rid: user for user, rid in accepted.items()}
-            for rid, status in confirms.items():
-                assert status in (200, 503), (rid, status)
-                if status == 503:
-                    assert await confirm_once(http, users[rid], rid) == 200
+            # A retry with the same Idempotency-Key gives the true outcome; a payment that
+            # met the failover is paid again.
+            await retry_what_failed(http, failed, accepted, confirms)
             print("failover: payments answered", dict(collections.Counter(confirms.values())))
             assert await terminate(serve) == 0
 
@@ -563,16 +574,7 @@ async def buy_through_a_slot_move(
             for a in failed:
                 assert (a.status, a.content_type) == (503, PROBLEM), a
             accepted = accepted_of(first_answers)
-            for a in failed:
-                again = await reserve_once(http, a.sale_id, a.user)
-                assert again.status == 202, again
-                accepted[a.user] = again.body["reservation_id"]
-            # A payment that met the move is paid again (a repeat answers 200, unchanged).
-            users = {rid: user for user, rid in accepted.items()}
-            for rid, status in confirms.items():
-                assert status in (200, 503), (rid, status)
-                if status == 503:
-                    assert await confirm_once(http, users[rid], rid) == 200
+            await retry_what_failed(http, failed, accepted, confirms)
             assert await terminate(serve) == 0
 
         await cluster.nodes_manager.initialize()
