@@ -30,6 +30,7 @@ from typing import IO
 from api.cli.launcher import embedded_servers
 from api.web.auth import issue_token
 from bench.load import run_load
+from bench.projection import BASELINE as PROJECTION_BASELINE
 from bench.projection import projection_figures
 from bench.results import LoadResult, Measured, Table
 from bench.servers import (
@@ -267,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             figures = projection_figures(child_env, args.quick)
     if figures is not None:
-        table.add_figure("projection into PostgreSQL", figures.events_per_second)
+        table.add_figure(
+            "projection into PostgreSQL",
+            figures.events_per_second,
+            (PROJECTION_BASELINE, figures.copy, figures.ratio),
+        )
         table.add_figure("202 -> order row in PostgreSQL", figures.lag)
         table.notes.extend(f"projection figures: {command}" for command in figures.commands)
     table.notes[:0] = [

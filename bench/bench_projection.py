@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python -m bench.bench_projection throughput [--placements 100000]
       .venv/bin/python -m bench.bench_projection latency [--rate 5000] [--seconds 10]
+      .venv/bin/python -m bench.bench_projection copy [--placements 100000]
 
 Uses ``FLASHSALE_REDIS_URL`` / ``FLASHSALE_DATABASE_URL`` when set (it flushes that Redis
 database and empties the projection tables), else starts embedded servers of its own.
@@ -20,6 +21,13 @@ took about 1.5 s of PostgreSQL CPU per 100,000 events from the consumers of a 2-
 machine.
 Besides the consumers' CPU per event it prints their PostgreSQL backends' (from ``/proc``,
 when the server runs on this machine).
+
+``copy``: the bare baseline of the throughput figure, what this machine's PostgreSQL takes
+at best: one asyncpg ``copy_records_to_table`` of ``--placements`` rows shaped as the
+archive's (the same columns and values as the throughput run's placements, made before the
+clock starts) into a table like ``events`` without its indexes, from one process. The
+projection does far more per event (three tables, their indexes, deduplication), so the
+ratio of the two says how close it comes, on any machine.
 
 ``latency``: the projector processes running, ``--placers`` other processes place
 reservations through the gateway (the reserve script) at a fixed rate in all and note when
@@ -54,14 +62,17 @@ from api.cli.processes import run_async
 from api.cli.workers import consumer_worker_count
 from consumers.entries import text
 from consumers.projector import Delivery, Prepared, Projector
+from core.events import from_ms
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, PartitionKeys, partition_of
 from core.models import NewSale
 from core.settings import Settings
 from projections.db import open_pool
 from projections.entries import parse_stream_id
+from projections.tables import events
 
 _TABLES = "events, orders, stock_view, checkpoints"
+_COPY_TABLE = "bench_copy_baseline"
 _IN_FLIGHT = 100
 
 
@@ -312,6 +323,57 @@ async def throughput(settings: Settings, args: argparse.Namespace) -> None:
         await client.aclose()
 
 
+def archive_rows(names: list[str], partitions: int, placements: int) -> list[tuple[Any, ...]]:
+    """``placements`` rows in the archive's column order (``projections.tables.events``),
+    as the throughput run's placements make them."""
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for n in range(placements):
+        name = names[n % len(names)]
+        payload = placement(name, partitions, n, now_ms)
+        event = json.loads(payload)
+        rows.append(
+            (
+                event["event_id"],
+                partition_of(name, partitions),
+                f"{now_ms}-{n}",
+                now_ms,
+                n,
+                name,
+                event["type"],
+                from_ms(now_ms),
+                payload,
+            )
+        )
+    return rows
+
+
+async def copy_baseline(settings: Settings, args: argparse.Namespace) -> None:
+    """Time one COPY of ``args.placements`` archive rows into an index-free copy of
+    ``events``."""
+    pool = await open_pool(settings.database_url or "", 1)
+    rows = archive_rows([f"bench-{n}" for n in range(args.sales)], settings.partitions,
+                        args.placements)  # fmt: skip
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {_COPY_TABLE};"
+                f" CREATE TABLE {_COPY_TABLE} (LIKE events INCLUDING DEFAULTS)"
+            )
+            started = time.perf_counter()
+            await conn.copy_records_to_table(
+                _COPY_TABLE, records=rows, columns=list(events.COLUMNS), timeout=None
+            )
+            seconds = time.perf_counter() - started
+            await conn.execute(f"DROP TABLE {_COPY_TABLE}")
+    finally:
+        await pool.close()
+    print(
+        f"copied {len(rows):,} archive rows with one asyncpg COPY: {seconds:.2f} s,"
+        f" {len(rows) / seconds:,.0f} rows/s"
+    )
+
+
 def backends_cpu(runs: Sequence[ConsumerRun], events: int) -> str:
     """``, PostgreSQL backends' CPU N us/event`` (the consumers' connections), if known."""
     spent = [r.backend_cpu for r in runs]
@@ -440,7 +502,7 @@ async def latency(settings: Settings, args: argparse.Namespace) -> None:
 def main() -> None:
     """Entry point: parse the flags, use the given servers or start embedded ones, run."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=("throughput", "latency"))
+    parser.add_argument("mode", choices=("throughput", "latency", "copy"))
     parser.add_argument("--placements", type=int, default=100_000)
     parser.add_argument("--sales", type=int, default=20)
     parser.add_argument(
@@ -467,7 +529,8 @@ def main() -> None:
         settings = env.model_copy(
             update={"redis_url": urls.redis_url, "database_url": urls.database_url}
         )
-        asyncio.run((throughput if args.mode == "throughput" else latency)(settings, args))
+        modes = {"throughput": throughput, "latency": latency, "copy": copy_baseline}
+        asyncio.run(modes[args.mode](settings, args))
 
 
 if __name__ == "__main__":

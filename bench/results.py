@@ -113,9 +113,13 @@ class Table:
             )
         )
 
-    def add_figure(self, endpoint: str, value: str) -> None:
-        """A row with one figure of flashsale's own (no baseline)."""
-        self.rows.append((endpoint, "", "", "", value, "", "", ""))
+    def add_figure(
+        self, endpoint: str, value: str, baseline: tuple[str, str, str] = ("", "", "")
+    ) -> None:
+        """A row with one figure of flashsale's own, and its baseline when it has one
+        (the baseline's name, its figure and the ratio)."""
+        label, figure, ratio = baseline
+        self.rows.append((endpoint, "", label, figure, value, ratio, "", ""))
 
     @property
     def failed(self) -> bool:

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.load import run_load
+from bench.projection import BASELINE as PROJECTION_BASELINE
 from bench.servers import Secrets, baselines
 from bench.wrk import WRK, run_wrk
 from core.settings import Settings
@@ -83,6 +84,13 @@ def test_bench_suite_quick_run_prints_every_row_without_errors(
     for endpoint in BENCH_ROWS[3:]:
         figure = by_endpoint[endpoint][4]
         assert figure == "not available" or "events/s" in figure or "p99" in figure, out
+    # The projection is held against its bare baseline, one COPY of as many rows.
+    projection = by_endpoint["projection into PostgreSQL"]
+    if "events/s" in projection[4]:
+        baseline, copied, ratio = projection[2], projection[3], projection[5]
+        assert baseline == PROJECTION_BASELINE, out
+        assert float(copied.replace(",", "")) > 0, out
+        assert ratio.endswith("x") and float(ratio.removesuffix("x")) > 0, out
     loader = "load: wrk -t2 -c100 -d1s" if WRK else "load: own aiohttp load generator"
     assert loader in out, out
 
