@@ -93,7 +93,8 @@ async def check_durability(client: RedisClient, settings: Settings) -> Persisten
     """Raise ``DurabilityError`` unless Redis persists writes as ``settings`` demand.
 
     Fewer connected replicas than ``wait_replicas`` is only logged: replicas may come
-    later, and until they do every reservation is answered 503 ``not_replicated``.
+    later, and until they do every placement, payment and cancellation is answered 503
+    ``not_replicated``.
     """
     persistence = await read_persistence(client)
     problem = durability_problem(settings, persistence)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
+#: What a write under ``FLASHSALE_WAIT_REPLICAS`` did to a reservation.
+WriteAction = Literal["reserve", "confirm", "cancel"]
+
 
 class FlashsaleError(Exception):
     """Root of every error raised by flashsale."""
@@ -94,19 +99,37 @@ class InfrastructureError(FlashsaleError):
 class NotReplicated(InfrastructureError):
     """Fewer replicas than ``FLASHSALE_WAIT_REPLICAS`` acknowledged a write in time.
 
-    The write itself stands on the primary; ``reservation_id`` names what it placed.
+    The write itself stands on the primary; ``reservation_id`` names the reservation it
+    placed, confirmed or cancelled (``action``), and repeating the same request is safe.
     """
 
     code = "not_replicated"
 
-    def __init__(self, reservation_id: str, acknowledged: int, wanted: int) -> None:
+    # What stands on the primary, and how to repeat the request, by action.
+    _STANDS: ClassVar[dict[str, tuple[str, str]]] = {
+        "reserve": ("is held", "retry with the same Idempotency-Key"),
+        "confirm": (
+            "is confirmed: the payment is recorded",
+            "repeating the same request is safe (it pays once)",
+        ),
+        "cancel": (
+            "is cancelled: the cancellation is recorded",
+            "repeating the same request is safe (it cancels once)",
+        ),
+    }
+
+    def __init__(
+        self, reservation_id: str, acknowledged: int, wanted: int, action: WriteAction = "reserve"
+    ) -> None:
+        stands, retry = self._STANDS[action]
         super().__init__(
-            f"reservation {reservation_id} is held, but {acknowledged} of {wanted} replicas "
-            "acknowledged it in time; retry with the same Idempotency-Key"
+            f"reservation {reservation_id} {stands}, but {acknowledged} of {wanted} replicas "
+            f"acknowledged it in time; {retry}"
         )
         self.reservation_id = reservation_id
         self.acknowledged = acknowledged
         self.wanted = wanted
+        self.action = action
 
 
 class ReservationOutcomeUnknown(InfrastructureError):

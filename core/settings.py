@@ -101,10 +101,13 @@ class Settings(BaseSettings):
         description="strict: refuse to start unless Redis fsyncs every write (AOF, always).",
     )
     wait_replicas: int = Field(
-        default=0, ge=0, description="Replicas that must acknowledge a reservation before 202."
+        default=0,
+        ge=0,
+        description="Replicas that must acknowledge a placement, payment or cancellation"
+        " before its 202 or 200.",
     )
     wait_timeout_ms: int = Field(
-        default=1000, ge=1, description="How long a reservation waits for those replicas."
+        default=1000, ge=1, description="How long such a write waits for those replicas."
     )
     expiry_interval_ms: int = Field(default=250, ge=10, description="Expiry sweep period.")
     expiry_batch: int = Field(default=200, ge=1, le=10_000)

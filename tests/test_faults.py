@@ -13,6 +13,7 @@ private one, so the session's shared servers are never harmed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
@@ -20,18 +21,20 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
-from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis
+from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis, _valkey_binary
 from api.web.auth import issue_token
 from core.durability import check_durability
+from core.errors import NotReplicated
 from core.gateway import RedisGateway
 from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
@@ -481,40 +484,104 @@ async def test_strict_durability_refuses_to_start_unless_redis_fsyncs_every_writ
             server.stop()
 
 
-async def test_wait_replicas_answers_503_until_a_replica_has_the_reservation(settings: Settings):
-    primary = EmbeddedRedis(extra_args=["--repl-diskless-sync-delay", "0"])
+# --- FLASHSALE_WAIT_REPLICAS: a primary with one replica -------------------------------------
+
+
+@dataclass
+class PrimaryAndReplica:
+    """A private primary with one replica, and a client of the primary."""
+
+    primary: EmbeddedRedis
+    replica: EmbeddedRedis
+    url: str
+    replica_url: str
+    client: aioredis.Redis
+
+    async def replicas_online(self, n: int) -> bool:
+        """The primary sees exactly ``n`` replicas, all online."""
+        info = await self.client.info("replication")
+        online = [k for k in info if k.startswith("slave") and info[k]["state"] == "online"]
+        return int(info["connected_slaves"]) == n and len(online) == n
+
+    async def replica_acknowledges(self) -> bool:
+        """The replica acknowledges a write of the primary within 200 ms."""
+        async with self.client.client() as conn:  # WAIT covers its own connection's writes
+            await conn.set("probe", "1")
+            return int(await conn.wait(1, 200)) == 1
+
+    async def on_replica(self, key: str) -> dict[str, str]:
+        """The hash ``key`` as the replica holds it, read on a fresh connection (those of
+        a replica killed since died with it)."""
+        async with aioredis.Redis.from_url(self.replica_url, decode_responses=True) as replica:
+            held: dict[Any, Any] = await replica.hgetall(key)
+            return {str(k): str(v) for k, v in held.items()}
+
+    @contextlib.asynccontextmanager
+    async def replica_frozen(self) -> AsyncIterator[None]:
+        """The replica stopped (SIGSTOP) while inside: still connected to the primary, it
+        acknowledges nothing more."""
+        async with aioredis.Redis.from_url(self.replica_url) as replica:
+            pid = int((await replica.info("server"))["process_id"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.asynccontextmanager
+async def primary_and_replica(binary: Path | None = None) -> AsyncIterator[PrimaryAndReplica]:
+    """A primary and its replica (private servers, of ``binary``, else the launcher's
+    choice), once the replica acknowledges."""
+    primary = EmbeddedRedis(extra_args=["--repl-diskless-sync-delay", "0"], binary=binary)
     url = primary.start()
-    replica = EmbeddedRedis(extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
-    replica_url = replica.start()
-    client, replica_client = client_for(url), client_for(replica_url)
+    replica = EmbeddedRedis(
+        extra_args=["--replicaof", "127.0.0.1", str(primary.port)], binary=binary
+    )
     try:
+        both = PrimaryAndReplica(primary, replica, url, replica.start(), client_for(url))
+        try:
+            await eventually(both.replica_acknowledges, 15, "replica did not sync")
+            yield both
+        finally:
+            await both.client.aclose()
+    finally:
+        replica.stop()
+        primary.stop()
 
-        async def replicas_online(n: int) -> bool:
-            info = await client.info("replication")
-            online = [k for k in info if k.startswith("slave") and info[k]["state"] == "online"]
-            return int(info["connected_slaves"]) == n and len(online) == n
 
-        async def replica_acknowledges() -> bool:
-            async with client.client() as conn:  # WAIT covers its own connection's writes
-                await conn.set("probe", "1")
-                return int(await conn.wait(1, 200)) == 1
+def waiting_for_one_replica(settings: Settings, redis: PrimaryAndReplica) -> Settings:
+    return settings.model_copy(
+        update={"redis_url": redis.url, "wait_replicas": 1, "wait_timeout_ms": 300}
+    )
 
-        await eventually(replica_acknowledges, 15, "replica did not sync")
-        waiting = settings.model_copy(
-            update={"redis_url": url, "wait_replicas": 1, "wait_timeout_ms": 300}
-        )
-        gateway = RedisGateway.from_settings(client, waiting)
+
+async def change_once(
+    http: aiohttp.ClientSession, action: str, user: str, reservation_id: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The buyer confirms or cancels (``action``) a reservation: status, body and headers."""
+    headers = {"Authorization": f"Bearer {issue_token(JWT_SECRET, user)}"}
+    path = f"/v1/reservations/{reservation_id}/{action}"
+    async with http.post(path, headers=headers) as response:
+        body = await response.json(content_type=None)
+        return response.status, body, dict(response.headers)
+
+
+async def test_wait_replicas_answers_503_until_a_replica_has_the_reservation(settings: Settings):
+    async with primary_and_replica() as redis:
+        waiting = waiting_for_one_replica(settings, redis)
+        gateway = RedisGateway.from_settings(redis.client, waiting)
         await open_sale(gateway, "replicated", stock=10)
         keys = gateway.keys_for_sale("replicated")
 
-        async with serve(waiting, client, request_seconds=10) as http:
+        async with serve(waiting, redis.client, request_seconds=10) as http:
             status, body = await reserve_once(http, "replicated", "alice")
             assert status == 202, body
             # Acknowledged by the replica before the 202: it is there already.
-            assert await replica_client.exists(keys.reservation(body["reservation_id"]))
+            assert await redis.on_replica(keys.reservation(body["reservation_id"]))
 
-            replica.kill()
-            await eventually(lambda: replicas_online(0), 15, "primary did not see it go")
+            redis.replica.kill()
+            await eventually(lambda: redis.replicas_online(0), 15, "primary did not see it go")
             status, body = await reserve_once(http, "replicated", "bob")
             assert status == 503 and body["code"] == "not_replicated", body
             held = body["reservation_id"]
@@ -525,17 +592,102 @@ async def test_wait_replicas_answers_503_until_a_replica_has_the_reservation(set
             status, body = await reserve_once(http, "replicated", "bob")  # a retry, still alone
             assert (status, body["reservation_id"]) == (503, held)
 
-            replica.restart()
-            await eventually(replica_acknowledges, 15, "replica did not come back")
+            redis.replica.restart()
+            await eventually(redis.replica_acknowledges, 15, "replica did not come back")
             status, body = await reserve_once(http, "replicated", "bob")
             assert (status, body["reservation_id"]) == (202, held)  # the same one, now safe
-            await replica_client.aclose()
-            replica_client = client_for(replica_url)  # the old connections died with it
-            assert await replica_client.exists(keys.reservation(held))
+            assert await redis.on_replica(keys.reservation(held))
         sale = await gateway.get_sale("replicated")
         assert sale is not None and (sale.remaining, sale.held) == (8, 2)
-    finally:
-        await client.aclose()
-        await replica_client.aclose()
-        replica.stop()
-        primary.stop()
+
+
+@pytest.mark.parametrize("action", ["confirm", "cancel"])
+async def test_wait_replicas_answers_503_until_a_replica_has_the_payment_or_cancellation(
+    settings: Settings, action: str
+):
+    """A 200 to a payment (or a cancellation) means the replica has it; without the replica,
+    503 not_replicated while it stands on the primary, and the same request again answers
+    503 until the replica is back, then 200 (unchanged)."""
+    ended = "confirmed" if action == "confirm" else "cancelled"
+    async with primary_and_replica() as redis:
+        waiting = waiting_for_one_replica(settings, redis)
+        gateway = RedisGateway.from_settings(redis.client, waiting)
+        await open_sale(gateway, "replicated", stock=10)
+        keys = gateway.keys_for_sale("replicated")
+
+        async with serve(waiting, redis.client, request_seconds=10) as http:
+            rids = {}
+            for user in ("alice", "bob"):
+                status, body = await reserve_once(http, "replicated", user)
+                assert status == 202, body
+                rids[user] = body["reservation_id"]
+            status, body, _ = await change_once(http, action, "alice", rids["alice"])
+            assert (status, body["status"], body["changed"]) == (200, ended, True), body
+            # Acknowledged by the replica before the 200: it has the new status already.
+            assert (await redis.on_replica(keys.reservation(rids["alice"])))["status"] == ended
+
+            redis.replica.kill()
+            await eventually(lambda: redis.replicas_online(0), 15, "primary did not see it go")
+            held = rids["bob"]
+            status, body, headers = await change_once(http, action, "bob", held)
+            assert (status, body["code"], body["reservation_id"]) == (503, "not_replicated", held)
+            assert held in body["detail"] and "0 of 1 replicas" in body["detail"]
+            assert "recorded" in body["detail"]
+            assert "repeating the same request is safe" in body["detail"]
+            assert headers["Retry-After"] == "1"
+            assert headers["Location"] == f"/v1/reservations/{held}"
+            # It stands on the primary even so, and its buyer sees it.
+            view = await gateway.get_reservation(held)
+            assert view is not None and view.status == ended
+            # A retry while still alone: 503 again, not 200 and not reservation_closed.
+            status, body, _ = await change_once(http, action, "bob", held)
+            assert (status, body["code"]) == (503, "not_replicated"), body
+
+            redis.replica.restart()
+            await eventually(redis.replica_acknowledges, 15, "replica did not come back")
+            status, body, _ = await change_once(http, action, "bob", held)
+            assert (status, body["status"], body["changed"]) == (200, ended, False), body
+            assert (await redis.on_replica(keys.reservation(held)))["status"] == ended
+        sale = await gateway.get_sale("replicated")
+        assert sale is not None
+        if action == "confirm":
+            assert (sale.remaining, sale.held, sale.confirmed) == (8, 0, 2)
+        else:
+            assert (sale.remaining, sale.held, sale.released) == (10, 0, 2)
+
+
+@pytest.mark.parametrize("action", ["confirm", "cancel"])
+async def test_a_repeat_that_finds_the_work_done_waits_for_the_replica_to_have_it(
+    settings: Settings, action: str
+):
+    """WAIT covers only the writes of its own connection. A repeat that finds the reservation
+    already confirmed (cancelled) writes its status again as it is, so that a client whose
+    connections wrote nothing still waits for a replica that lacks the first call's write
+    (frozen: connected, acknowledging nothing); without that rewrite, WAIT would count
+    that replica at once and the repeat would answer as if it were safe.
+
+    On Valkey (the wheel's): it moves a connection's WAIT offset only when the connection
+    writes. Redis 7.0 moves it with every command, written or not, so there the repeat
+    waits even without the rewrite (the test passes there either way).
+    """
+    ended = "confirmed" if action == "confirm" else "cancelled"
+    async with primary_and_replica(_valkey_binary()) as redis:
+
+        def gateway_on(client: aioredis.Redis) -> RedisGateway:
+            return RedisGateway.from_settings(client, waiting_for_one_replica(settings, redis))
+
+        gateway = gateway_on(redis.client)
+        await open_sale(gateway, "replicated", stock=10)
+        rid = (await gateway.reserve("replicated", "ann", 1, None)).reservation_id
+        change = "confirm" if action == "confirm" else "cancel"
+        async with redis.replica_frozen():
+            with pytest.raises(NotReplicated, match="0 of 1 replicas"):
+                await getattr(gateway, change)(rid, "ann")
+            async with client_for(redis.url) as fresh:  # connections that never wrote
+                with pytest.raises(NotReplicated, match="0 of 1 replicas"):
+                    await getattr(gateway_on(fresh), change)(rid, "ann")
+        await eventually(redis.replica_acknowledges, 15, "replica did not catch up")
+        async with client_for(redis.url) as fresh:
+            assert await getattr(gateway_on(fresh), change)(rid, "ann") is False
+        keys = gateway.keys_for_sale("replicated")
+        assert (await redis.on_replica(keys.reservation(rid)))["status"] == ended

@@ -186,3 +186,17 @@ def test_an_undocumented_route_or_code_fails_the_build():
     app.router.add_get("/v1/extra", unknown_code)
     with pytest.raises(LookupError, match="no_such_code"):
         document(app.router)
+
+
+def test_payment_and_cancellation_document_their_not_replicated_answer(spec: dict[str, Any]):
+    """Under FLASHSALE_WAIT_REPLICAS confirm and cancel answer 503 not_replicated too, with
+    Retry-After and the reservation's Location, and say that the same request again is safe."""
+    operations = _operations(spec)
+    for action in ("confirm", "cancel"):
+        operation = operations[("POST", f"/v1/reservations/{{reservation_id}}/{action}")]
+        codes = _codes_by_status(operation["responses"])["503"]
+        assert codes == {"not_replicated", "unavailable"}, action
+        headers = operation["responses"]["503"]["headers"]
+        assert headers["Retry-After"]["required"] is True
+        assert headers["Location"]["required"] is False  # not_replicated only
+        assert "repeating the same request is safe" in operation["description"]

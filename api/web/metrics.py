@@ -76,7 +76,7 @@ class ApiMetrics:
         )
         self.transitions = Counter(
             "flashsale_reservation_transitions",
-            "Confirm and cancel calls by result (confirmed, cancelled, unchanged).",
+            "Confirm and cancel calls by result (confirmed, cancelled, unchanged, not_replicated).",
             ["result"],
             registry=self.registry,
         )

@@ -139,8 +139,8 @@ class Problem(BaseModel):
     )
     reservation_id: str = Field(
         default="",
-        description="not_replicated, and unavailable from a placement: the id it placed or"
-        " tried; look it up before trying again",
+        description="not_replicated: the reservation placed, confirmed or cancelled; and"
+        " unavailable from a placement: the id it tried; look it up before trying again",
     )
 
 

@@ -151,10 +151,7 @@ async def reserve(request: web.Request) -> web.Response:
     except NotReplicated as e:
         # The reservation stands in Redis; a retry with the same Idempotency-Key finds it.
         metrics.outcome(e.code).inc()
-        response = problem(503, e.code, "Not replicated", str(e), reservation_id=e.reservation_id)
-        response.headers["Retry-After"] = "1"
-        response.headers["Location"] = f"/v1/reservations/{e.reservation_id}"
-        return response
+        return not_replicated(e)
     except ReservationOutcomeUnknown as e:
         # Redis stayed silent after retries: the buyer looks this id up before trying again.
         metrics.outcome(e.code).inc()
@@ -187,6 +184,17 @@ async def reserve(request: web.Request) -> web.Response:
         content_type="application/json",
         headers={"Location": f"/v1/reservations/{placed.reservation_id}"},
     )
+
+
+def not_replicated(error: NotReplicated) -> web.Response:
+    """503 ``not_replicated``: the placement, payment or cancellation stands on the primary,
+    but too few replicas acknowledged it in time; the same request again answers it once
+    they do. With the reservation's id and ``Location``, and ``Retry-After``."""
+    rid = error.reservation_id
+    response = problem(503, error.code, "Not replicated", str(error), reservation_id=rid)
+    response.headers["Retry-After"] = "1"
+    response.headers["Location"] = f"/v1/reservations/{rid}"
+    return response
 
 
 def placement_json(reservation_id: str, expires_at: datetime) -> str:
@@ -309,8 +317,12 @@ async def _pruned_transition(
         "reservation_not_found",
         "reservation_expired",
         "reservation_closed",
+        "not_replicated",
         "unavailable",
     ),
+    description="503 not_replicated (FLASHSALE_WAIT_REPLICAS): the payment is recorded,"
+    " but too few replicas acknowledged it in time; repeating the same request is safe"
+    " (it pays once) and answers 200 once they have it.",
 )
 async def confirm_reservation(request: web.Request) -> web.Response:
     """POST /v1/reservations/{reservation_id}/confirm: its buyer (or an admin) pays."""
@@ -322,6 +334,9 @@ async def confirm_reservation(request: web.Request) -> web.Response:
         changed = await request.app[GATEWAY].confirm(rid, user_id)
     except ReservationNotFound:
         changed = await _pruned_transition(request, rid, user_id, "confirmed")
+    except NotReplicated as e:  # paid on the primary; the same request again is safe
+        request.app[METRICS].transitions.labels(e.code).inc()
+        return not_replicated(e)
     request.app[METRICS].transitions.labels("confirmed" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)
 
@@ -334,8 +349,13 @@ async def confirm_reservation(request: web.Request) -> web.Response:
         "reservation_not_found",
         "reservation_expired",
         "reservation_closed",
+        "not_replicated",
         "unavailable",
     ),
+    description="503 not_replicated (FLASHSALE_WAIT_REPLICAS): the cancellation is"
+    " recorded and the stock is back, but too few replicas acknowledged it in time;"
+    " repeating the same request is safe (it cancels once) and answers 200 once they have"
+    " it.",
 )
 async def cancel_reservation(request: web.Request) -> web.Response:
     """POST /v1/reservations/{reservation_id}/cancel: its buyer gives the stock back."""
@@ -345,5 +365,8 @@ async def cancel_reservation(request: web.Request) -> web.Response:
         changed = await request.app[GATEWAY].cancel(rid, user_id)
     except ReservationNotFound:
         changed = await _pruned_transition(request, rid, user_id, "cancelled")
+    except NotReplicated as e:  # cancelled on the primary; the same request again is safe
+        request.app[METRICS].transitions.labels(e.code).inc()
+        return not_replicated(e)
     request.app[METRICS].transitions.labels("cancelled" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)

@@ -1,4 +1,5 @@
-"""Reservation commands: place (with the sold-out hints and WAIT), confirm, cancel, expire."""
+"""Reservation commands: place (with the sold-out hints), confirm and cancel, each with its
+WAIT for replicas when asked; expire."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ from datetime import datetime
 from typing import Any
 
 import structlog
+from redis.commands.core import AsyncScript
 
-from core.errors import InfrastructureError, NotReplicated, ReservationOutcomeUnknown, SoldOut
+from core.errors import (
+    InfrastructureError,
+    NotReplicated,
+    ReservationOutcomeUnknown,
+    SoldOut,
+    WriteAction,
+)
 from core.gateway.decode import text, time_of
 from core.gateway.reads import Reads
 from core.gateway.scripts import OPERATION_TTL_SECONDS, answer_of, new_id
@@ -131,45 +139,59 @@ class ReservationCommands(Reads):
             "1" if idempotency_key else "",
             "1" if self.wait_replicas else "",
         ]
-        if self.wait_replicas:
-            return await self._retrying(
-                lambda: self._reserve_replicated(script_keys, args), "redis reserve and WAIT"
-            )
-        return await self._run(self._reserve, script_keys, args)
+        return await self._acknowledged(self._reserve, script_keys, args, None, "reserve")
 
-    async def _reserve_replicated(self, keys: list[str], args: list[Any]) -> list[str]:
-        """The reserve script, then WAIT for ``wait_replicas`` replicas on the same connection.
+    async def _acknowledged(
+        self,
+        script: AsyncScript,
+        keys: list[str],
+        args: list[Any],
+        reservation_id: str | None,
+        action: WriteAction,
+    ) -> list[str]:
+        """Run a reservation's script (again after a lost reply); under ``wait_replicas``,
+        then WAIT for that many replicas on the same connection.
 
-        Raises ``NotReplicated`` when too few acknowledged in time; the placement stands on
-        the primary all the same. WAIT covers the writes of its own connection only, so
-        both run on one (one WAIT after the calls of a coalesced batch covers them all; on
-        a cluster, one per primary, after that primary's calls);
-        an answer that places nothing (a replayed Idempotency-Key, or a repeated run of
-        this call) rewrites a value as it is (ARGV[8]), which puts the connection past the
-        first placement's write and makes WAIT cover that too.
+        The script's last argument must say "1" when WAIT follows. Raises
+        ``NotReplicated`` (naming ``reservation_id``, None: the one the reply names) when
+        too few acknowledged in time; the write stands on the primary all the same. WAIT
+        covers the writes of its own connection only, so both run on one (one WAIT after
+        the calls of a coalesced batch covers them all; on a cluster, one per primary,
+        after that primary's calls). An answer that writes nothing (a replayed
+        Idempotency-Key, a reservation already confirmed or cancelled, or a repeated run
+        of this call) rewrites a value as it is, which puts the connection past the
+        earlier write it reports and makes WAIT cover that too.
         """
-        replicated = await self.scripts.run_replicated(self._reserve, keys, args)
+        if not self.wait_replicas:
+            return await self._run(script, keys, args)
+        replicated = await self._retrying(
+            lambda: self.scripts.run_replicated(script, keys, args), f"redis {action} and WAIT"
+        )
         result = answer_of(replicated.reply)
         if replicated.acknowledged < self.wait_replicas:
+            rid = reservation_id or result[1]
             log.warning(
                 "reservation_not_replicated",
-                reservation_id=result[1],
+                reservation_id=rid,
+                action=action,
                 acknowledged=replicated.acknowledged,
                 wanted=self.wait_replicas,
             )
-            raise NotReplicated(result[1], replicated.acknowledged, self.wait_replicas)
+            raise NotReplicated(rid, replicated.acknowledged, self.wait_replicas, action)
         return result
 
     async def confirm(self, reservation_id: str, user_id: str | None) -> bool:
         """Confirm a pending reservation of ``user_id`` (None: an admin, any buyer's).
 
         Returns False when it was already confirmed (nothing changed). Raises
-        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
+        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``;
+        under ``wait_replicas``, ``NotReplicated`` when too few replicas acknowledged the
+        confirmation (it stands; the same call again answers once they do).
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = self.keys_for_partition(partition_of_reservation(reservation_id) or 0)
         operation = new_id()
-        result = await self._run(
+        result = await self._acknowledged(
             self._confirm,
             [
                 keys.reservation(reservation_id),
@@ -177,7 +199,9 @@ class ReservationCommands(Reads):
                 keys.deadlines,
                 keys.events,
             ],
-            [operation, reservation_id, user_id or ""],
+            [operation, reservation_id, user_id or "", "1" if self.wait_replicas else ""],
+            reservation_id,
+            "confirm",
         )
         return result[1] == "1"
 
@@ -185,23 +209,30 @@ class ReservationCommands(Reads):
         """Cancel a pending reservation of ``user_id``; its stock and quota go back.
 
         Returns False when it was already cancelled (nothing changed). Raises
-        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``.
+        ``ReservationNotFound``, ``ReservationPastDeadline`` or ``ReservationClosed``;
+        under ``wait_replicas``, ``NotReplicated`` when too few replicas acknowledged the
+        cancellation (it stands; the same call again answers once they do).
         """
         view = await self._reservation_of(reservation_id, user_id)
         keys = self.keys_for_partition(partition_of_reservation(reservation_id) or 0)
         operation = new_id()
-        result = await self._run(
-            self._cancel,
-            [
-                keys.reservation(reservation_id),
-                keys.sale(view.sale_id),
-                keys.holders(view.sale_id),
-                keys.deadlines,
-                keys.events,
-            ],
-            [operation, reservation_id, user_id],
-        )
-        self.sold_out_hints.forget(view.sale_id)
+        try:
+            result = await self._acknowledged(
+                self._cancel,
+                [
+                    keys.reservation(reservation_id),
+                    keys.sale(view.sale_id),
+                    keys.holders(view.sale_id),
+                    keys.deadlines,
+                    keys.events,
+                ],
+                [operation, reservation_id, user_id, "1" if self.wait_replicas else ""],
+                reservation_id,
+                "cancel",
+            )
+        finally:
+            # The stock may be back, even when the reply was lost or not replicated.
+            self.sold_out_hints.forget(view.sale_id)
         return result[1] == "1"
 
     async def expire_due(self, partition: int, limit: int = 200) -> tuple[int, int]:

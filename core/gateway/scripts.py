@@ -100,7 +100,8 @@ class GatewayBase:
         self.retry = retry or RetryPolicy()
         self.partitions = partitions
         self.idempotency_ttl = idempotency_ttl
-        # Replicas that must acknowledge a placement (Redis WAIT) before reserve returns.
+        # Replicas that must acknowledge a placement, a payment or a cancellation (Redis
+        # WAIT) before reserve, confirm or cancel returns.
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.sold_out_hints = SoldOutHints(sold_out_hint_seconds)

@@ -9,9 +9,13 @@
 -- ARGV[1]  event_id (also the operation id, kept in the reservation's "ended_by")
 -- ARGV[2]  reservation_id
 -- ARGV[3]  user_id the reservation must belong to
+-- ARGV[4]  "1" when the caller WAITs for replicas on this connection next, else ""
 --
 -- Safe to run again with the same arguments: a call that cancelled the reservation in an
--- earlier run (its reply was lost) answers {"ok", "1"} again and changes nothing.
+-- earlier run (its reply was lost) answers {"ok", "1"} again and changes nothing. Under
+-- ARGV[4], an answer that finds the reservation already cancelled rewrites its status with
+-- the value it has, so that the caller's WAIT also covers the earlier write it reports
+-- (made on another connection, by this call's first run or by an earlier request).
 --
 -- Returns  {"ok", "1"}  pending -> cancelled; ReservationCancelled appended
 --          {"ok", "0"}  already cancelled: nothing changed
@@ -24,6 +28,7 @@ if not r[1] or r[3] ~= ARGV[3] then
     return {'err', 'reservation_not_found'}
 end
 if r[1] == 'cancelled' then
+    if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'status', r[1]) end
     if r[6] == ARGV[1] then return {'ok', '1'} end
     return {'ok', '0'}
 end
