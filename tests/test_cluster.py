@@ -231,7 +231,11 @@ async def test_a_client_of_one_node_taken_for_a_server_answers_moved_as_unavaila
         await plain.aclose()
 
 
-async def test_wait_for_one_replica_puts_the_reservation_on_the_replica(cluster: RedisCluster):
+async def test_wait_for_one_replica_puts_placements_payments_and_cancellations_on_it(
+    cluster: RedisCluster,
+):
+    """Each primary's replica has what its primary answered: the placements, then (one
+    batch of confirms and cancels over every primary, one WAIT per primary) their ends."""
     gateway = gateway_on(cluster, wait_replicas=1, wait_timeout_ms=2000)
     sales = sales_on_every_primary(cluster, per_primary=1)
     for sale_id in sales:
@@ -239,15 +243,29 @@ async def test_wait_for_one_replica_puts_the_reservation_on_the_replica(cluster:
     placements = await asyncio.gather(
         *(gateway.reserve(sale_id, f"buyer-{i}", 1, None) for sale_id in sales for i in range(3))
     )
-    for placed in placements:
-        partition = int(placed.reservation_id.split("-")[0])
-        key = PartitionKeys(partition, PARTITIONS).reservation(placed.reservation_id)
+    await on_replicas(cluster, {placed.reservation_id: b"pending" for placed in placements})
+    # Every sale's buyer-0 pays, buyer-1 cancels, buyer-2 keeps the hold.
+    confirmed, cancelled = placements[0::3], placements[1::3]
+    changes = [gateway.confirm(p.reservation_id, "buyer-0") for p in confirmed]
+    changes += [gateway.cancel(p.reservation_id, "buyer-1") for p in cancelled]
+    assert await asyncio.gather(*changes) == [True] * len(changes)
+    ends = {p.reservation_id: b"confirmed" for p in confirmed}
+    ends |= {p.reservation_id: b"cancelled" for p in cancelled}
+    await on_replicas(cluster, ends)
+
+
+async def on_replicas(cluster: RedisCluster, statuses: dict[str, bytes]) -> None:
+    """Each reservation has ``status`` on its primary's replica, read at once: WAIT put it
+    there."""
+    for rid, status in statuses.items():
+        partition = int(rid.split("-")[0])
+        key = PartitionKeys(partition, PARTITIONS).reservation(rid)
         replica = cluster.get_node_from_key(key, replica=True)
         assert replica is not None and replica.server_type == "replica"
         reader = node_client(cluster, replica)
         try:
             await reader.execute_command("READONLY")  # type: ignore[no-untyped-call]
-            assert await reader.hget(key, "status") == b"pending"  # no wait: WAIT did it
+            assert await reader.hget(key, "status") == status, rid
         finally:
             await reader.aclose()
 
