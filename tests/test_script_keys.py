@@ -12,6 +12,7 @@ the check, and a deliberately wrong script shows that the check does catch a str
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -25,6 +26,7 @@ import core.gateway.repair
 import core.gateway.scripts
 from consumers.expiry import ExpiryWorker
 from consumers.leases import PartitionLeases
+from core.errors import NotReplicated
 from core.gateway import RedisGateway, ReservationRecord, SaleRepair, Touched
 from tests.conftest import GatewayFactory
 from tests.helpers import open_sale
@@ -173,8 +175,9 @@ class TouchedAlways:
 
 
 async def run_every_scenario(gateway: RedisGateway, client: aioredis.Redis) -> None:
-    """Create, reserve (with and without an Idempotency-Key), confirm, cancel, expire,
-    adjust, close, snapshot (read and fence), repair, prune, and the partition leases."""
+    """Create, reserve (with and without an Idempotency-Key), confirm, cancel (and their
+    repeats under WAIT), expire, adjust, close, snapshot (read and fence), repair, prune,
+    and the partition leases."""
     await open_sale(gateway, "sale-1", stock=20, per_user_limit=2)
     await open_sale(gateway, "sale-2", stock=20, per_user_limit=2, hold_seconds=0)
     kept = await gateway.reserve("sale-1", "ann", 1, "key-1")
@@ -184,6 +187,17 @@ async def run_every_scenario(gateway: RedisGateway, client: aioredis.Redis) -> N
     dropped = await gateway.reserve("sale-1", "cat", 1, None)
     assert await gateway.confirm(paid.reservation_id, "bob") is True
     assert await gateway.cancel(dropped.reservation_id, "cat") is True
+    # Repeats that WAIT for a replica rewrite what they find done (whether or not the
+    # session's Redis has a replica to acknowledge it).
+    waiting = RedisGateway(
+        client, gateway.partitions, gateway.idempotency_ttl, wait_replicas=1, wait_timeout_ms=10
+    )
+    with contextlib.suppress(NotReplicated):
+        assert (await waiting.reserve("sale-1", "ann", 1, "key-1")).replayed
+    with contextlib.suppress(NotReplicated):
+        assert await waiting.confirm(paid.reservation_id, "bob") is False
+    with contextlib.suppress(NotReplicated):
+        assert await waiting.cancel(dropped.reservation_id, "cat") is False
     overdue = [await gateway.reserve("sale-2", f"u{i}", 1, None) for i in range(5)]
     partition = gateway.keys_for_sale("sale-2").partition
     assert await gateway.expire_due(partition, limit=2) == (2, 3)
