@@ -656,38 +656,50 @@ async def test_wait_replicas_answers_503_until_a_replica_has_the_payment_or_canc
             assert (sale.remaining, sale.held, sale.released) == (10, 0, 2)
 
 
-@pytest.mark.parametrize("action", ["confirm", "cancel"])
+@pytest.mark.parametrize("action", ["reserve", "confirm", "cancel"])
 async def test_a_repeat_that_finds_the_work_done_waits_for_the_replica_to_have_it(
     settings: Settings, action: str
 ):
-    """WAIT covers only the writes of its own connection. A repeat that finds the reservation
-    already confirmed (cancelled) writes its status again as it is, so that a client whose
-    connections wrote nothing still waits for a replica that lacks the first call's write
-    (frozen: connected, acknowledging nothing); without that rewrite, WAIT would count
-    that replica at once and the repeat would answer as if it were safe.
+    """WAIT covers only the writes of its own connection. A repeat that finds the work done
+    (the Idempotency-Key's placement, the reservation already confirmed or cancelled)
+    writes a value again as it is, so that a client whose connections wrote nothing still
+    waits for a replica that lacks the first call's write (frozen: connected, acknowledging
+    nothing); without that rewrite, WAIT would count that replica at once and the repeat
+    would answer as if it were safe.
 
     On Valkey (the wheel's): it moves a connection's WAIT offset only when the connection
     writes. Redis 7.0 moves it with every command, written or not, so there the repeat
     waits even without the rewrite (the test passes there either way).
     """
-    ended = "confirmed" if action == "confirm" else "cancelled"
+    ended = {"reserve": "pending", "confirm": "confirmed", "cancel": "cancelled"}[action]
     async with primary_and_replica(_valkey_binary()) as redis:
 
         def gateway_on(client: aioredis.Redis) -> RedisGateway:
             return RedisGateway.from_settings(client, waiting_for_one_replica(settings, redis))
 
+        async def act(gateway: RedisGateway) -> bool:
+            """The call, as its buyer makes it again: True when it did the work."""
+            if action == "reserve":
+                placed = await gateway.reserve("replicated", "ann", 1, "key-1")
+                assert placed.reservation_id == rid or not rid
+                return not placed.replayed
+            change = gateway.confirm if action == "confirm" else gateway.cancel
+            return await change(rid, "ann")
+
         gateway = gateway_on(redis.client)
         await open_sale(gateway, "replicated", stock=10)
-        rid = (await gateway.reserve("replicated", "ann", 1, None)).reservation_id
-        change = "confirm" if action == "confirm" else "cancel"
+        rid = ""
+        if action != "reserve":
+            rid = (await gateway.reserve("replicated", "ann", 1, None)).reservation_id
         async with redis.replica_frozen():
-            with pytest.raises(NotReplicated, match="0 of 1 replicas"):
-                await getattr(gateway, change)(rid, "ann")
+            with pytest.raises(NotReplicated, match="0 of 1 replicas") as first:
+                await act(gateway)
+            rid = first.value.reservation_id
             async with client_for(redis.url) as fresh:  # connections that never wrote
                 with pytest.raises(NotReplicated, match="0 of 1 replicas"):
-                    await getattr(gateway_on(fresh), change)(rid, "ann")
+                    await act(gateway_on(fresh))
         await eventually(redis.replica_acknowledges, 15, "replica did not catch up")
         async with client_for(redis.url) as fresh:
-            assert await getattr(gateway_on(fresh), change)(rid, "ann") is False
+            assert await act(gateway_on(fresh)) is False
         keys = gateway.keys_for_sale("replicated")
         assert (await redis.on_replica(keys.reservation(rid)))["status"] == ended
