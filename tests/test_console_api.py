@@ -4,8 +4,6 @@ outcome and consumer health, and verify (run, and its last result seen by every 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -20,7 +18,15 @@ from core.settings import Settings
 from tests.conftest import AppServerFactory
 from tests.daemons import eventually
 from tests.helpers import ADMIN_TOKEN, project_all
-from tests.http_helpers import ADMIN, bearer, expect_problem, reserve, sale_body
+from tests.http_helpers import (
+    ADMIN,
+    bearer,
+    expect_problem,
+    expect_verify_refused,
+    reserve,
+    sale_body,
+    verify_held_up,
+)
 
 ADMIN_ROUTES = [
     ("GET", "/v1/sales"),
@@ -158,15 +164,6 @@ async def test_verify_runs_keeps_its_result_for_every_worker_and_finds_drift(
     assert await _json(other_worker, "GET", "/v1/admin/verify") == {"last": drift}
 
 
-@asynccontextmanager
-async def verify_held_up(pool: asyncpg.Pool) -> AsyncIterator[None]:
-    """A verify run meanwhile waits on its first read: the archive is locked (ACCESS
-    EXCLUSIVE) by a transaction open until the block exits."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        yield
-
-
 async def until_lock_is(client: aioredis.Redis, held: bool) -> None:
     """Wait until the verify lock is held (or free)."""
 
@@ -174,13 +171,6 @@ async def until_lock_is(client: aioredis.Redis, held: bool) -> None:
         return bool(await client.exists(verify_lock())) == held
 
     await eventually(now, 10, f"the verify lock is not {'held' if held else 'free'}")
-
-
-async def _refused(http: aiohttp.ClientSession) -> None:
-    """POST /v1/admin/verify answers 409 verify_running at once (it does not wait its turn)."""
-    async with asyncio.timeout(10), http.post("/v1/admin/verify", headers=ADMIN) as r:
-        body = await expect_problem(r, 409, "verify_running")
-        assert body["detail"] == "a verify is running already"
 
 
 async def test_a_verify_running_in_one_api_process_refuses_a_second_in_any(
@@ -197,8 +187,8 @@ async def test_a_verify_running_in_one_api_process_refuses_a_second_in_any(
         first = asyncio.create_task(_json(http, "POST", "/v1/admin/verify"))
         try:
             await until_lock_is(redis_client, held=True)
-            await _refused(other_process)
-            await _refused(http)
+            await expect_verify_refused(other_process)
+            await expect_verify_refused(http)
             assert 0 < await redis_client.pttl(verify_lock()) <= VERIFY_LOCK_MS
             assert not first.done()
         except BaseException:
@@ -230,7 +220,7 @@ async def test_a_verify_lock_left_by_a_dead_holder_expires(
     await project_all(redis_client, pool, settings.partitions)  # the tables, for verify
     dead = await gateway.take_verify_lock(300)  # taken and never given back
     assert dead is not None
-    await _refused(http)
+    await expect_verify_refused(http)
     await until_lock_is(redis_client, held=False)
     assert (await _json(http, "POST", "/v1/admin/verify"))["clean"] is True
 
