@@ -294,14 +294,13 @@ async def browser(chromium: Browser) -> AsyncIterator[Browser]:
 
 @pytest.fixture
 def _function_scoped_runner(
-    request: pytest.FixtureRequest,
-    _function_scoped_runner: asyncio.Runner,
-    _session_scoped_runner: asyncio.Runner,
+    request: pytest.FixtureRequest, _function_scoped_runner: asyncio.Runner
 ) -> asyncio.Runner:
     """The event loop a test and its function-scoped async fixtures run in (pytest-asyncio's
     runner, overridden): the test's own, except for a test that uses ``browser``, which runs
     with all its fixtures in the session's loop, where the shared Chromium's connection
     lives (Playwright's objects answer only in the loop that made them)."""
     if "browser" in request.fixturenames:
-        return _session_scoped_runner
+        session: asyncio.Runner = request.getfixturevalue("_session_scoped_runner")
+        return session
     return _function_scoped_runner
