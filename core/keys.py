@@ -156,3 +156,9 @@ def consumer_members(group: str) -> str:
 def last_verify() -> str:
     """String holding the last verify result the API ran (JSON), for every API worker."""
     return f"{PREFIX}:last-verify"
+
+
+def verify_lock() -> str:
+    """String holding the token of the verify run in progress, with a time to live: one run
+    at a time over every API process and host (no tag: one key)."""
+    return f"{PREFIX}:verify-lock"

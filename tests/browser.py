@@ -1,6 +1,10 @@
 """A real headless browser for the page tests: Debian's ``chromium`` driven by Playwright
 (Playwright's own browser download cannot be had everywhere, so it is not used).
-``FLASHSALE_CHROMIUM`` names another executable; .ci/run installs the Debian package."""
+``FLASHSALE_CHROMIUM`` names another executable; .ci/run installs the Debian package.
+
+Starting Playwright and Chromium takes a second or two, so the session starts them once
+(``chromium`` in tests/conftest.py) and each test works in browser contexts of its own,
+closed after it (:func:`contexts_closed_after`)."""
 
 from __future__ import annotations
 
@@ -38,3 +42,16 @@ async def headless_chromium() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+@asynccontextmanager
+async def contexts_closed_after(browser: Browser) -> AsyncIterator[None]:
+    """Close every context of ``browser`` opened inside the block (a test's), with their
+    pages: the next test finds the browser as this one did."""
+    before = set(browser.contexts)
+    try:
+        yield
+    finally:
+        for context in browser.contexts:
+            if context not in before:
+                await context.close()

@@ -9,6 +9,7 @@ client, the reset empties every primary, and the tests marked ``single_redis`` s
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import aiohttp
 import asyncpg
 import pytest
+import pytest_asyncio
 from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser
 from redis.asyncio.cluster import RedisCluster
@@ -30,7 +32,7 @@ from core.gateway import RedisGateway
 from core.gateway.clients import RedisClient
 from core.settings import Settings
 from projections.db import open_pool
-from tests.browser import headless_chromium
+from tests.browser import contexts_closed_after, headless_chromium
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET
 from tests.http_helpers import serve, session_for
 
@@ -273,8 +275,32 @@ async def http(server: TestServer) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def chromium() -> AsyncIterator[Browser]:
+    """One real headless Chromium for the whole session (``tests.browser``), driven from the
+    session's event loop; skips, saying why, where there is none. Tests take ``browser``."""
+    async with headless_chromium() as shared:
+        yield shared
+
+
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    """A real headless Chromium (``tests.browser``); skips, saying why, where there is none."""
-    async with headless_chromium() as chromium:
+async def browser(chromium: Browser) -> AsyncIterator[Browser]:
+    """The session's Chromium for one test. Each context the test opens (``new_context``,
+    or ``new_page``, which opens one) has its own cookies, storage and time zone, and is
+    closed after the test, so tests stay independent while Chromium starts once."""
+    async with contexts_closed_after(chromium):
         yield chromium
+
+
+@pytest.fixture
+def _function_scoped_runner(
+    request: pytest.FixtureRequest, _function_scoped_runner: asyncio.Runner
+) -> asyncio.Runner:
+    """The event loop a test and its function-scoped async fixtures run in (pytest-asyncio's
+    runner, overridden): the test's own, except for a test that uses ``browser``, which runs
+    with all its fixtures in the session's loop, where the shared Chromium's connection
+    lives (Playwright's objects answer only in the loop that made them)."""
+    if "browser" in request.fixturenames:
+        session: asyncio.Runner = request.getfixturevalue("_session_scoped_runner")
+        return session
+    return _function_scoped_runner

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import asyncpg
 import jwt
 from aiohttp.test_utils import TestServer
 
@@ -88,6 +89,22 @@ async def expect_problem(
     if code is not None:
         assert body["code"] == code, body
     return body
+
+
+async def expect_verify_refused(http: aiohttp.ClientSession) -> None:
+    """POST /v1/admin/verify answers 409 verify_running at once (it does not wait its turn)."""
+    async with asyncio.timeout(10), http.post("/v1/admin/verify", headers=ADMIN) as r:
+        body = await expect_problem(r, 409, "verify_running")
+        assert body["detail"] == "a verify is running already"
+
+
+@asynccontextmanager
+async def verify_held_up(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """A verify run meanwhile waits on its first read: the archive is locked (ACCESS
+    EXCLUSIVE) by a transaction open until the block exits."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        yield
 
 
 async def redis_dump(client: RedisClient) -> dict[Any, Any]:

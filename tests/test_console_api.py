@@ -3,20 +3,30 @@ outcome and consumer health, and verify (run, and its last result seen by every 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 
-from api.web.state import VERIFY_LOCK
-from core.keys import last_verify, partition_of
+from api.web.admin import VERIFY_LOCK_MS
+from core.gateway import RedisGateway
+from core.keys import last_verify, partition_of, verify_lock
 from core.settings import Settings
 from tests.conftest import AppServerFactory
+from tests.daemons import eventually
 from tests.helpers import ADMIN_TOKEN, project_all
-from tests.http_helpers import ADMIN, bearer, expect_problem, reserve, sale_body
+from tests.http_helpers import (
+    ADMIN,
+    bearer,
+    expect_problem,
+    expect_verify_refused,
+    reserve,
+    sale_body,
+    verify_held_up,
+)
 
 ADMIN_ROUTES = [
     ("GET", "/v1/sales"),
@@ -154,14 +164,81 @@ async def test_verify_runs_keeps_its_result_for_every_worker_and_finds_drift(
     assert await _json(other_worker, "GET", "/v1/admin/verify") == {"last": drift}
 
 
-async def test_a_second_verify_while_one_runs_is_refused(
-    pool: asyncpg.Pool, server: TestServer, http: aiohttp.ClientSession
+async def until_lock_is(client: aioredis.Redis, held: bool) -> None:
+    """Wait until the verify lock is held (or free)."""
+
+    async def now() -> bool:
+        return bool(await client.exists(verify_lock())) == held
+
+    await eventually(now, 10, f"the verify lock is not {'held' if held else 'free'}")
+
+
+async def test_a_verify_running_in_one_api_process_refuses_a_second_in_any(
+    pool: asyncpg.Pool,
+    http: aiohttp.ClientSession,
+    serve_app: AppServerFactory,
+    redis_client: aioredis.Redis,
+    settings: Settings,
 ) -> None:
-    async with server.app[VERIFY_LOCK], http.post("/v1/admin/verify", headers=ADMIN) as r:
-        body = await expect_problem(r, 409, "verify_running")
-        assert body["detail"] == "a verify is running already"
-    async with http.post("/v1/admin/verify", headers=ADMIN) as r:
-        assert r.status == 200
+    await _open(http, "checked")
+    await project_all(redis_client, pool, settings.partitions)
+    other_process = await serve_app()  # an app of its own: what another worker or host runs
+    async with verify_held_up(pool):
+        first = asyncio.create_task(_json(http, "POST", "/v1/admin/verify"))
+        try:
+            await until_lock_is(redis_client, held=True)
+            await expect_verify_refused(other_process)
+            await expect_verify_refused(http)
+            assert 0 < await redis_client.pttl(verify_lock()) <= VERIFY_LOCK_MS
+            assert not first.done()
+        except BaseException:
+            first.cancel()
+            raise
+    assert (await first)["clean"] is True
+    assert not await redis_client.exists(verify_lock())  # given back by the run
+    assert (await _json(other_process, "POST", "/v1/admin/verify"))["clean"] is True
+
+
+async def test_a_failed_verify_gives_the_lock_back(
+    pool: asyncpg.Pool, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    await pool.execute("DROP TABLE events CASCADE")
+    for _ in range(2):  # verify cannot read the archive, and the second is not refused
+        async with http.post("/v1/admin/verify", headers=ADMIN) as r:
+            body = await expect_problem(r, 503, "unavailable")
+            assert "verify could not read PostgreSQL" in body["detail"]
+    assert not await redis_client.exists(verify_lock())
+
+
+async def test_a_verify_lock_left_by_a_dead_holder_expires(
+    pool: asyncpg.Pool,
+    http: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+    gateway: RedisGateway,
+    settings: Settings,
+) -> None:
+    await project_all(redis_client, pool, settings.partitions)  # the tables, for verify
+    dead = await gateway.take_verify_lock(300)  # taken and never given back
+    assert dead is not None
+    await expect_verify_refused(http)
+    await until_lock_is(redis_client, held=False)
+    assert (await _json(http, "POST", "/v1/admin/verify"))["clean"] is True
+
+
+async def test_a_late_release_leaves_the_next_runs_lock_alone(
+    gateway: RedisGateway, redis_client: aioredis.Redis
+) -> None:
+    late = await gateway.take_verify_lock(100)  # a run that outlives its time to live
+    assert late is not None
+    assert await gateway.take_verify_lock(60_000) is None
+    await until_lock_is(redis_client, held=False)
+    now = await gateway.take_verify_lock(60_000)
+    assert now is not None and now != late
+    assert await gateway.release_verify_lock(late) is False
+    assert await redis_client.get(verify_lock()) == now.encode()
+    assert await gateway.release_verify_lock(now) is True
+    assert not await redis_client.exists(verify_lock())
+    assert await gateway.release_verify_lock(now) is False  # safe to repeat
 
 
 async def test_an_unreadable_kept_result_reads_as_none(

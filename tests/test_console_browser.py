@@ -25,6 +25,7 @@ from playwright.async_api import Browser, Page, expect
 
 from api.web.app import create_app
 from core.settings import Settings
+from tests.browser import contexts_closed_after
 from tests.conftest import ProjectorFactory
 from tests.helpers import ADMIN_TOKEN
 from tests.http_helpers import ADMIN, reserve, sale_body
@@ -176,6 +177,25 @@ async def test_a_wrong_token_is_refused_and_asked_again(server: TestServer, brow
     await expect(page.get_by_label("Admin token")).to_be_focused()
     assert await page.evaluate("sessionStorage.length") == 0
     await page.close()
+
+
+async def test_each_test_finds_the_shared_browser_without_the_last_ones_contexts(
+    server: TestServer, browser: Browser
+) -> None:
+    """Chromium serves the whole session: the contexts a test opens are closed after it,
+    and a new one holds nothing of another's storage or cookies."""
+    assert browser.contexts == []  # the earlier tests' are closed
+    url = str(server.make_url("/console"))
+    async with contexts_closed_after(browser):  # what the fixture does after each test
+        left_open = await browser.new_page()
+        await left_open.goto(url)
+        await left_open.evaluate("localStorage.setItem('k', 'v'); sessionStorage.setItem('k', 'v')")
+        await left_open.context.add_cookies([{"name": "c", "value": "v", "url": url}])
+    assert browser.contexts == []
+    fresh = await browser.new_page()
+    await fresh.goto(url)
+    seen = await fresh.evaluate("[localStorage.length, sessionStorage.length, document.cookie]")
+    assert seen == [0, 0, ""]
 
 
 async def test_without_a_database_the_console_says_so_and_shows_the_rest(

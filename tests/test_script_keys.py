@@ -5,9 +5,10 @@ Each script is loaded with a prelude that shadows ``redis`` inside it: ``redis.c
 ``redis.pcall`` check every key argument of the command (at the positions Redis itself
 reports in ``COMMAND``) against KEYS, and fail the script when one is missing or the
 command's key positions are unknown. The real scenarios then run through the gateway, the
-expiry worker and the leases against the real Redis. The prelude counts what it checked in
-a hash, so the test also proves that every script in ``core/lua`` ran its commands through
-the check, and a deliberately wrong script shows that the check does catch a stray key.
+expiry worker, the leases and the verify lock against the real Redis. The prelude counts
+what it checked in a hash, so the test also proves that every script in ``core/lua`` ran its
+commands through the check, and a deliberately wrong script shows that the check does catch
+a stray key.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 import consumers.leases
+import core.gateway.records
 import core.gateway.repair
 import core.gateway.scripts
 from consumers.expiry import ExpiryWorker
@@ -98,7 +100,8 @@ async def key_positions(client: aioredis.Redis) -> str:
 async def checked(
     redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[[str], str]:
-    """Every script registered from here on (gateway, pruning, leases) runs checked.
+    """Every script registered from here on (gateway, pruning, leases, the verify lock) runs
+    checked.
     Returns the prelude of a script name, for a test's own scripts."""
     spec = await key_positions(redis_client)
     original = core.gateway.scripts.load_lua
@@ -109,7 +112,8 @@ async def checked(
     def load(name: str) -> str:
         return prelude(name) + original(name)
 
-    for module in (core.gateway.scripts, core.gateway.repair, consumers.leases):
+    modules = (core.gateway.scripts, core.gateway.repair, core.gateway.records, consumers.leases)
+    for module in modules:
         monkeypatch.setattr(module, "load_lua", load)
     return prelude
 
@@ -177,7 +181,7 @@ class TouchedAlways:
 async def run_every_scenario(gateway: RedisGateway, client: aioredis.Redis) -> None:
     """Create, reserve (with and without an Idempotency-Key), confirm, cancel (and their
     repeats under WAIT), expire, adjust, close, snapshot (read and fence), repair, prune,
-    and the partition leases."""
+    the partition leases and the verify lock."""
     await open_sale(gateway, "sale-1", stock=20, per_user_limit=2)
     await open_sale(gateway, "sale-2", stock=20, per_user_limit=2, hold_seconds=0)
     kept = await gateway.reserve("sale-1", "ann", 1, "key-1")
@@ -228,6 +232,8 @@ async def run_every_scenario(gateway: RedisGateway, client: aioredis.Redis) -> N
     assert await leases.refresh() == set(range(gateway.partitions))
     assert await leases.refresh() == set(range(gateway.partitions))  # renewed
     await leases.release_all()
+    token = await gateway.take_verify_lock(60_000)
+    assert token is not None and await gateway.release_verify_lock(token) is True
 
 
 async def test_expiry_checks_each_id_again(

@@ -23,6 +23,8 @@ import redis.asyncio as aioredis
 
 from api.cli.processes import open_services, running_api
 from api.cli.workers import available_cpus, worker_count
+from api.web.admin import VERIFY_LOCK_MS
+from core.keys import verify_lock
 from core.settings import Settings
 from tests.daemons import (
     children_of,
@@ -39,7 +41,8 @@ from tests.daemons import (
     wait_exit,
     wait_gone,
 )
-from tests.http_helpers import ADMIN, buyer
+from tests.helpers import project_all
+from tests.http_helpers import ADMIN, buyer, expect_verify_refused, verify_held_up
 
 RESERVATIONS = 50
 PLACED = re.compile(r'^flashsale_reservation_attempts_total\{outcome="placed"\} (\S+)$', re.M)
@@ -234,6 +237,54 @@ async def test_one_worker_serves_in_the_command_process(env: dict[str, str], tmp
         async with aiohttp.ClientSession(service.base) as http, http.get("/metrics") as response:
             assert PLACED.findall(await response.text()) == ["5.0"]
         assert await terminate(service.proc) == 0
+
+
+async def test_one_verify_at_a_time_over_api_processes_and_a_killed_holder_frees_it_by_ttl(
+    env: dict[str, str],
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+):
+    """Two ``flashsale serve`` processes on one Redis: a verify held up in one refuses a
+    second in the other; the holder killed mid-run leaves the lock to its time to live."""
+    single = env | {"FLASHSALE_WORKERS": "1"}
+    async with (
+        started(single, tmp_path / "holder.log", "serve", workers=False) as holder,
+        started(single, tmp_path / "other.log", "serve", workers=False) as other,
+        aiohttp.ClientSession(holder.base) as holder_http,
+        aiohttp.ClientSession(other.base) as other_http,
+    ):
+        sale = {"sale_id": "checked", "stock": 5}
+        async with holder_http.post("/v1/sales", json=sale, headers=ADMIN) as response:
+            assert response.status == 201, await response.text()
+        await project_all(redis_client, pool, settings.partitions)
+
+        async def held() -> bool:
+            return bool(await redis_client.exists(verify_lock()))
+
+        async def free() -> bool:
+            return not await held()
+
+        async with verify_held_up(pool):
+            run = asyncio.create_task(holder_http.post("/v1/admin/verify", headers=ADMIN))
+            alive = running((holder.proc, holder.log_path))
+            await eventually(held, 10, "the first verify took no lock", alive)
+            await expect_verify_refused(other_http)
+            holder.proc.kill()
+            holder.proc.wait()
+            with pytest.raises(aiohttp.ClientError):
+                await run
+        # The dead holder's lock outlives it, for its time to live at most, not for ever.
+        await expect_verify_refused(other_http)
+        assert 0 < await redis_client.pttl(verify_lock()) <= VERIFY_LOCK_MS
+        # As if that time had passed (test_console_api waits out a short one for real).
+        await redis_client.pexpire(verify_lock(), 1)
+        await eventually(free, 5, "the lock did not expire")
+        async with other_http.post("/v1/admin/verify", headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["clean"] is True
+        assert not await held()
 
 
 async def test_up_runs_the_consumers_once_beside_its_workers(

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from api.web.auth import require_admin
 from api.web.openapi import Answer, documented
 from api.web.problems import problem
-from api.web.state import CONSOLE_HEALTH, GATEWAY, METRICS, ORDERS_POOL, SETTINGS, VERIFY_LOCK
+from api.web.state import CONSOLE_HEALTH, GATEWAY, METRICS, ORDERS_POOL, SETTINGS
 from consumers.health import Health
 from core.errors import InfrastructureError
 from projections.verify import VerifyReport, verify
@@ -24,6 +24,10 @@ log = structlog.get_logger(__name__)
 
 # How long one verify may run before its caller hears 503; it folds the whole log.
 VERIFY_TIMEOUT_SECONDS = 60.0
+# How long the verify lock lives unless given back: a little longer than a run may take
+# (its timeout, then keeping the result), so that it never ends under a live run, and a
+# worker killed mid-run holds verify up at most this long.
+VERIFY_LOCK_MS = int(VERIFY_TIMEOUT_SECONDS * 1000) + 5000
 # Rows of differences a verify result keeps (the count says how many there were).
 MAX_VERIFY_ROWS = 50
 
@@ -169,25 +173,29 @@ def verify_result(report: VerifyReport, started_at: datetime, seconds: float) ->
     Answer(200, "what verify found, now the last result", VerifyResult),
     auth=("admin",),
     problems=("verify_running", "unavailable"),
-    description="One run at a time per API process (409 verify_running meanwhile), at most"
-    f" {VERIFY_TIMEOUT_SECONDS:.0f} s (then 503). The result is kept in Redis, so every API"
-    " worker answers it to GET /v1/admin/verify. 503 unavailable without a database.",
+    description="One run at a time over every API process and host (409 verify_running"
+    f" meanwhile; a lock in Redis, freed at the latest {VERIFY_LOCK_MS / 1000:.0f} s after a"
+    f" worker died running verify), at most {VERIFY_TIMEOUT_SECONDS:.0f} s (then 503). The"
+    " result is kept in Redis, so every API worker answers it to GET /v1/admin/verify."
+    " 503 unavailable without a database.",
 )
 async def run_verify(request: web.Request) -> web.Response:
     """POST /v1/admin/verify (admin): run verify over every sale and keep its result.
 
     It reads in bounded steps (``projections.verify``) and never writes, so a run does not
-    hold up purchases; a second run asked for meanwhile is refused rather than queued.
+    hold up purchases; a second run asked for meanwhile, of any API process, is refused
+    rather than queued: the verify lock in Redis (``OperatorRecords.take_verify_lock``)
+    names the run that holds it, and only that run gives it back.
     """
     require_admin(request, request.app[SETTINGS].admin_token)
     pool = request.app.get(ORDERS_POOL)
     if pool is None:
         raise InfrastructureError("no database configured: verify compares it with the log")
-    lock = request.app[VERIFY_LOCK]
-    if lock.locked():
-        return problem(409, "verify_running", "Verify running", "a verify is running already")
     gateway = request.app[GATEWAY]
-    async with lock:
+    token = await gateway.take_verify_lock(VERIFY_LOCK_MS)
+    if token is None:
+        return problem(409, "verify_running", "Verify running", "a verify is running already")
+    try:
         started_at, started = datetime.now(UTC), time.monotonic()
         try:
             async with asyncio.timeout(VERIFY_TIMEOUT_SECONDS):
@@ -201,6 +209,11 @@ async def run_verify(request: web.Request) -> web.Response:
         result = verify_result(report, started_at, time.monotonic() - started)
         text = result.model_dump_json()
         await gateway.save_verify_result(text)
+    finally:
+        try:
+            await gateway.release_verify_lock(token)
+        except InfrastructureError as e:  # it expires on its own
+            log.warning("verify_lock_not_released", error=str(e), ttl_ms=VERIFY_LOCK_MS)
     return web.Response(text=text, content_type="application/json")
 
 

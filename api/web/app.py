@@ -3,7 +3,6 @@ parse, call the gateway, map errors."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -25,7 +24,6 @@ from api.web.state import (
     ORDERS_POOL,
     SALE_VIEWS,
     SETTINGS,
-    VERIFY_LOCK,
 )
 from consumers.health import CachedHealth
 from core.errors import InfrastructureError
@@ -65,7 +63,6 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics or ApiMetrics()
     app[INFLIGHT] = [0]
-    app[VERIFY_LOCK] = asyncio.Lock()
     app[SALE_VIEWS] = SaleViewCache(settings.sale_view_cache_ms / 1000)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 from aiohttp import web
 
@@ -22,8 +20,6 @@ SALE_VIEWS = web.AppKey("sale_views", SaleViewCache)
 HEALTH = web.AppKey("health", CachedHealth)
 # The same, read at most once a second: what the operator console shows.
 CONSOLE_HEALTH = web.AppKey("console_health", CachedHealth)
-# Held while this process runs verify (one at a time).
-VERIFY_LOCK = web.AppKey("verify_lock", asyncio.Lock)
 # The OpenAPI document, serialized once when the app is built.
 OPENAPI_JSON = web.AppKey("openapi_json", str)
 # Present only when a database is configured: reads of pruned reservations, the list of

@@ -1,7 +1,9 @@
--- Give a lease back if the caller holds it (compare and delete).
+-- Give a lease back if the caller holds it (compare and delete): a partition's lease, or
+-- the verify lock (a run that outlived its time to live must not free the next run's).
 --
 -- KEYS[1]  lease string         fs:{tag}:lease:<group>   (value: the holder's name)
--- ARGV[1]  the caller's name
+--                               or fs:verify-lock        (value: the run's token)
+-- ARGV[1]  the caller's name (or token)
 --
 -- Safe to run again: a lease already given back, or taken by another, is left alone.
 --
