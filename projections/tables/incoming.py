@@ -47,9 +47,10 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {TABLE} (
 _COLUMNS = list(COLUMNS)
 _NO_EXTRA = (None,) * (len(COLUMNS) - len(events.COLUMNS))
 
-# The last statement of a batch: how many events the scratch table holds by then (the new
-# ones), and the commit has nothing left to empty.
-EMPTY = f"WITH emptied AS (DELETE FROM {TABLE} RETURNING 1) SELECT count(*) FROM emptied"
+# How many events the scratch table holds: once ``events.ARCHIVE_INCOMING`` dropped those
+# the archive held, the new ones. The commit empties it (ON COMMIT DELETE ROWS: a truncation,
+# whatever a DELETE before it left).
+COUNT = f"SELECT count(*) FROM {TABLE}"
 
 
 def record(entry: LogEntry) -> tuple[Any, ...]:
