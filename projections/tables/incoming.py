@@ -38,7 +38,7 @@ COLUMNS = (
 _CREATE = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {TABLE} (
     event_id text, partition integer, stream_id text, stream_ms bigint, stream_seq bigint,
-    sale_id text, type text, occurred_at timestamptz, payload jsonb,
+    sale_id text, type text, occurred_at timestamptz, payload json,
     reservation_id text, user_id text, qty bigint, expires_at timestamptz,
     starts_at timestamptz, ends_at timestamptz
 ) ON COMMIT DELETE ROWS
