@@ -28,7 +28,7 @@ from core.events import (
 )
 from projections.entries import LogEntry
 from projections.tables import checkpoints, incoming, orders, stock_view
-from projections.tables.events import ARCHIVE_INCOMING
+from projections.tables.events import ARCHIVE_ALL_INCOMING, ARCHIVE_INCOMING
 from projections.tables.stock_view import StockDelta
 
 _FINAL_TYPES = frozenset(t.model_fields["type"].default for t in TERMINAL_EVENTS)
@@ -62,21 +62,31 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
     return deltas
 
 
-def apply_statements(batch: Batch) -> list[str]:
+def apply_statements(batch: Batch, fresh: bool) -> list[str]:
     """The statements that apply a batch staged in ``incoming``, in order: archive the
-    events (dropping from ``incoming`` those the archive held), write the orders
-    (placements, then final states; each only if the batch has some) and the stock view's
-    deltas, and empty ``incoming``, answering how many events were new.
+    events, write the orders (placements, then final states; each only if the batch has
+    some) and the stock view's deltas.
+
+    ``fresh``: the statements that take every event as new to the archive and every
+    placement as new to ``orders``, plain INSERTs, which a row already there makes fail
+    with a unique violation. Otherwise the ones that skip what is there (``ON CONFLICT``):
+    the archive's statement drops from ``incoming`` the events it held, so the others apply
+    only the new ones.
 
     The stock view goes last: its rows (one per sale) are the only ones every consumer
     writes, and a row stays locked until the commit, so taking them after the orders (the
     long statement) keeps a second consumer's batch from waiting that long on them."""
-    statements = [ARCHIVE_INCOMING]
-    if batch.placed:
-        statements.append(orders.PLACED_FROM_INCOMING)
+    if fresh:
+        statements = [ARCHIVE_ALL_INCOMING]
+        if batch.placed:
+            statements.append(orders.PLACED_ALL_FROM_INCOMING)
+    else:
+        statements = [ARCHIVE_INCOMING]
+        if batch.placed:
+            statements.append(orders.PLACED_FROM_INCOMING)
     if batch.finished:
         statements.append(orders.FINISHED_FROM_INCOMING)
-    return [*statements, stock_view.ADD_INCOMING, incoming.EMPTY]
+    return [*statements, stock_view.ADD_INCOMING]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,18 +135,33 @@ async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
     of its events were new.
 
     The batch is COPIED once into the scratch table ``incoming``, and every table takes its
-    rows from there (:func:`apply_statements`); the events the archive already held are
-    dropped from it first.
+    rows from there (:func:`apply_statements`). First as if every event were new, with
+    plain INSERTs: that is nearly always so, and a speculative insertion (``ON CONFLICT``)
+    costs each row an extra index search and WAL record. If the unique index of the
+    archive or of ``orders`` says otherwise (a delivery repeated, a final state projected
+    before its placement, another projector writing the same events), that transaction is
+    rolled back, whole, and the batch written again with the statements that skip what is
+    there. Both take the rows of each table in key order, so two projectors writing
+    overlapping batches wait on each other, never deadlock.
     """
     if not batch.entries:
         return 0
+    try:
+        return await _write(conn, group, batch, fresh=True)
+    except asyncpg.UniqueViolationError:
+        return await _write(conn, group, batch, fresh=False)
+
+
+async def _write(conn: asyncpg.Connection, group: str, batch: Batch, fresh: bool) -> int:
+    """One try of :func:`write` (see :func:`apply_statements` for ``fresh``)."""
     async with conn.transaction():
         await incoming.stage_records(conn, batch.records)
-        *statements, empty = apply_statements(batch)
-        for statement in statements:
+        for statement in apply_statements(batch, fresh):
             # fetch, not execute: a prepared statement, planned once per connection
             await conn.fetch(statement, timeout=None)
-        new: int = await conn.fetchval(empty, timeout=None)
+        # Every event was new if the fresh statements went through; else ``incoming``
+        # holds just the new ones by now.
+        new: int = len(batch) if fresh else await conn.fetchval(incoming.COUNT, timeout=None)
         await checkpoints.advance_group(conn, group, batch.checkpoints)
     return new
 

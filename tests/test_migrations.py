@@ -1,6 +1,7 @@
 """The migration runner against real PostgreSQL, on migrations directories of the tests'
 own, each run in a fresh schema: files apply in version order, once, and a directory where
-two files share a version number is refused before anything is applied."""
+two files share a version number is refused before anything is applied; and the shipped
+migrations carry an archive written before them (jsonb payloads) over to the json ones."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import asyncpg
 import pytest
 
 from core.errors import ConfigurationError
+from core.events import SaleCreated, dump_event, from_ms, parse_event
 from core.settings import Settings
+from projections.batch import project
+from projections.entries import LogEntry
 from projections.schema import migrate, migration_files
+from projections.tables import events
 
 
 @pytest.fixture
@@ -155,3 +160,45 @@ async def test_a_database_whose_rebuild_created_rebuild_checkpoints_migrates(
         5,
         1,
     )
+
+
+async def test_an_archive_of_jsonb_payloads_migrates_to_json_and_reads_back(
+    schema_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # An archive from before migration 0006 (payload jsonb, events_by_sale there): its
+    # events read back the same once the payload is json, and the projector archives on.
+    event = SaleCreated(
+        event_id="e-1",
+        sale_id="s",
+        occurred_at=from_ms(1_764_000_000_000),
+        stock=5,
+        per_user_limit=1,
+        starts_at=from_ms(1_764_000_000_000),
+        hold_seconds=60,
+    )
+    earlier = {f"{v:04d}_{name}.sql": sql for v, name, sql in migration_files() if v < 5}
+    assert await migrate(schema_pool, write(tmp_path / "earlier", earlier)) == [1, 2, 3, 4]
+    await schema_pool.execute(
+        "INSERT INTO events (event_id, partition, stream_id, stream_ms, stream_seq, sale_id,"
+        " type, occurred_at, payload) VALUES ($1, 0, '1-0', 1, 0, 's', $2, $3, $4::jsonb)",
+        event.event_id,
+        event.type,
+        event.occurred_at,
+        dump_event(event),
+    )
+    assert await migrate(schema_pool) == [5, 6]
+    async with schema_pool.acquire() as conn:
+        assert await project(conn, "g", [LogEntry(0, "2-0", replace(event, "e-2"))]) == 1
+        rows = await events.read_range(conn, 0, (0, 0), (3, 0), 10)
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            )
+        }
+    assert [parse_event(r["payload"]) for r in rows] == [event, replace(event, "e-2")]
+    assert "events_by_sale" not in indexes
+
+
+def replace(event: SaleCreated, event_id: str) -> SaleCreated:
+    return event.model_copy(update={"event_id": event_id})

@@ -29,6 +29,19 @@ ON CONFLICT (reservation_id) DO UPDATE SET
     placed_at = EXCLUDED.placed_at, expires_at = EXCLUDED.expires_at, updated_at = now()
 """
 
+# The same when no order row of these reservations exists yet (every event of the batch new
+# to the archive, none of them a placement of a reservation already final): a plain
+# INSERT, cheaper by the speculative insertion's extra index search and WAL record. A row
+# that exists breaks the primary key and the transaction, and the batch is written again
+# with the statement above (:func:`projections.batch.write`).
+PLACED_ALL_FROM_INCOMING = """
+INSERT INTO orders (reservation_id, sale_id, user_id, qty, status, placed_at, expires_at)
+SELECT DISTINCT ON (reservation_id)
+       reservation_id, sale_id, user_id, qty, 'pending', occurred_at, expires_at
+FROM incoming WHERE type = 'ReservationPlaced'
+ORDER BY reservation_id, event_id DESC
+"""
+
 FINISHED_FROM_INCOMING = """
 INSERT INTO orders AS o (reservation_id, sale_id, user_id, qty, status,
                          confirmed_at, cancelled_at, expired_at)
