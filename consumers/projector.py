@@ -36,7 +36,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -49,7 +49,7 @@ from consumers.deadletter import park, parked_record
 from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from consumers.leases import PartitionLeases
-from core.events import parse_event
+from core.events import parse_stored
 from core.gateway.clients import RedisClient
 from core.keys import CONSUMER_GROUP, PartitionKeys
 from projections.batch import Batch, prepare, project, write
@@ -411,13 +411,13 @@ class Projector:
                 give_up.append((d, d.undecodable))
                 continue
             try:
-                event = parse_event(d.fields.get("event", ""))
+                event, payload = parse_stored(d.fields.get("event", ""))
             except Exception as e:
                 # Parsing is pure, so it fails the same way on every delivery: the entry
                 # is poison, not a transient fault.
                 give_up.append((d, describe(e)))
                 continue
-            entries.append(LogEntry(d.partition, d.stream_id, event))
+            entries.append(LogEntry(d.partition, d.stream_id, event, payload))
             by_position[d.position] = d
         return entries
 
@@ -500,7 +500,7 @@ class Projector:
             failed: list[tuple[LogEntry, str]] = []
             for entry in batch.entries:
                 try:
-                    new += await project(conn, self.group, [entry])
+                    new += await self._project_one(conn, entry)
                 except Exception as e:
                     if is_transient(e):
                         raise
@@ -508,6 +508,18 @@ class Projector:
                         (entry, describe(e))
                     )
             return new, refused, failed
+
+    async def _project_one(self, conn: asyncpg.Connection, entry: LogEntry) -> int:
+        """Project one entry in a transaction of its own; if PostgreSQL refuses it as the
+        JSON it was read from, as the model serialises it: that JSON may hold a field the
+        model ignores and a jsonb column refuses (a NaN, a ``\\u0000``), and the event must
+        not be refused for what it ignores."""
+        try:
+            return await project(conn, self.group, [entry])
+        except REFUSED_DATA:
+            if entry.payload is None:
+                raise
+        return await project(conn, self.group, [replace(entry, payload=None)])
 
     def _by_stream(self, deliveries: Sequence[Delivery]) -> dict[str, list[StreamIdT]]:
         by_stream: dict[str, list[StreamIdT]] = {}

@@ -146,8 +146,6 @@ def parse_event(raw: str | bytes) -> AnyEvent:
 
     Raises ``pydantic.ValidationError`` (a ``ValueError``) on anything malformed.
     """
-    import json
-
     try:  # not contextlib.suppress, which costs a third of this function, run per event
         # The fast path, parsing and validating in one step: an event of the current
         # version that validates as it is. Anything else (an old version, any failure)
@@ -157,6 +155,29 @@ def parse_event(raw: str | bytes) -> AnyEvent:
             return event
     except Exception:  # the slow path below says what is wrong
         pass
+    return _upcast_json(raw)
+
+
+def parse_stored(raw: str) -> tuple[AnyEvent, str | None]:
+    """:func:`parse_event`, and ``raw`` itself when the event was read from it as it is (of
+    the current version, on the fast path), else None (it was upcast).
+
+    ``raw`` then reads back as the same event, so it can be archived as it was written
+    instead of serialising the model again (a fifth of a projector's work per event).
+    """
+    try:  # the fast path of parse_event, inline: this runs for every event projected
+        event = _adapter.validate_json(raw)
+        if event.v >= CURRENT_VERSION:
+            return event, raw
+    except Exception:  # the slow path below says what is wrong
+        pass
+    return _upcast_json(raw), None
+
+
+def _upcast_json(raw: str | bytes) -> AnyEvent:
+    """The slow path of :func:`parse_event`: upcast, or say what is wrong."""
+    import json
+
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):

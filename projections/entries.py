@@ -16,11 +16,14 @@ def parse_stream_id(stream_id: str) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class LogEntry:
-    """An event with the stream position it was read from."""
+    """An event with the stream position it was read from; and, when known, the JSON it
+    was read from, if that reads back as the very event (see
+    :func:`core.events.parse_stored`)."""
 
     partition: int
     stream_id: str
     event: AnyEvent
+    payload: str | None = None
 
     @property
     def position(self) -> tuple[int, int]:
