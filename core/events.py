@@ -17,17 +17,21 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NUMBERS = (int, float)
 
 
+_MS = timedelta(milliseconds=1)
+
+
 def from_ms(ms: int) -> datetime:
     """The moment ``ms`` milliseconds after the epoch, exactly: no float of seconds on the
     way, which cannot hold every millisecond of far-future times."""
-    # Positional (days, seconds, microseconds, milliseconds): a third faster than
-    # ``milliseconds=ms``, same value; this runs for every time field of every event read.
-    return EPOCH + timedelta(0, 0, 0, ms)
+    # A millisecond times ``ms`` (integer arithmetic, exact): a third cheaper than
+    # ``timedelta(0, 0, 0, ms)``, same value; this runs for every time field of every event
+    # read.
+    return EPOCH + _MS * ms
 
 
 def _from_ms(value: Any) -> Any:
     if type(value) is int:  # nearly always: checked first, as every event has a time or two
-        return EPOCH + timedelta(0, 0, 0, value)
+        return EPOCH + _MS * value
     # Events written before times were kept whole may hold a rounded float (1.2345e+14).
     if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         return from_ms(round(value))

@@ -56,7 +56,8 @@ _AS_READ = frozenset(
 def row_of(entry: LogEntry) -> tuple[Any, ...]:
     """The archive's row of ``entry``, its values in the order of ``COLUMNS``."""
     event = entry.event
-    ms, seq = entry.position
+    # entry.position, inline (runs for every event projected)
+    ms, _, seq = entry.stream_id.partition("-")
     payload = entry.payload
     if payload is None or type(event) not in _AS_READ:
         payload = dump_event(event)
@@ -64,8 +65,8 @@ def row_of(entry: LogEntry) -> tuple[Any, ...]:
         event.event_id,
         entry.partition,
         entry.stream_id,
-        ms,
-        seq,
+        int(ms),
+        int(seq or 0),
         event.sale_id,
         event.type,
         event.occurred_at,
