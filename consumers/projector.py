@@ -105,7 +105,7 @@ class Delivery:
     decoded losslessly, to be parked as they were).
 
     Never changed once made, but not frozen: a frozen dataclass sets each field through
-    ``object.__setattr__``, which made building one cost four times as much, for every
+    ``object.__setattr__``, which made building one cost three times as much, for every
     entry read (about 8% of the Python work of preparing a batch).
     """
 
