@@ -17,17 +17,21 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NUMBERS = (int, float)
 
 
+_MS = timedelta(milliseconds=1)
+
+
 def from_ms(ms: int) -> datetime:
     """The moment ``ms`` milliseconds after the epoch, exactly: no float of seconds on the
     way, which cannot hold every millisecond of far-future times."""
-    # Positional (days, seconds, microseconds, milliseconds): a third faster than
-    # ``milliseconds=ms``, same value; this runs for every time field of every event read.
-    return EPOCH + timedelta(0, 0, 0, ms)
+    # A millisecond times ``ms`` (integer arithmetic, exact): a third cheaper than
+    # ``timedelta(0, 0, 0, ms)``, same value; this runs for every time field of every event
+    # read.
+    return EPOCH + _MS * ms
 
 
 def _from_ms(value: Any) -> Any:
     if type(value) is int:  # nearly always: checked first, as every event has a time or two
-        return EPOCH + timedelta(0, 0, 0, value)
+        return EPOCH + _MS * value
     # Events written before times were kept whole may hold a rounded float (1.2345e+14).
     if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         return from_ms(round(value))
@@ -146,8 +150,6 @@ def parse_event(raw: str | bytes) -> AnyEvent:
 
     Raises ``pydantic.ValidationError`` (a ``ValueError``) on anything malformed.
     """
-    import json
-
     try:  # not contextlib.suppress, which costs a third of this function, run per event
         # The fast path, parsing and validating in one step: an event of the current
         # version that validates as it is. Anything else (an old version, any failure)
@@ -157,6 +159,30 @@ def parse_event(raw: str | bytes) -> AnyEvent:
             return event
     except Exception:  # the slow path below says what is wrong
         pass
+    return _upcast_json(raw)
+
+
+def parse_stored(raw: str) -> tuple[AnyEvent, str | None]:
+    """:func:`parse_event`, and ``raw`` itself when the event was read from it as it is (of
+    the current version, on the fast path), else None (it was upcast).
+
+    ``raw`` then reads back as the same event, so it can be archived as it was written
+    instead of serialising the model again (about a sixth of a projector's instructions
+    per event).
+    """
+    try:  # the fast path of parse_event, inline: this runs for every event projected
+        event = _adapter.validate_json(raw)
+        if event.v >= CURRENT_VERSION:
+            return event, raw
+    except Exception:  # the slow path below says what is wrong
+        pass
+    return _upcast_json(raw), None
+
+
+def _upcast_json(raw: str | bytes) -> AnyEvent:
+    """The slow path of :func:`parse_event`: upcast, or say what is wrong."""
+    import json
+
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):
