@@ -50,7 +50,8 @@ WRITTEN = {
     "compact": '{"qty":2,"user_id":"u-c","type":"ReservationPlaced","event_id":"compact",'
     f'"sale_id":"s","reservation_id":"r-compact","occurred_at":{T0},'
     f'"expires_at":{T0 + 1}}}',
-    # Fields the model ignores holding what a jsonb column refuses: still projected.
+    # Fields the model ignores holding what PostgreSQL refuses (a json column NaN, its json
+    # operators a NUL): still projected, the field left out.
     "NaN aside": json.dumps(_placement("nan", junk=float("nan"))),
     "NUL aside": json.dumps(_placement("nul", junk="a\u0000b")),
     # The stock view reads a sale's numbers from its payload as integers: 1e+14 is one.
@@ -107,6 +108,42 @@ async def test_every_reader_reads_the_archive_as_the_stream_held_it(
     await redis_client.xtrim(stream, maxlen=0)
     log = await read_whole_log(LogReader(gateway, pool), gateway.partitions)
     assert {e.event.event_id: e.event for e in log.entries[partition]} == expected
+
+
+async def test_a_nul_in_a_field_the_model_keeps_is_parked_and_the_archive_stays_readable(
+    make_projector: ProjectorFactory,
+    gateway: RedisGateway,
+    redis_client: aioredis.Redis,
+    pool: asyncpg.Pool,
+):
+    # The archive's json column would take it, but ``->>`` (retention and pruning read the
+    # archive with it) refuses the escape for every row it reads: one such event would stop
+    # them for good. It is malformed to every reader, so the projector parks it.
+    partition = partition_of("s", gateway.partitions)
+    stream = gateway.keys_for_partition(partition).events
+    nul = json.dumps(_placement("nul-kept", user_id="u\u0000"))
+    literal = json.dumps(_placement("backslash", user_id="u\\u0000"))  # no NUL: kept
+    for raw in (nul, literal, WRITTEN["compact"]):
+        entry: dict[FieldT, EncodableT] = {"event": raw}
+        await redis_client.xadd(stream, entry)
+    projector = make_projector("p", block_ms=10)
+    await projector.ensure_groups()
+    assert await projector.handle(await projector.read_new(block_ms=10)) == 2
+    assert projector.dead_lettered == 1
+    parked = await redis_client.xrange(dead_letter_stream())
+    assert [json.loads(fields[b"field:event"])["event_id"] for _, fields in parked] == ["nul-kept"]
+    async with pool.acquire() as conn:
+        reservations = await events.reservation_events(
+            conn, partition, ["ReservationPlaced"], (0, 0), (2**63 - 1, 0), 100
+        )
+    assert sorted(r["user_id"] for r in reservations) == ["u-c", "u\\u0000"]
+    for parse in (parse_event, read_event, lambda raw: parse_stored(raw)[0]):
+        try:
+            parse(nul)
+        except ValueError as e:
+            assert "NUL" in str(e)
+        else:
+            raise AssertionError(f"{parse} read a NUL")
 
 
 def test_an_upcast_event_is_archived_in_the_current_schema(monkeypatch: Any):
