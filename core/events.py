@@ -173,7 +173,9 @@ def has_nul_escape(raw: str | bytes) -> bool:
     """Whether the JSON text may hold a NUL character (``\\u0000``; a cheap look at the
     text, which a literal backslash before ``u0000`` also matches: then
     :func:`archivable` decides on the parsed event)."""
-    return (_NUL_ESCAPE if isinstance(raw, str) else _NUL_ESCAPE_BYTES) in raw
+    if isinstance(raw, str):
+        return _NUL_ESCAPE in raw
+    return _NUL_ESCAPE_BYTES in raw
 
 
 def archivable(event: AnyEvent) -> AnyEvent:
