@@ -6,6 +6,7 @@ exponent form, a value PostgreSQL refuses in a field nobody reads."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
 import core.events
+from consumers.projector import Projector
 from core.events import ReservationPlaced, SaleCreated, parse_event, parse_stored, to_ms
 from core.gateway import RedisGateway
 from core.keys import dead_letter_stream, partition_of
@@ -61,6 +63,22 @@ WRITTEN = {
 }
 
 
+async def _project_written(
+    make_projector: ProjectorFactory,
+    redis_client: aioredis.Redis,
+    stream: str,
+    written: Iterable[str],
+) -> Projector:
+    """Write each raw ``event`` field to the stream, then project them in one batch."""
+    for raw in written:
+        entry: dict[FieldT, EncodableT] = {"event": raw}
+        await redis_client.xadd(stream, entry)
+    projector = make_projector("p", block_ms=10)
+    await projector.ensure_groups()
+    await projector.handle(await projector.read_new(block_ms=10))
+    return projector
+
+
 async def test_every_reader_reads_the_archive_as_the_stream_held_it(
     make_projector: ProjectorFactory,
     gateway: RedisGateway,
@@ -69,12 +87,8 @@ async def test_every_reader_reads_the_archive_as_the_stream_held_it(
 ):
     partition = partition_of("s", gateway.partitions)
     stream = gateway.keys_for_partition(partition).events
-    for raw in WRITTEN.values():
-        entry: dict[FieldT, EncodableT] = {"event": raw}
-        await redis_client.xadd(stream, entry)
-    projector = make_projector("p", block_ms=10)
-    await projector.ensure_groups()
-    assert await projector.handle(await projector.read_new(block_ms=10)) == len(WRITTEN)
+    projector = await _project_written(make_projector, redis_client, stream, WRITTEN.values())
+    assert projector.projected == len(WRITTEN)
     assert projector.dead_lettered == 0
     assert not await redis_client.xrange(dead_letter_stream())
     expected = {e.event_id: e for e in map(parse_event, WRITTEN.values())}
@@ -123,13 +137,9 @@ async def test_a_nul_in_a_field_the_model_keeps_is_parked_and_the_archive_stays_
     stream = gateway.keys_for_partition(partition).events
     nul = json.dumps(_placement("nul-kept", user_id="u\u0000"))
     literal = json.dumps(_placement("backslash", user_id="u\\u0000"))  # no NUL: kept
-    for raw in (nul, literal, WRITTEN["compact"]):
-        entry: dict[FieldT, EncodableT] = {"event": raw}
-        await redis_client.xadd(stream, entry)
-    projector = make_projector("p", block_ms=10)
-    await projector.ensure_groups()
-    assert await projector.handle(await projector.read_new(block_ms=10)) == 2
-    assert projector.dead_lettered == 1
+    written = (nul, literal, WRITTEN["compact"])
+    projector = await _project_written(make_projector, redis_client, stream, written)
+    assert (projector.projected, projector.dead_lettered) == (2, 1)
     parked = await redis_client.xrange(dead_letter_stream()) or []
     ids = [json.loads((fields or {})[b"field:event"])["event_id"] for _, fields in parked]
     assert ids == ["nul-kept"]
