@@ -76,6 +76,8 @@ _PARSE_CHUNK = 200
 # run promoted what was still in flight to the older generations, whose collections then
 # walked the whole heap; that took about a quarter of the projector's CPU.
 _GC_FIRST_THRESHOLD = 20_000
+# How long a projector that ends waits for its lease upkeep to stop before it goes on.
+_UPKEEP_STOP_S = 5.0
 
 
 def _collect_less_often() -> None:
@@ -588,15 +590,22 @@ class Projector:
         if heartbeat is None:
             return await self.handle(in_hand, prepared)
 
+        handled = asyncio.Event()
+
         async def keep_claimed() -> None:
-            while True:
+            while not handled.is_set():
                 await asyncio.sleep(heartbeat)
-                await self._touch(in_hand + _read(ahead))
+                if not handled.is_set():
+                    await self._touch(in_hand + _read(ahead))
 
         keeper = asyncio.create_task(keep_claimed())
         try:
             return await self.handle(in_hand, prepared)
         finally:
+            # The flag as well as the cancellation: a cancellation can be lost in the Redis
+            # client (see :meth:`run`), and a keeper left running would keep the batch from
+            # ever looking abandoned.
+            handled.set()
             keeper.cancel()
             # Bounded: a touch stuck waiting for a pooled Redis connection can swallow the
             # cancellation for a while, and the batch must not wait for a heartbeat.
@@ -639,11 +648,14 @@ class Projector:
                 )
         log.info("batch_released", consumer=self.consumer, size=len(in_hand))
 
-    async def _keep_leases(self, leases: PartitionLeases, stop: asyncio.Event) -> None:
-        """Refresh the leases every :attr:`PartitionLeases.every` seconds until stopped, and
-        at once when the members change (:meth:`PartitionLeases.unsettled`)."""
+    async def _keep_leases(
+        self, leases: PartitionLeases, stop: asyncio.Event, ended: asyncio.Event
+    ) -> None:
+        """Refresh the leases every :attr:`PartitionLeases.every` seconds until stopped (or
+        the projector ``ended``), and at once when the members change
+        (:meth:`PartitionLeases.unsettled`)."""
         due = time.monotonic() + leases.every
-        while not stop.is_set():
+        while not stop.is_set() and not ended.is_set():
             wait = leases.watch_every
             try:
                 if time.monotonic() >= due or await leases.unsettled():
@@ -761,10 +773,11 @@ class Projector:
         _collect_less_often()
         await self.ensure_groups()
         upkeep: asyncio.Task[None] | None = None
+        ended = asyncio.Event()
         if self.leases is not None:
             with contextlib.suppress(RedisError):
                 await self.leases.refresh()
-            upkeep = asyncio.create_task(self._keep_leases(self.leases, stop))
+            upkeep = asyncio.create_task(self._keep_leases(self.leases, stop, ended))
         log.info(
             "projector_started",
             consumer=self.consumer,
@@ -775,10 +788,14 @@ class Projector:
         try:
             await self._consume(stop, period)
         finally:
-            # Also when cancelled: a consumer that dies must stop renewing its leases.
+            # Also when cancelled: a consumer that dies must stop renewing its leases. The
+            # flag as well as the cancellation, which can be lost: seen on Python 3.11 with
+            # redis-py 8.1, a task cancelled in the middle of a Redis call stayed
+            # "cancelling" and went on. The flag ends the loop at its next turn whatever.
+            ended.set()
             if upkeep is not None:
                 upkeep.cancel()
-                await asyncio.wait({upkeep})
+                await asyncio.wait({upkeep}, timeout=_UPKEEP_STOP_S)
         if self.leases is not None:
             with contextlib.suppress(RedisError):
                 await self.leases.release_all()

@@ -18,7 +18,14 @@ from core.keys import CONSUMER_GROUP, dead_letter_stream
 from core.settings import Settings
 from projections.db import open_pool
 from tests.conftest import GatewayFactory, ProjectorFactory
-from tests.daemons import caught_up, eventually, group_pending, order_ids, sale_in_partition
+from tests.daemons import (
+    cancelled_for_good,
+    caught_up,
+    eventually,
+    group_pending,
+    order_ids,
+    sale_in_partition,
+)
 from tests.helpers import open_sale, place
 
 PARTITIONS = 8
@@ -165,9 +172,7 @@ async def test_a_projector_killed_mid_batch_leaves_the_survivor_exactly_the_even
                 return bool(await group_pending(redis_client, PARTITIONS, "a"))
 
             await eventually(a_holds_a_batch, 30, "never caught a holding a batch")
-            task.cancel()  # dies as a killed process would: no release, no ack
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancelled_for_good(task)  # dies as a killed process would: no release, no ack
             orphaned = await group_pending(redis_client, PARTITIONS, "a")
             placed = await buying
             await until(lambda: owned(b) == [set(range(PARTITIONS))], "b never took over")
