@@ -532,8 +532,8 @@ class Projector:
     async def _project_one(self, conn: asyncpg.Connection, entry: LogEntry) -> int:
         """Project one entry in a transaction of its own; if PostgreSQL refuses it as the
         JSON it was read from, as the model serialises it: that JSON may hold a field the
-        model ignores and a jsonb column refuses (a NaN, a ``\\u0000``), and the event must
-        not be refused for what it ignores."""
+        model ignores and the archive's json column refuses (a NaN), and the event must not
+        be refused for what it ignores."""
         try:
             return await project(conn, self.group, [entry])
         except REFUSED_DATA:
