@@ -151,18 +151,7 @@ def parse_event(raw: str | bytes) -> AnyEvent:
     Raises ``pydantic.ValidationError`` (a ``ValueError``) on anything malformed, and a
     ``ValueError`` on an event that cannot be archived (:func:`archivable`).
     """
-    if has_nul_escape(raw):
-        return archivable(_upcast_json(raw))
-    try:  # not contextlib.suppress, which costs a third of this function, run per event
-        # The fast path, parsing and validating in one step: an event of the current
-        # version that validates as it is. Anything else (an old version, any failure)
-        # takes the path that upcasts, which also says what is wrong.
-        event = _adapter.validate_json(raw)
-        if event.v >= CURRENT_VERSION:
-            return event
-    except Exception:  # the slow path below says what is wrong
-        pass
-    return _upcast_json(raw)
+    return _parse(raw)[0]
 
 
 _NUL_ESCAPE = "\\u0000"
@@ -196,15 +185,25 @@ def parse_stored(raw: str) -> tuple[AnyEvent, str | None]:
     instead of serialising the model again (about a sixth of a projector's instructions
     per event).
     """
+    event, as_is = _parse(raw)
+    return event, raw if as_is else None
+
+
+def _parse(raw: str | bytes) -> tuple[AnyEvent, bool]:
+    """The event in ``raw``, and whether it was read from ``raw`` as it is (of the current
+    version, on the fast path) rather than upcast."""
     if has_nul_escape(raw):
-        return archivable(_upcast_json(raw)), None
-    try:  # the fast path of parse_event, inline: this runs for every event projected
+        return archivable(_upcast_json(raw)), False
+    try:  # not contextlib.suppress, which costs a third of this function, run per event
+        # The fast path, parsing and validating in one step: an event of the current
+        # version that validates as it is. Anything else (an old version, any failure)
+        # takes the path that upcasts, which also says what is wrong.
         event = _adapter.validate_json(raw)
         if event.v >= CURRENT_VERSION:
-            return event, raw
+            return event, True
     except Exception:  # the slow path below says what is wrong
         pass
-    return _upcast_json(raw), None
+    return _upcast_json(raw), False
 
 
 def _upcast_json(raw: str | bytes) -> AnyEvent:
