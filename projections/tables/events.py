@@ -20,7 +20,7 @@ from core.events import (
     SaleClosed,
     dump_event,
 )
-from projections.entries import LogEntry
+from projections.entries import LogEntry, parse_stream_id
 
 Position = tuple[int, int]
 
@@ -56,8 +56,7 @@ _AS_READ = frozenset(
 def row_of(entry: LogEntry) -> tuple[Any, ...]:
     """The archive's row of ``entry``, its values in the order of ``COLUMNS``."""
     event = entry.event
-    # entry.position, inline (runs for every event projected)
-    ms, _, seq = entry.stream_id.partition("-")
+    ms, seq = parse_stream_id(entry.stream_id)
     payload = entry.payload
     if payload is None or type(event) not in _AS_READ:
         payload = dump_event(event)
@@ -65,8 +64,8 @@ def row_of(entry: LogEntry) -> tuple[Any, ...]:
         event.event_id,
         entry.partition,
         entry.stream_id,
-        int(ms),
-        int(seq or 0),
+        ms,
+        seq,
         event.sale_id,
         event.type,
         event.occurred_at,
