@@ -73,7 +73,8 @@ def _cell(args: list[str], env: dict[str, str], timeout: float) -> str:
 
 def projection_figures(env: dict[str, str], quick: bool) -> ProjectionFigures:
     """Run the projection benchmark's modes (short ones when ``quick``): throughput with
-    as many projector processes as ``flashsale consume`` runs by default, and with one;
+    as many projector processes as ``flashsale consume`` runs by default, and (unless
+    ``quick``) with one;
     its bare baseline (one COPY of as many rows); the lag with the default."""
     if importlib.util.find_spec("bench.bench_projection") is None:
         return ProjectionFigures()
@@ -83,9 +84,9 @@ def projection_figures(env: dict[str, str], quick: bool) -> ProjectionFigures:
     latency = ["latency", "--rate", *(("500", "--seconds", "1") if quick else ("5000",))]
     timeout = 120.0 if quick else 600.0
     rate = _cell(throughput, env, timeout)
-    if "(1 process)" not in rate:
+    if "(1 process)" not in rate and not quick:
         rate += f"; one process: {_cell(single, env, timeout).removesuffix(' (1 process)')}"
-    runs = (throughput, single, copy, latency)
+    runs = (throughput, copy, latency) if quick else (throughput, single, copy, latency)
     return ProjectionFigures(
         rate,
         _cell(latency, env, timeout),
