@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import asyncpg
@@ -26,12 +27,13 @@ from core.events import (
     SaleCreated,
     StockAdjusted,
 )
+from projections.db import copy_rows
 from projections.entries import LogEntry
-from projections.tables import checkpoints, incoming, orders, stock_view
-from projections.tables.events import ARCHIVE_ALL_INCOMING, ARCHIVE_INCOMING
+from projections.tables import checkpoints, events, incoming, orders, stock_view
+from projections.tables.events import ARCHIVE_INCOMING, row_of
 from projections.tables.stock_view import StockDelta
 
-_FINAL_TYPES = frozenset(t.model_fields["type"].default for t in TERMINAL_EVENTS)
+_FIRST = itemgetter(0)  # a row's key
 
 
 def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
@@ -62,106 +64,151 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
     return deltas
 
 
-def apply_statements(batch: Batch, fresh: bool) -> list[str]:
-    """The statements that apply a batch staged in ``incoming``, in order: archive the
-    events, write the orders (placements, then final states; each only if the batch has
-    some) and the stock view's deltas.
-
-    ``fresh``: the statements that take every event as new to the archive and every
-    placement as new to ``orders``, plain INSERTs, which a row already there makes fail
-    with a unique violation. Otherwise the ones that skip what is there (``ON CONFLICT``):
-    the archive's statement drops from ``incoming`` the events it held, so the others apply
-    only the new ones.
+def staged_statements(batch: Batch) -> list[str]:
+    """The statements that apply a batch staged in ``incoming`` when some of it may be
+    there already, in order: archive the events the archive lacks (the statement drops
+    the others from ``incoming``, so that the ones after it apply only the new), write the
+    orders (placements, then final states; each only if the batch has some, and each
+    skipping what is there: ``ON CONFLICT``) and the stock view's deltas.
 
     The stock view goes last: its rows (one per sale) are the only ones every consumer
     writes, and a row stays locked until the commit, so taking them after the orders (the
     long statement) keeps a second consumer's batch from waiting that long on them."""
-    if fresh:
-        statements = [ARCHIVE_ALL_INCOMING]
-        if batch.placed:
-            statements.append(orders.PLACED_ALL_FROM_INCOMING)
-    else:
-        statements = [ARCHIVE_INCOMING]
-        if batch.placed:
-            statements.append(orders.PLACED_FROM_INCOMING)
-    if batch.finished:
+    statements = [ARCHIVE_INCOMING]
+    if batch.placements:
+        statements.append(orders.PLACED_FROM_INCOMING)
+    if batch.finals:
         statements.append(orders.FINISHED_FROM_INCOMING)
     return [*statements, stock_view.ADD_INCOMING]
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Log entries made ready to write (pure work, no I/O): one per event id, with their
-    ``incoming`` records and the checkpoint each partition moves to. Preparing the next
-    batch while PostgreSQL writes this one keeps both busy."""
+    """Log entries made ready to write (pure work, no I/O): one per event id, with the rows
+    each table takes if every event is new, and the checkpoint each partition moves to.
+    Preparing the next batch while PostgreSQL writes this one keeps both busy.
+
+    Rows are in key order (the archive's by event id, the orders' by reservation id, the
+    stock view's by sale), so that two projectors writing overlapping batches take the
+    unique indexes' locks in one order: they wait on each other, never deadlock."""
 
     entries: list[LogEntry]
-    records: list[tuple[Any, ...]]
+    archive: list[tuple[Any, ...]]  # the archive's rows (events.COLUMNS)
+    placements: list[tuple[Any, ...]]  # the placements' order rows (orders.PLACED_COLUMNS)
+    finals: list[tuple[Any, ...]]  # the final states' (orders.FINISHED_COLUMNS)
+    deltas: dict[str, StockDelta]  # what the batch adds to each sale's stock view row
     checkpoints: list[tuple[int, str, tuple[int, int]]]
-    placed: bool  # whether any is a placement
-    finished: bool  # whether any is a final state (confirmed, cancelled, expired)
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def records(self) -> list[tuple[Any, ...]]:
+        """The batch's rows of the scratch table ``incoming``, for the staged write."""
+        return [incoming.record(entry) for entry in self.entries]
+
 
 def prepare(entries: Iterable[LogEntry]) -> Batch:
     """``entries`` ready to write: deduplicated on ``event_id`` (the last kept), their
-    records built, the highest position of each partition found."""
+    rows built, the highest position of each partition found."""
     unique = list({e.event.event_id: e for e in entries}.values())
     highest: dict[int, tuple[tuple[int, int], str]] = {}
-    records: list[tuple[Any, ...]] = []
-    types: set[str] = set()
+    archive: list[tuple[Any, ...]] = []
+    placements: list[tuple[Any, ...]] = []
+    finals: list[tuple[Any, ...]] = []
+    held: dict[str, int] = {}  # the placements' units by sale
+    others: list[AnyEvent] = []
     for entry in unique:
-        record = incoming.record(entry)
-        records.append(record)
-        types.add(record[6])  # type
-        position = record[3], record[4]  # stream_ms, stream_seq
+        row = row_of(entry)
+        archive.append(row)
+        event = entry.event
+        if type(event) is ReservationPlaced:  # nearly every event: first
+            sale_id, qty = event.sale_id, event.qty
+            placements.append(
+                (
+                    event.reservation_id,
+                    sale_id,
+                    event.user_id,
+                    qty,
+                    "pending",
+                    event.occurred_at,
+                    event.expires_at,
+                )
+            )
+            held[sale_id] = held.get(sale_id, 0) + qty
+        else:
+            others.append(event)
+            if isinstance(event, TERMINAL_EVENTS):
+                finals.append(
+                    (
+                        event.reservation_id,
+                        event.sale_id,
+                        event.user_id,
+                        event.qty,
+                        orders.FINAL_STATUS[event.type],
+                        event.occurred_at,
+                        event.event_id,
+                    )
+                )
+        position = row[3], row[4]  # stream_ms, stream_seq
         best = highest.get(entry.partition)
         if best is None or position > best[0]:
             highest[entry.partition] = (position, entry.stream_id)
+    deltas = stock_deltas(others)
+    for sale_id, qty in held.items():
+        d = deltas.setdefault(sale_id, StockDelta())
+        d.remaining -= qty
+        d.held += qty
+    archive.sort(key=_FIRST)
+    placements.sort(key=_FIRST)
     checkpoints = [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
-    return Batch(
-        unique,
-        records,
-        checkpoints,
-        placed="ReservationPlaced" in types,
-        finished=not types.isdisjoint(_FINAL_TYPES),
-    )
+    return Batch(unique, archive, placements, finals, deltas, checkpoints)
 
 
 async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
     """Archive, apply and checkpoint a prepared batch in one transaction; return how many
     of its events were new.
 
-    The batch is COPIED once into the scratch table ``incoming``, and every table takes its
-    rows from there (:func:`apply_statements`). First as if every event were new, with
-    plain INSERTs: that is nearly always so, and a speculative insertion (``ON CONFLICT``)
-    costs each row an extra index search and WAL record. If the unique index of the
+    First as if every event were new, which is nearly always so: the archive's rows and
+    the placements' order rows COPIED straight into their tables (plain insertions: a
+    speculative one, ``ON CONFLICT``, costs each row an extra index search and WAL record),
+    the final states and the stock view's deltas as arrays. If the unique index of the
     archive or of ``orders`` says otherwise (a delivery repeated, a final state projected
     before its placement, another projector writing the same events), that transaction is
-    rolled back, whole, and the batch written again with the statements that skip what is
-    there. Both take the rows of each table in key order, so two projectors writing
-    overlapping batches wait on each other, never deadlock.
+    rolled back, whole, and the batch written again through the scratch table ``incoming``
+    with the statements that skip what is there (:func:`staged_statements`).
     """
     if not batch.entries:
         return 0
     try:
-        return await _write(conn, group, batch, fresh=True)
+        return await _write_new(conn, group, batch)
     except asyncpg.UniqueViolationError:
-        return await _write(conn, group, batch, fresh=False)
+        return await _write_staged(conn, group, batch)
 
 
-async def _write(conn: asyncpg.Connection, group: str, batch: Batch, fresh: bool) -> int:
-    """One try of :func:`write` (see :func:`apply_statements` for ``fresh``)."""
+async def _write_new(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
+    """:func:`write`'s first try: every event new."""
     async with conn.transaction():
-        await incoming.stage_records(conn, batch.records)
-        for statement in apply_statements(batch, fresh):
+        await copy_rows(conn, "events", events.COLUMNS, batch.archive)
+        if batch.placements:
+            await copy_rows(conn, "orders", orders.PLACED_COLUMNS, batch.placements)
+        if batch.finals:
+            columns = [list(column) for column in zip(*batch.finals, strict=True)]
+            await conn.fetch(orders.FINISHED_FROM_ARRAYS, *columns, timeout=None)
+        await stock_view.add_deltas(conn, batch.deltas)
+        await checkpoints.advance_group(conn, group, batch.checkpoints)
+    return len(batch)
+
+
+async def _write_staged(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
+    """:func:`write`'s second try: the batch COPIED once into the scratch table
+    ``incoming``, every table taking from there the rows it lacks."""
+    async with conn.transaction():
+        await incoming.stage_records(conn, batch.records())
+        for statement in staged_statements(batch):
             # fetch, not execute: a prepared statement, planned once per connection
             await conn.fetch(statement, timeout=None)
-        # Every event was new if the fresh statements went through; else ``incoming``
-        # holds just the new ones by now.
-        new: int = len(batch) if fresh else await conn.fetchval(incoming.COUNT, timeout=None)
+        # ``incoming`` holds just the new events by now.
+        new: int = await conn.fetchval(incoming.COUNT, timeout=None)
         await checkpoints.advance_group(conn, group, batch.checkpoints)
     return new
 

@@ -89,16 +89,6 @@ DELETE FROM incoming AS i
 WHERE NOT EXISTS (SELECT FROM archived AS a WHERE a.event_id = i.event_id)
 """
 
-# The same, when every event of the batch is new: a plain INSERT, since a speculative one
-# (ON CONFLICT) costs each row an extra index search and a second WAL record, about a third
-# of the statement. An event the archive holds already breaks the unique index and the
-# transaction: :func:`projections.batch.write` writes the batch again with
-# ``ARCHIVE_INCOMING`` then.
-ARCHIVE_ALL_INCOMING = f"""
-INSERT INTO events ({", ".join(COLUMNS)})
-SELECT {", ".join(COLUMNS)} FROM incoming ORDER BY event_id
-"""
-
 _RANGE = """
 SELECT event_id, stream_id, payload::text AS payload FROM events
 WHERE (partition, stream_ms, stream_seq) > ($1, $2, $3)

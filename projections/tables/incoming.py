@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from core.events import ReservationEvent, ReservationPlaced, SaleCreated
+from projections.db import copy_rows
 from projections.entries import LogEntry
 from projections.tables import events
 
@@ -44,7 +45,6 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {TABLE} (
 ) ON COMMIT DELETE ROWS
 """
 
-_COLUMNS = list(COLUMNS)
 _NO_EXTRA = (None,) * (len(COLUMNS) - len(events.COLUMNS))
 
 # How many events the scratch table holds: once ``events.ARCHIVE_INCOMING`` dropped those
@@ -82,8 +82,4 @@ async def stage_records(conn: asyncpg.Connection, records: Sequence[tuple[Any, .
 
     Raises ``asyncpg.DataError`` when a value does not fit its column."""
     await conn.execute(_CREATE)
-    try:
-        await conn.copy_records_to_table(TABLE, records=records, columns=_COLUMNS, timeout=None)
-    except (OverflowError, ValueError, TypeError) as e:
-        # A value no column can hold: data PostgreSQL refuses, as it does a bound argument.
-        raise asyncpg.DataError(f"invalid input for COPY: {e}") from e
+    await copy_rows(conn, TABLE, COLUMNS, records)

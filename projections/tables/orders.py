@@ -29,26 +29,41 @@ ON CONFLICT (reservation_id) DO UPDATE SET
     placed_at = EXCLUDED.placed_at, expires_at = EXCLUDED.expires_at, updated_at = now()
 """
 
-# The same when no order row of these reservations exists yet (every event of the batch new
-# to the archive, none of them a placement of a reservation already final): a plain
-# INSERT, cheaper by the speculative insertion's extra index search and WAL record. A row
-# that exists breaks the primary key and the transaction, and the batch is written again
-# with the statement above (:func:`projections.batch.write`).
-PLACED_ALL_FROM_INCOMING = """
-INSERT INTO orders (reservation_id, sale_id, user_id, qty, status, placed_at, expires_at)
-SELECT DISTINCT ON (reservation_id)
-       reservation_id, sale_id, user_id, qty, 'pending', occurred_at, expires_at
-FROM incoming WHERE type = 'ReservationPlaced'
-ORDER BY reservation_id, event_id DESC
-"""
+# A placement's row as the projector COPIES it into ``orders`` when no row of the batch's
+# reservations exists yet (:func:`projections.batch.write`): plain insertions, no
+# speculative ones (``ON CONFLICT``), which cost each row an extra index search and WAL
+# record. A row that exists breaks the primary key and the transaction, and the batch is
+# written again with the statement above.
+PLACED_COLUMNS = (
+    "reservation_id",
+    "sale_id",
+    "user_id",
+    "qty",
+    "status",
+    "placed_at",
+    "expires_at",
+)
 
-FINISHED_FROM_INCOMING = """
+# Final states: one row per reservation, the event with the highest id; a placement may
+# come later (it leaves the status), or have come in an earlier batch.
+_FINISHED_INTO = """
 INSERT INTO orders AS o (reservation_id, sale_id, user_id, qty, status,
                          confirmed_at, cancelled_at, expired_at)
 SELECT r, s, u, q, st,
        CASE WHEN st = 'confirmed' THEN at END,
        CASE WHEN st = 'cancelled' THEN at END,
        CASE WHEN st = 'expired' THEN at END
+"""
+_FINISHED_ON_CONFLICT = """
+ON CONFLICT (reservation_id) DO UPDATE SET
+    status = EXCLUDED.status,
+    confirmed_at = COALESCE(EXCLUDED.confirmed_at, o.confirmed_at),
+    cancelled_at = COALESCE(EXCLUDED.cancelled_at, o.cancelled_at),
+    expired_at = COALESCE(EXCLUDED.expired_at, o.expired_at),
+    updated_at = now()
+"""
+
+FINISHED_FROM_INCOMING = f"""{_FINISHED_INTO}
 FROM (
     SELECT DISTINCT ON (reservation_id)
            reservation_id, sale_id, user_id, qty,
@@ -60,14 +75,27 @@ FROM (
     WHERE type IN ('ReservationConfirmed', 'ReservationCancelled', 'ReservationExpired')
     ORDER BY reservation_id, event_id DESC
 ) AS t(r, s, u, q, st, at)
-ON CONFLICT (reservation_id) DO UPDATE SET
-    status = EXCLUDED.status,
-    confirmed_at = COALESCE(EXCLUDED.confirmed_at, o.confirmed_at),
-    cancelled_at = COALESCE(EXCLUDED.cancelled_at, o.cancelled_at),
-    expired_at = COALESCE(EXCLUDED.expired_at, o.expired_at),
-    updated_at = now()
-"""
+{_FINISHED_ON_CONFLICT}"""
 
+# The same from arrays of the final states' (reservation_id, sale_id, user_id, qty, status,
+# occurred_at, event_id) (:data:`FINISHED_COLUMNS`), in a batch written as new.
+FINISHED_FROM_ARRAYS = f"""{_FINISHED_INTO}
+FROM (
+    SELECT DISTINCT ON (r) r, s, u, q, st, at
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                $6::timestamptz[], $7::text[]) AS f(r, s, u, q, st, at, e)
+    ORDER BY r, e DESC
+) AS t
+{_FINISHED_ON_CONFLICT}"""
+
+FINISHED_COLUMNS = ("reservation_id", "sale_id", "user_id", "qty", "status", "at", "event_id")
+
+# The status each final event leaves.
+FINAL_STATUS = {
+    "ReservationConfirmed": "confirmed",
+    "ReservationCancelled": "cancelled",
+    "ReservationExpired": "expired",
+}
 
 _OF_SALE = "SELECT reservation_id, status, qty, user_id FROM orders WHERE sale_id = $1"
 

@@ -27,11 +27,27 @@ class StockDelta:
     closed: bool = False
 
 
+# Deltas are added to the counters; the configuration is the SaleCreated's, once seen.
+_ADD_ON_CONFLICT = """
+ON CONFLICT (sale_id) DO UPDATE SET
+    stock = v.stock + EXCLUDED.stock,
+    remaining = v.remaining + EXCLUDED.remaining,
+    held = v.held + EXCLUDED.held,
+    confirmed = v.confirmed + EXCLUDED.confirmed,
+    released = v.released + EXCLUDED.released,
+    per_user_limit = COALESCE(EXCLUDED.per_user_limit, v.per_user_limit),
+    hold_seconds = COALESCE(EXCLUDED.hold_seconds, v.hold_seconds),
+    starts_at = COALESCE(EXCLUDED.starts_at, v.starts_at),
+    ends_at = COALESCE(EXCLUDED.ends_at, v.ends_at),
+    closed = v.closed OR EXCLUDED.closed,
+    updated_at = now()
+"""
+
 # Each sale's deltas summed from the projector's scratch table (``incoming``, holding only
 # events new to the archive by then), the sale's configuration from its SaleCreated, if
 # there; in sale order, so that writers lock in one order. The same sums as
 # :func:`projections.batch.stock_deltas`.
-ADD_INCOMING = """
+ADD_INCOMING = f"""
 INSERT INTO stock_view AS v (sale_id, stock, remaining, held, confirmed, released,
                              per_user_limit, hold_seconds, starts_at, ends_at, closed)
 SELECT sale_id, sum(stock), sum(stock) - sum(placed) + sum(released), sum(placed)
@@ -53,19 +69,41 @@ FROM (
 ) AS d
 GROUP BY sale_id
 ORDER BY sale_id
-ON CONFLICT (sale_id) DO UPDATE SET
-    stock = v.stock + EXCLUDED.stock,
-    remaining = v.remaining + EXCLUDED.remaining,
-    held = v.held + EXCLUDED.held,
-    confirmed = v.confirmed + EXCLUDED.confirmed,
-    released = v.released + EXCLUDED.released,
-    per_user_limit = COALESCE(EXCLUDED.per_user_limit, v.per_user_limit),
-    hold_seconds = COALESCE(EXCLUDED.hold_seconds, v.hold_seconds),
-    starts_at = COALESCE(EXCLUDED.starts_at, v.starts_at),
-    ends_at = COALESCE(EXCLUDED.ends_at, v.ends_at),
-    closed = v.closed OR EXCLUDED.closed,
-    updated_at = now()
-"""
+{_ADD_ON_CONFLICT}"""
+
+
+# The same from arrays of each sale's deltas (:func:`add_deltas`), in a batch written as new.
+ADD_DELTAS = f"""
+INSERT INTO stock_view AS v (sale_id, stock, remaining, held, confirmed, released,
+                             per_user_limit, hold_seconds, starts_at, ends_at, closed)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                     $6::bigint[], $7::integer[], $8::integer[], $9::timestamptz[],
+                     $10::timestamptz[], $11::boolean[])
+ORDER BY 1
+{_ADD_ON_CONFLICT}"""
+
+
+async def add_deltas(conn: asyncpg.Connection, deltas: dict[str, StockDelta]) -> None:
+    """Add each sale's deltas to its row (made if missing), in sale order, so that writers
+    lock in one order."""
+    sales = sorted(deltas)
+    rows = [deltas[sale] for sale in sales]
+    created = [d.created for d in rows]
+    await conn.fetch(
+        ADD_DELTAS,
+        sales,
+        [d.stock for d in rows],
+        [d.remaining for d in rows],
+        [d.held for d in rows],
+        [d.confirmed for d in rows],
+        [d.released for d in rows],
+        [c.per_user_limit if c else None for c in created],
+        [c.hold_seconds if c else None for c in created],
+        [c.starts_at if c else None for c in created],
+        [c.ends_at if c else None for c in created],
+        [d.closed for d in rows],
+        timeout=None,
+    )
 
 
 async def read_row(conn: asyncpg.Connection, sale_id: str) -> asyncpg.Record | None:
