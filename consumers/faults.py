@@ -1,7 +1,8 @@
 """Which failures a consumer waits out, and which are the fault of the entry in hand.
 
 A transient failure (Redis or PostgreSQL unreachable, restarting, out of connections, a
-deadlock, a timeout, the schema not migrated yet) says nothing about the entry: the
+deadlock, a timeout, the schema not migrated yet, replicas behind) says nothing about the
+entry: the
 consumer keeps the batch, acknowledges nothing and retries with back-off, for as long as
 it takes. Any other failure may be the entry's own; the consumer isolates the entry that
 fails and gives it ``max_deliveries`` tries before it parks it on the dead-letter stream.
@@ -28,9 +29,22 @@ REFUSED_DATA = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 _MAX_ERROR_CHARS = 500
 
 
+class ReplicasBehind(Exception):
+    """Fewer replicas than ``FLASHSALE_WAIT_REPLICAS`` acknowledged, in time, the writes
+    of the partitions whose entries a projector holds (:mod:`consumers.replicas`)."""
+
+    def __init__(self, acknowledged: int, wanted: int) -> None:
+        super().__init__(
+            f"{acknowledged} of {wanted} replicas hold the entries in hand: not written to"
+            " PostgreSQL until they do (a failover could lose them from Redis)"
+        )
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+
+
 def is_transient(error: BaseException) -> bool:
     """True when ``error`` is about the infrastructure, not about the entry being handled."""
-    if isinstance(error, RedisError | OSError | asyncpg.InterfaceError):
+    if isinstance(error, RedisError | OSError | asyncpg.InterfaceError | ReplicasBehind):
         return True  # OSError covers refused connections and timeouts
     if isinstance(error, asyncpg.PostgresError):
         sqlstate = str(getattr(error, "sqlstate", "") or "")

@@ -49,6 +49,7 @@ from consumers.deadletter import park, parked_record
 from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from consumers.leases import PartitionLeases
+from consumers.replicas import ReplicaCheck
 from core.events import parse_stored
 from core.gateway.clients import RedisClient
 from core.keys import CONSUMER_GROUP, PartitionKeys
@@ -156,6 +157,8 @@ class Projector:
         max_deliveries: int = 5,
         group: str = CONSUMER_GROUP,
         lease_ms: int = 0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
         # A cluster refuses a read over streams in different slots: there each stream is
@@ -173,6 +176,13 @@ class Projector:
         self.leases = (
             PartitionLeases(client, partitions, group, self.consumer, lease_ms)
             if lease_ms
+            else None
+        )
+        # Under ``wait_replicas``: no entry reaches PostgreSQL before that many replicas
+        # hold it (:mod:`consumers.replicas`).
+        self.replicas = (
+            ReplicaCheck(client, partitions, wait_replicas, wait_timeout_ms)
+            if wait_replicas
             else None
         )
         self.projected = 0
@@ -446,12 +456,15 @@ class Projector:
         ``prepared``: what :meth:`prepare` made of these very deliveries, if done already.
 
         Returns how many events were new to PostgreSQL. Transient failures raise, with
-        nothing acknowledged.
+        nothing acknowledged; so does, under ``wait_replicas``, a batch too few replicas
+        hold yet (:class:`ReplicasBehind`).
         """
         if not deliveries:
             return 0
         if prepared is None:
             prepared = self.prepare(deliveries)
+        if self.replicas is not None and prepared.batch.entries:
+            await self.replicas.wait_for(e.partition for e in prepared.batch.entries)
         by_position = prepared.by_position
         new, refused, failed = await self._project(prepared.batch)
         give_up = prepared.give_up + [

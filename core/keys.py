@@ -129,6 +129,12 @@ class PartitionKeys:
         expiring unless the holder renews it."""
         return f"{PREFIX}:{self.tag}:lease:{group}"
 
+    @property
+    def mark(self) -> str:
+        """Counter the projector writes before it WAITs for replicas (``core/lua/mark.lua``),
+        expiring when no projector writes it."""
+        return f"{PREFIX}:{self.tag}:mark"
+
     def operation(self, operation_id: str) -> str:
         """String recording a sale operation's first outcome for a short while, so that a
         retried script call with the same operation id answers the same."""

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 
 from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis, _valkey_binary
 from api.web.auth import issue_token
+from consumers.projector import Projector
 from core.durability import check_durability
 from core.errors import NotReplicated
 from core.gateway import RedisGateway
@@ -654,6 +655,55 @@ async def test_wait_replicas_answers_503_until_a_replica_has_the_payment_or_canc
             assert (sale.remaining, sale.held, sale.confirmed) == (8, 0, 2)
         else:
             assert (sale.remaining, sale.held, sale.released) == (10, 0, 2)
+
+
+async def test_the_projector_writes_to_postgres_only_what_the_replica_holds(
+    settings: Settings, pool: asyncpg.Pool
+):
+    """Under FLASHSALE_WAIT_REPLICAS a placement the replica lacks is answered 503
+    not_replicated, and the projector must not write it to PostgreSQL either: a failover
+    to that replica would leave an order (and stock held) that the new primary, and so the
+    log, never had. While the replica is frozen (connected, acknowledging nothing) the
+    projector keeps the batch in hand, acknowledging nothing; once the replica catches up,
+    the batch goes in, once."""
+    async with primary_and_replica() as redis:
+        waiting = waiting_for_one_replica(settings, redis)
+        gateway = RedisGateway.from_settings(redis.client, waiting)
+        await open_sale(gateway, "replicated", stock=10)
+        ann = (await gateway.reserve("replicated", "ann", 1, None)).reservation_id
+        projector = Projector(
+            redis.client,
+            pool,
+            waiting.partitions,
+            consumer="checked",
+            block_ms=50,
+            wait_replicas=1,
+            wait_timeout_ms=waiting.wait_timeout_ms,
+        )
+        await projector.ensure_groups()
+        stop = asyncio.Event()
+        task = asyncio.create_task(projector.run(stop))
+        try:
+
+            async def projected(*rids: str) -> bool:
+                return await order_ids(pool) == set(rids)
+
+            await eventually(lambda: projected(ann), 15, "the replicated placement")
+            async with redis.replica_frozen():
+                with pytest.raises(NotReplicated, match="0 of 1 replicas") as refused:
+                    await gateway.reserve("replicated", "bob", 1, None)
+                bob = refused.value.reservation_id
+                await asyncio.sleep(2)  # the projector tries, and waits, several times
+                assert await projected(ann)
+                assert await table_count(pool, "events") == 2  # the sale, ann's placement
+                assert await group_pending(redis.client, waiting.partitions) == 1  # in hand
+            await eventually(redis.replica_acknowledges, 15, "replica did not catch up")
+            await eventually(lambda: projected(ann, bob), 15, "bob's placement after all")
+            assert await group_pending(redis.client, waiting.partitions) == 0
+        finally:
+            stop.set()
+            await task
+        assert await table_count(pool, "events") == 3
 
 
 @pytest.mark.parametrize("action", ["reserve", "confirm", "cancel"])

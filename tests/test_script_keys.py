@@ -23,11 +23,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 import consumers.leases
+import consumers.replicas
 import core.gateway.records
 import core.gateway.repair
 import core.gateway.scripts
 from consumers.expiry import ExpiryWorker
+from consumers.faults import ReplicasBehind
 from consumers.leases import PartitionLeases
+from consumers.replicas import ReplicaCheck
 from core.errors import NotReplicated
 from core.gateway import RedisGateway, ReservationRecord, SaleRepair, Touched
 from tests.conftest import GatewayFactory
@@ -112,7 +115,13 @@ async def checked(
     def load(name: str) -> str:
         return prelude(name) + original(name)
 
-    modules = (core.gateway.scripts, core.gateway.repair, core.gateway.records, consumers.leases)
+    modules = (
+        core.gateway.scripts,
+        core.gateway.repair,
+        core.gateway.records,
+        consumers.leases,
+        consumers.replicas,
+    )
     for module in modules:
         monkeypatch.setattr(module, "load_lua", load)
     return prelude
@@ -162,7 +171,7 @@ async def test_every_script_touches_only_its_keys(
         assert counts.get(name, 0) > 0, name
     for name in ("repair_sale:HSET", "prune_reservations:DEL", "fence_sale:HMGET"):
         assert counts.get(name, 0) > 0, name
-    for name in ("lease_take:SET", "lease_renew:PEXPIRE", "lease_release:DEL"):
+    for name in ("lease_take:SET", "lease_renew:PEXPIRE", "lease_release:DEL", "mark:INCR"):
         assert counts.get(name, 0) > 0, name
 
 
@@ -181,7 +190,7 @@ class TouchedAlways:
 async def run_every_scenario(gateway: RedisGateway, client: aioredis.Redis) -> None:
     """Create, reserve (with and without an Idempotency-Key), confirm, cancel (and their
     repeats under WAIT), expire, adjust, close, snapshot (read and fence), repair, prune,
-    the partition leases and the verify lock."""
+    the partition leases, the projector's replication check and the verify lock."""
     await open_sale(gateway, "sale-1", stock=20, per_user_limit=2)
     await open_sale(gateway, "sale-2", stock=20, per_user_limit=2, hold_seconds=0)
     kept = await gateway.reserve("sale-1", "ann", 1, "key-1")
@@ -232,6 +241,10 @@ async def run_every_scenario(gateway: RedisGateway, client: aioredis.Redis) -> N
     assert await leases.refresh() == set(range(gateway.partitions))
     assert await leases.refresh() == set(range(gateway.partitions))  # renewed
     await leases.release_all()
+    # The projector's replication check (whether or not the session's Redis has a replica).
+    check = ReplicaCheck(client, gateway.partitions, wait_replicas=1, wait_timeout_ms=10)
+    with contextlib.suppress(ReplicasBehind):
+        await check.wait_for(range(gateway.partitions))
     token = await gateway.take_verify_lock(60_000)
     assert token is not None and await gateway.release_verify_lock(token) is True
 

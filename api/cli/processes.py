@@ -144,6 +144,8 @@ def projector_for(services: Services, **overrides: int) -> Projector:
         claim_idle_ms=overrides.get("claim_idle_ms", s.claim_idle_ms),
         max_deliveries=overrides.get("max_deliveries", s.max_deliveries),
         lease_ms=overrides.get("lease_ms", s.consumer_lease_ms),
+        wait_replicas=s.wait_replicas,
+        wait_timeout_ms=s.wait_timeout_ms,
     )
 
 
