@@ -422,7 +422,9 @@ class Projector:
 
     @staticmethod
     def _prepared(parsed: Prepared, entries: list[LogEntry]) -> Prepared:
-        return Prepared(parsed.deliveries, prepare(entries), parsed.by_position, parsed.give_up)
+        repeated = any(d.deliveries > 1 for d in parsed.deliveries)
+        batch = prepare(entries, repeated)
+        return Prepared(parsed.deliveries, batch, parsed.by_position, parsed.give_up)
 
     def _parse(self, into: Prepared, deliveries: Sequence[Delivery]) -> list[LogEntry]:
         """The entries of ``deliveries`` to project; those to park go to ``into.give_up``."""

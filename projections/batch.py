@@ -98,6 +98,9 @@ class Batch:
     finals: list[tuple[Any, ...]]  # the final states' (orders.FINISHED_COLUMNS)
     deltas: dict[str, StockDelta]  # what the batch adds to each sale's stock view row
     checkpoints: list[tuple[int, str, tuple[int, int]]]
+    # Delivered before (reclaimed, or resumed after a restart): part of it may be archived
+    # already, so it is written the way that skips what is there, without trying it as new.
+    repeated: bool = False
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -107,9 +110,10 @@ class Batch:
         return [incoming.record(entry) for entry in self.entries]
 
 
-def prepare(entries: Iterable[LogEntry]) -> Batch:
+def prepare(entries: Iterable[LogEntry], repeated: bool = False) -> Batch:
     """``entries`` ready to write: deduplicated on ``event_id`` (the last kept), their
-    rows built, the highest position of each partition found."""
+    rows built, the highest position of each partition found. ``repeated``: some were
+    delivered before (see :attr:`Batch.repeated`)."""
     unique = list({e.event.event_id: e for e in entries}.values())
     highest: dict[int, tuple[tuple[int, int], str]] = {}
     archive: list[tuple[Any, ...]] = []
@@ -161,7 +165,7 @@ def prepare(entries: Iterable[LogEntry]) -> Batch:
     archive.sort(key=_FIRST)
     placements.sort(key=_FIRST)
     checkpoints = [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]
-    return Batch(unique, archive, placements, finals, deltas, checkpoints)
+    return Batch(unique, archive, placements, finals, deltas, checkpoints, repeated)
 
 
 async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
@@ -175,10 +179,13 @@ async def write(conn: asyncpg.Connection, group: str, batch: Batch) -> int:
     archive or of ``orders`` says otherwise (a delivery repeated, a final state projected
     before its placement, another projector writing the same events), that transaction is
     rolled back, whole, and the batch written again through the scratch table ``incoming``
-    with the statements that skip what is there (:func:`staged_statements`).
+    with the statements that skip what is there (:func:`staged_statements`). A batch
+    delivered before (:attr:`Batch.repeated`) is written that way at once.
     """
     if not batch.entries:
         return 0
+    if batch.repeated:  # likely to fail as new, and leave an error in the server's log
+        return await _write_staged(conn, group, batch)
     try:
         return await _write_new(conn, group, batch)
     except asyncpg.UniqueViolationError:
