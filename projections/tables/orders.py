@@ -13,6 +13,7 @@ import asyncpg
 from core.errors import InfrastructureError
 from core.events import to_ms
 from core.models import ReservationView
+from projections.rows import ORDER_COLUMNS
 
 # From the projector's scratch table (``incoming``), which holds only events new to the
 # archive by then (``events.ARCHIVE_INCOMING`` drops the others). One row per reservation
@@ -34,15 +35,7 @@ ON CONFLICT (reservation_id) DO UPDATE SET
 # speculative ones (``ON CONFLICT``), which cost each row an extra index search and WAL
 # record. A row that exists breaks the primary key and the transaction, and the batch is
 # written again with the statement above.
-PLACED_COLUMNS = (
-    "reservation_id",
-    "sale_id",
-    "user_id",
-    "qty",
-    "status",
-    "placed_at",
-    "expires_at",
-)
+PLACED_COLUMNS = ORDER_COLUMNS[: ORDER_COLUMNS.index("expires_at") + 1]
 
 # Final states: one row per reservation, the event with the highest id; a placement may
 # come later (it leaves the status), or have come in an earlier batch.
