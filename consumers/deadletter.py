@@ -24,7 +24,8 @@ from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 from consumers.entries import decode_fields, readable, text, to_bytes
-from consumers.faults import describe, is_transient
+from consumers.faults import ReplicasBehind, describe, is_transient
+from consumers.replicas import ReplicaCheck
 from core.events import parse_event
 from core.gateway.clients import RedisClient
 from core.keys import PartitionKeys, dead_letter_stream
@@ -177,7 +178,11 @@ class RetryOutcome:
 
 
 async def _redrive(
-    client: RedisClient, pool: asyncpg.Pool, partitions: int, entry: ParkedEntry
+    client: RedisClient,
+    pool: asyncpg.Pool,
+    partitions: int,
+    entry: ParkedEntry,
+    replicas: ReplicaCheck | None,
 ) -> RetryOutcome:
     streams = {PartitionKeys(p, partitions).events: p for p in range(partitions)}
     partition = streams.get(entry.stream)
@@ -193,6 +198,11 @@ async def _redrive(
         parse_stream_id(entry.stream_id)
     except ValueError as e:
         return RetryOutcome(entry.id, entry.stream_id, "failed", describe(e))
+    if replicas is not None:
+        try:  # as the projector: nothing reaches PostgreSQL that the replicas may lack
+            await replicas.wait_for([partition])
+        except ReplicasBehind as e:
+            return RetryOutcome(entry.id, entry.stream_id, "failed", describe(e))
     try:
         async with pool.acquire() as conn:
             new = await project(conn, entry.group, [LogEntry(partition, entry.stream_id, event)])
@@ -208,17 +218,23 @@ async def _redrive(
 
 
 async def retry_parked(
-    client: RedisClient, pool: asyncpg.Pool, partitions: int, ids: Sequence[str] = ()
+    client: RedisClient,
+    pool: asyncpg.Pool,
+    partitions: int,
+    ids: Sequence[str] = (),
+    replicas: ReplicaCheck | None = None,
 ) -> list[RetryOutcome]:
     """Re-drive parked entries (every one, or those with the given dead-letter ids).
 
     Each is projected into PostgreSQL at its original stream position and removed from the
     dead-letter stream once committed; one that fails again stays parked and is reported
     ``failed`` with the error. Transient failures (PostgreSQL down) raise and change
-    nothing that was not committed.
+    nothing that was not committed. With ``replicas`` (under ``FLASHSALE_WAIT_REPLICAS``),
+    an entry whose partition the replicas are behind on stays parked, ``failed`` with
+    :class:`ReplicasBehind`.
     """
     parked = await list_parked(client, ids)
-    outcomes = [await _redrive(client, pool, partitions, entry) for entry in parked]
+    outcomes = [await _redrive(client, pool, partitions, entry, replicas) for entry in parked]
     found = {entry.id for entry in parked}
     outcomes += [RetryOutcome(i, "", "not_found") for i in dict.fromkeys(ids) if i not in found]
     return outcomes

@@ -33,7 +33,15 @@ import redis.asyncio as aioredis
 
 from api.cli.launcher import EmbeddedPostgres, EmbeddedRedis, _valkey_binary
 from api.web.auth import issue_token
+from consumers.deadletter import (
+    RetryOutcome,
+    list_parked,
+    park,
+    parked_record,
+    retry_parked,
+)
 from consumers.projector import Projector
+from consumers.replicas import ReplicaCheck
 from core.durability import check_durability
 from core.errors import NotReplicated
 from core.gateway import RedisGateway
@@ -704,6 +712,50 @@ async def test_the_projector_writes_to_postgres_only_what_the_replica_holds(
             stop.set()
             await task
         assert await table_count(pool, "events") == 3
+
+
+async def test_a_parked_entry_is_redriven_only_once_the_replica_holds_its_partition(
+    settings: Settings, pool: asyncpg.Pool
+):
+    """``flashsale dlq retry`` under FLASHSALE_WAIT_REPLICAS keeps the projector's rule: an
+    entry whose partition the replica is behind on stays parked (``failed``, saying why)
+    and reaches PostgreSQL once the replica catches up."""
+    async with primary_and_replica() as redis:
+        waiting = waiting_for_one_replica(settings, redis)
+        gateway = RedisGateway.from_settings(redis.client, waiting)
+        await open_sale(gateway, "replicated", stock=10)
+        rid = (await gateway.reserve("replicated", "ann", 1, None)).reservation_id
+        stream = gateway.keys_for_sale("replicated").events
+        entries: Any = await redis.client.xrange(stream)
+        entry_id, fields = entries[-1]  # the placement
+        record = parked_record(
+            stream=stream,
+            stream_id=text(entry_id),
+            group=CONSUMER_GROUP,
+            consumer="gone",
+            error="parked by the test",
+            deliveries=5,
+            fields={text(k): text(v) for k, v in fields.items()},
+        )
+        await park(redis.client, record)
+        replicas = ReplicaCheck(redis.client, waiting.partitions, 1, waiting.wait_timeout_ms)
+
+        async def redrive() -> RetryOutcome:
+            [outcome] = await retry_parked(
+                redis.client, pool, waiting.partitions, replicas=replicas
+            )
+            return outcome
+
+        async with redis.replica_frozen():
+            outcome = await redrive()
+            assert outcome.result == "failed", outcome
+            assert outcome.detail.startswith("ReplicasBehind: 0 of 1 replicas"), outcome
+            assert len(await list_parked(redis.client)) == 1
+            assert await order_ids(pool) == set()
+        await eventually(redis.replica_acknowledges, 15, "replica did not catch up")
+        assert (await redrive()).result == "projected"
+        assert await order_ids(pool) == {rid}
+        assert await list_parked(redis.client) == []
 
 
 @pytest.mark.parametrize("action", ["reserve", "confirm", "cancel"])

@@ -17,6 +17,7 @@ import asyncpg
 from api.connections import postgres_pool_for, redis_client_for
 from consumers.deadletter import ParkedEntry, drop_parked, list_parked, retry_parked
 from consumers.health import read_health
+from consumers.replicas import ReplicaCheck
 from core.errors import ConfigurationError
 from core.gateway.clients import RedisClient
 from core.settings import Settings
@@ -106,8 +107,15 @@ async def run_operation(settings: Settings, args: argparse.Namespace) -> int:
             dropped = await drop_parked(client, args.ids)
             print(f"dropped {dropped} of {len(args.ids)}")
             return 0 if dropped == len(set(args.ids)) else 1
+        replicas = (
+            ReplicaCheck(
+                client, settings.partitions, settings.wait_replicas, settings.wait_timeout_ms
+            )
+            if settings.wait_replicas
+            else None
+        )
         async with _postgres(settings) as pool:
-            outcomes = await retry_parked(client, pool, settings.partitions, args.ids)
+            outcomes = await retry_parked(client, pool, settings.partitions, args.ids, replicas)
     if args.json:
         print(json.dumps([asdict(o) for o in outcomes], indent=2))
     else:
