@@ -6,12 +6,14 @@ from __future__ import annotations
 import functools
 
 import asyncpg
+import hiredis
 import redis
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT
 
 from core.gateway import RedisClient
 from core.settings import Settings
@@ -57,7 +59,27 @@ def redis_client_for(
         socket_connect_timeout=timeout,
         client_name=name,
     )
+    if pool.connection_class is aioredis.Connection:  # plain TCP (not TLS, not a socket file)
+        pool.connection_class = PackingConnection
     return aioredis.Redis(connection_pool=pool)
+
+
+class PackingConnection(aioredis.Connection):
+    """A TCP connection that packs commands with hiredis, in C, as redis-py's synchronous
+    client does; its asyncio client packs them in Python, at 13.5 us for the reserve
+    script's EVALSHA against 1.7 us (the same bytes). What hiredis does not take (a
+    command name of two words such as ``CONFIG GET``, and the types redis-py refuses or
+    treats apart: bool, None, bytearray) is packed by redis-py as before."""
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        name = args[0]
+        if not (b" " in name if isinstance(name, bytes) else " " in str(name)):
+            try:
+                # (hiredis's stub declares a tuple of one item, not of any length)
+                return [hiredis.pack_command(args)]  # type: ignore[arg-type]
+            except TypeError:
+                pass
+        return super().pack_command(*args)
 
 
 def is_cluster(settings: Settings) -> bool:
