@@ -60,6 +60,7 @@ import redis.asyncio as aioredis
 from api.cli.launcher import embedded_servers
 from api.cli.processes import run_async
 from api.cli.workers import consumer_worker_count
+from api.connections import redis_client_for
 from consumers.entries import text
 from consumers.projector import Delivery, Prepared, Projector
 from core.events import from_ms
@@ -162,8 +163,9 @@ async def consume(
     settings: Settings, name: str, options: argparse.Namespace, go: Any, stop: Any, ready: Any
 ) -> ConsumerRun:
     """Run one projector from ``go`` until ``stop`` (multiprocessing events), saying
-    ``ready`` first (imports done, pool open)."""
-    client = aioredis.Redis.from_url(settings.redis_url or "")
+    ``ready`` first (imports done, pool open). Its Redis client is the one ``flashsale
+    consume`` builds."""
+    client = redis_client_for(settings)
     pool = await open_pool(settings.database_url or "", 2)
     projector = StampingProjector(
         client,
