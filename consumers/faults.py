@@ -2,10 +2,10 @@
 
 A transient failure (Redis or PostgreSQL unreachable, restarting, out of connections, a
 deadlock, a timeout, the schema not migrated yet, replicas behind) says nothing about the
-entry: the
-consumer keeps the batch, acknowledges nothing and retries with back-off, for as long as
-it takes. Any other failure may be the entry's own; the consumer isolates the entry that
-fails and gives it ``max_deliveries`` tries before it parks it on the dead-letter stream.
+entry: the consumer keeps the batch, acknowledges nothing and retries with back-off, for as
+long as it takes. Any other failure may be the entry's own; the consumer isolates the entry
+that fails and gives it ``max_deliveries`` tries before it parks it on the dead-letter
+stream.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from consumers.deadletter import park, parked_record
 from consumers.entries import decode_fields, text
 from consumers.faults import REFUSED_DATA, describe, is_transient
 from consumers.leases import PartitionLeases
-from consumers.replicas import ReplicaCheck
+from consumers.replicas import replica_check
 from core.events import parse_stored
 from core.gateway.clients import RedisClient
 from core.keys import CONSUMER_GROUP, PartitionKeys
@@ -180,11 +180,7 @@ class Projector:
         )
         # Under ``wait_replicas``: no entry reaches PostgreSQL before that many replicas
         # hold it (:mod:`consumers.replicas`).
-        self.replicas = (
-            ReplicaCheck(client, partitions, wait_replicas, wait_timeout_ms)
-            if wait_replicas
-            else None
-        )
+        self.replicas = replica_check(client, partitions, wait_replicas, wait_timeout_ms)
         self.projected = 0
         self.dead_lettered = 0
         # The last error of each entry left pending after a failure, for its parking record.

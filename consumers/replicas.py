@@ -25,6 +25,15 @@ from core.keys import PartitionKeys
 MARK_TTL_MS = 3_600_000
 
 
+def replica_check(
+    client: RedisClient, partitions: int, wait_replicas: int, wait_timeout_ms: int
+) -> ReplicaCheck | None:
+    """The check for ``FLASHSALE_WAIT_REPLICAS`` (``wait_replicas``), or None when it is 0."""
+    if not wait_replicas:
+        return None
+    return ReplicaCheck(client, partitions, wait_replicas, wait_timeout_ms)
+
+
 class ReplicaCheck:
     """Checks that ``wait_replicas`` replicas hold what the primaries of some partitions
     hold, waiting up to ``wait_timeout_ms`` for them."""

@@ -29,6 +29,7 @@ from core.events import (
 )
 from projections.db import copy_rows
 from projections.entries import LogEntry
+from projections.fold import TERMINAL_STATUS
 from projections.tables import checkpoints, events, incoming, orders, stock_view
 from projections.tables.events import ARCHIVE_INCOMING, row_of
 from projections.tables.stock_view import StockDelta
@@ -52,8 +53,7 @@ def stock_deltas(events: Iterable[AnyEvent]) -> dict[str, StockDelta]:
             case SaleClosed():
                 d.closed = True
             case ReservationPlaced():
-                d.remaining -= event.qty
-                d.held += event.qty
+                d.place(event.qty)
             case ReservationConfirmed():
                 d.held -= event.qty
                 d.confirmed += event.qty
@@ -95,7 +95,7 @@ class Batch:
     entries: list[LogEntry]
     archive: list[tuple[Any, ...]]  # the archive's rows (events.COLUMNS)
     placements: list[tuple[Any, ...]]  # the placements' order rows (orders.PLACED_COLUMNS)
-    finals: list[tuple[Any, ...]]  # the final states' (orders.FINISHED_COLUMNS)
+    finals: list[tuple[Any, ...]]  # the final states' (see orders.FINISHED_FROM_ARRAYS)
     deltas: dict[str, StockDelta]  # what the batch adds to each sale's stock view row
     checkpoints: list[tuple[int, str, tuple[int, int]]]
     # Delivered before (reclaimed, or resumed after a restart): part of it may be archived
@@ -148,7 +148,7 @@ def prepare(entries: Iterable[LogEntry], repeated: bool = False) -> Batch:
                         event.sale_id,
                         event.user_id,
                         event.qty,
-                        orders.FINAL_STATUS[event.type],
+                        TERMINAL_STATUS[event.type],
                         event.occurred_at,
                         event.event_id,
                     )
@@ -157,11 +157,9 @@ def prepare(entries: Iterable[LogEntry], repeated: bool = False) -> Batch:
         best = highest.get(entry.partition)
         if best is None or position > best[0]:
             highest[entry.partition] = (position, entry.stream_id)
-    deltas = stock_deltas(others)
-    for sale_id, qty in held.items():
-        d = deltas.setdefault(sale_id, StockDelta())
-        d.remaining -= qty
-        d.held += qty
+    deltas = stock_deltas(others)  # the placements, summed by sale above, added here:
+    for sale_id, qty in held.items():  # a third of stock_deltas' cost per event
+        deltas.setdefault(sale_id, StockDelta()).place(qty)
     archive.sort(key=_FIRST)
     placements.sort(key=_FIRST)
     checkpoints = [(p, stream_id, pos) for p, (pos, stream_id) in sorted(highest.items())]

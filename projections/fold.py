@@ -16,7 +16,8 @@ from core.events import (
     StockAdjusted,
 )
 
-_TERMINAL_STATUS = {
+# The status each final event leaves a reservation in.
+TERMINAL_STATUS = {
     "ReservationConfirmed": "confirmed",
     "ReservationCancelled": "cancelled",
     "ReservationExpired": "expired",
@@ -110,7 +111,7 @@ def apply(sales: dict[str, SaleState], event: AnyEvent) -> bool:
             state = "unknown" if reservation is None else reservation.status
             sale.problems.append(f"{event.type} for {state} reservation {event.reservation_id}")
             return False
-        reservation.status = _TERMINAL_STATUS[event.type]
+        reservation.status = TERMINAL_STATUS[event.type]
         sale.held -= event.qty
         if isinstance(event, ReservationConfirmed):
             sale.confirmed += event.qty

@@ -17,7 +17,7 @@ import asyncpg
 from api.connections import postgres_pool_for, redis_client_for
 from consumers.deadletter import ParkedEntry, drop_parked, list_parked, retry_parked
 from consumers.health import read_health
-from consumers.replicas import ReplicaCheck
+from consumers.replicas import replica_check
 from core.errors import ConfigurationError
 from core.gateway.clients import RedisClient
 from core.settings import Settings
@@ -107,12 +107,8 @@ async def run_operation(settings: Settings, args: argparse.Namespace) -> int:
             dropped = await drop_parked(client, args.ids)
             print(f"dropped {dropped} of {len(args.ids)}")
             return 0 if dropped == len(set(args.ids)) else 1
-        replicas = (
-            ReplicaCheck(
-                client, settings.partitions, settings.wait_replicas, settings.wait_timeout_ms
-            )
-            if settings.wait_replicas
-            else None
+        replicas = replica_check(
+            client, settings.partitions, settings.wait_replicas, settings.wait_timeout_ms
         )
         async with _postgres(settings) as pool:
             outcomes = await retry_parked(client, pool, settings.partitions, args.ids, replicas)

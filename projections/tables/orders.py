@@ -71,7 +71,7 @@ FROM (
 {_FINISHED_ON_CONFLICT}"""
 
 # The same from arrays of the final states' (reservation_id, sale_id, user_id, qty, status,
-# occurred_at, event_id) (:data:`FINISHED_COLUMNS`), in a batch written as new.
+# occurred_at, event_id), in a batch written as new.
 FINISHED_FROM_ARRAYS = f"""{_FINISHED_INTO}
 FROM (
     SELECT DISTINCT ON (r) r, s, u, q, st, at
@@ -81,14 +81,6 @@ FROM (
 ) AS t
 {_FINISHED_ON_CONFLICT}"""
 
-FINISHED_COLUMNS = ("reservation_id", "sale_id", "user_id", "qty", "status", "at", "event_id")
-
-# The status each final event leaves.
-FINAL_STATUS = {
-    "ReservationConfirmed": "confirmed",
-    "ReservationCancelled": "cancelled",
-    "ReservationExpired": "expired",
-}
 
 _OF_SALE = "SELECT reservation_id, status, qty, user_id FROM orders WHERE sale_id = $1"
 

@@ -26,6 +26,11 @@ class StockDelta:
     created: SaleCreated | None = None
     closed: bool = False
 
+    def place(self, qty: int) -> None:
+        """``qty`` units placed on hold: out of remaining, into held."""
+        self.remaining -= qty
+        self.held += qty
+
 
 # Deltas are added to the counters; the configuration is the SaleCreated's, once seen.
 _ADD_ON_CONFLICT = """
