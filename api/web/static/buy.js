@@ -588,7 +588,9 @@ function renderReservation(entry) {
   item.cancel.disabled = entry.busy;
   if (pending) {
     setTime(item.time, view.expires_at);
-    const left = Date.parse(view.expires_at) - clock.now();
+    // Measured from the earliest the server's clock can read: "time is up" is said only
+    // once the server is sure to refuse the payment (now(), the estimate, may run ahead).
+    const left = Date.parse(view.expires_at) - clock.earliest();
     setText(item.left, left > 0 ? `(${duration(left)} left to pay)` : "(time is up)");
   }
 }
