@@ -18,11 +18,8 @@ from collections.abc import Iterable
 from consumers.faults import ReplicasBehind
 from core.gateway.clients import RedisClient
 from core.gateway.pipelining import ScriptPipeline
-from core.gateway.scripts import load_lua
+from core.gateway.scripts import MARK_TTL_MS, load_lua
 from core.keys import PartitionKeys
-
-# How long a partition's mark outlives the last projector that wrote it.
-MARK_TTL_MS = 3_600_000
 
 
 def replica_check(

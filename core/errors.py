@@ -6,6 +6,8 @@ from typing import ClassVar, Literal
 
 #: What a write under ``FLASHSALE_WAIT_REPLICAS`` did to a reservation.
 WriteAction = Literal["reserve", "confirm", "cancel"]
+#: What an admin's write under ``FLASHSALE_WAIT_REPLICAS`` did to a sale.
+SaleAction = Literal["create", "restock", "close"]
 
 
 class FlashsaleError(Exception):
@@ -96,16 +98,30 @@ class InfrastructureError(FlashsaleError):
     code = "unavailable"
 
 
-class NotReplicated(InfrastructureError):
-    """Fewer replicas than ``FLASHSALE_WAIT_REPLICAS`` acknowledged a write in time.
-
-    The write itself stands on the primary; ``reservation_id`` names the reservation it
-    placed, confirmed or cancelled (``action``), and repeating the same request is safe.
-    """
+class Unreplicated(InfrastructureError):
+    """Fewer replicas than ``FLASHSALE_WAIT_REPLICAS`` acknowledged a write in time; the
+    write itself stands on the primary. Each kind says, by ``action``, what stands and how
+    to repeat the request safely."""
 
     code = "not_replicated"
 
     # What stands on the primary, and how to repeat the request, by action.
+    _STANDS: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    def __init__(self, subject: str, acknowledged: int, wanted: int, action: str) -> None:
+        stands, retry = self._STANDS[action]
+        super().__init__(
+            f"{subject} {stands}, but {acknowledged} of {wanted} replicas acknowledged it in"
+            f" time; {retry}"
+        )
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+
+
+class NotReplicated(Unreplicated):
+    """A placement, payment or cancellation (``action``) not acknowledged in time:
+    ``reservation_id`` names the reservation, and repeating the same request is safe."""
+
     _STANDS: ClassVar[dict[str, tuple[str, str]]] = {
         "reserve": ("is held", "retry with the same Idempotency-Key"),
         "confirm": (
@@ -121,15 +137,29 @@ class NotReplicated(InfrastructureError):
     def __init__(
         self, reservation_id: str, acknowledged: int, wanted: int, action: WriteAction = "reserve"
     ) -> None:
-        stands, retry = self._STANDS[action]
-        super().__init__(
-            f"reservation {reservation_id} {stands}, but {acknowledged} of {wanted} replicas "
-            f"acknowledged it in time; {retry}"
-        )
+        super().__init__(f"reservation {reservation_id}", acknowledged, wanted, action)
         self.reservation_id = reservation_id
-        self.acknowledged = acknowledged
-        self.wanted = wanted
-        self.action = action
+        self.action: WriteAction = action
+
+
+class SaleNotReplicated(Unreplicated):
+    """An admin's write to a sale (``action``: open it, change its stock, close it) not
+    acknowledged in time: ``sale_id`` names the sale."""
+
+    _STANDS: ClassVar[dict[str, tuple[str, str]]] = {
+        "create": ("is open", "repeat it with the same Idempotency-Key"),
+        "restock": (
+            "has its stock changed",
+            "repeat it with the same Idempotency-Key (without one, a repeat changes the"
+            " stock again)",
+        ),
+        "close": ("is closed", "repeating the same request is safe"),
+    }
+
+    def __init__(self, sale_id: str, acknowledged: int, wanted: int, action: SaleAction) -> None:
+        super().__init__(f"sale {sale_id}", acknowledged, wanted, action)
+        self.sale_id = sale_id
+        self.action: SaleAction = action
 
 
 class ReservationOutcomeUnknown(InfrastructureError):

@@ -124,6 +124,11 @@ class PartitionKeys:
         """String marking an admin's stock adjustment Idempotency-Key as applied."""
         return f"{PREFIX}:{self.tag}:idem-stock:{sale_id}:{key}"
 
+    def sale_idempotency(self, sale_id: str, key: str) -> str:
+        """String holding what an admin's sale creation with this Idempotency-Key asked
+        for (``create_sale.lua``), so that a repeat answers the same sale."""
+        return f"{PREFIX}:{self.tag}:idem-sale:{sale_id}:{key}"
+
     def lease(self, group: str) -> str:
         """String naming the consumer of ``group`` that owns the partition (its lease),
         expiring unless the holder renews it."""

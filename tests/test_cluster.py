@@ -374,8 +374,18 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
     await move_slot(cluster, slot, source, target)
     answers = await buying
     placed = [a for a in answers if isinstance(a, Placed)]
-    others = collections.Counter(type(a).__name__ for a in answers if not isinstance(a, Placed))
-    assert set(others) <= {"SoldOut"}, others
+
+    # A move slower than the retry budget turns the placements that keep meeting TRYAGAIN
+    # into 503s, "redis busy": not run, nothing changed (the README says so); on a quiet
+    # machine none do. Nothing else may fail.
+    def kind(answer: object) -> str:
+        if isinstance(answer, InfrastructureError) and "redis busy" in str(answer):
+            return "busy"
+        return type(answer).__name__
+
+    others = collections.Counter(kind(a) for a in answers if not isinstance(a, Placed))
+    assert set(others) <= {"SoldOut", "busy"}, others
+    assert placed
     view = await gateway.get_sale(sale_id)
     assert view is not None
     assert view.held <= 60 and view.held + view.remaining == 60

@@ -70,8 +70,8 @@ from tests.daemons import (
     wait_exit,
     wait_started,
 )
-from tests.helpers import JWT_SECRET, open_sale, pg_rows, text
-from tests.http_helpers import serve
+from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale, pg_rows, text
+from tests.http_helpers import log_events, serve
 
 AOF_ALWAYS = ["--appendonly", "yes", "--appendfsync", "always"]
 
@@ -805,3 +805,61 @@ async def test_a_repeat_that_finds_the_work_done_waits_for_the_replica_to_have_i
             assert await act(gateway_on(fresh)) is False
         keys = gateway.keys_for_sale("replicated")
         assert (await redis.on_replica(keys.reservation(rid)))["status"] == ended
+
+
+@pytest.mark.parametrize("action", ["create", "restock", "close"])
+async def test_an_admin_write_to_a_sale_answers_503_until_a_replica_has_it(
+    settings: Settings, action: str
+):
+    """Under FLASHSALE_WAIT_REPLICAS, a 201 or 200 to an admin's write to a sale means the
+    replica has it. With the replica frozen (connected, acknowledging nothing): 503
+    not_replicated naming the sale while the write stands on the primary, and the same
+    request again, from connections that never wrote, 503 again (the write a repeat finds
+    done is covered by the partition's mark, not by its own connection's writes); once the
+    replica catches up, the answer, with nothing done twice.
+
+    On Valkey (the wheel's), which moves a connection's WAIT offset only when it writes:
+    without the mark, the repeat on fresh connections would answer at once."""
+    path, body, done_event = {
+        "create": ("/v1/sales", {"sale_id": "replicated", "stock": 10}, "SaleCreated"),
+        "restock": ("/v1/sales/replicated/stock", {"delta": 5}, "StockAdjusted"),
+        "close": ("/v1/sales/replicated/close", None, "SaleClosed"),
+    }[action]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Idempotency-Key": "admin-1"}
+    async with primary_and_replica(_valkey_binary()) as redis:
+        waiting = waiting_for_one_replica(settings, redis)
+        gateway = RedisGateway.from_settings(redis.client, waiting)
+        if action != "create":
+            await open_sale(gateway, "replicated", stock=10)
+        keys = gateway.keys_for_sale("replicated")
+
+        async def post(client: aioredis.Redis) -> tuple[int, dict[str, Any], dict[str, str]]:
+            async with (
+                serve(waiting, client, request_seconds=10) as http,
+                http.post(path, json=body, headers=admin) as response,
+            ):
+                answer = await response.json(content_type=None)
+                return response.status, answer, dict(response.headers)
+
+        async with redis.replica_frozen():
+            status, answer, headers = await post(redis.client)
+            assert (status, answer["code"]) == (503, "not_replicated"), answer
+            assert answer["sale_id"] == "replicated" and "0 of 1 replicas" in answer["detail"]
+            assert headers["Location"] == "/v1/sales/replicated"
+            assert headers["Retry-After"] == "1"
+            async with client_for(redis.url) as fresh:  # connections that never wrote
+                status, answer, _ = await post(fresh)
+                assert (status, answer["code"]) == (503, "not_replicated"), answer
+        await eventually(redis.replica_acknowledges, 15, "replica did not catch up")
+        async with client_for(redis.url) as fresh:
+            status, answer, _ = await post(fresh)
+        assert status == (201 if action == "create" else 200), answer
+        assert answer.get("changed", False) is False
+        on_replica = await redis.on_replica(keys.sale("replicated"))
+        assert (on_replica["stock"], on_replica["closed"]) == {
+            "create": ("10", "0"),
+            "restock": ("15", "0"),
+            "close": ("10", "1"),
+        }[action]
+        kinds = Counter(type(event).__name__ for event in await log_events(gateway))
+        assert kinds[done_event] == 1, kinds

@@ -96,6 +96,44 @@ async def test_create_existing_sale_is_409_and_changes_nothing(
     assert (await sale_of(http))["stock"] == 3
 
 
+async def test_create_repeated_with_its_idempotency_key_answers_the_sale_once(
+    http: aiohttp.ClientSession, gateway: RedisGateway, redis_client: aioredis.Redis
+):
+    """A creation repeated with its Idempotency-Key and body (its answer lost, or 503
+    not_replicated) answers the sale again and opens it once; the key with other values is
+    422, and the same body with another key, or none, is 409."""
+    keyed = ADMIN | {"Idempotency-Key": "open-1"}
+    body = sale_body(stock=5, starts_at="2030-01-01T00:00:00Z")
+    async with http.post("/v1/sales", json=body, headers=keyed) as r:
+        assert r.status == 201
+        first = await r.json()
+    after_first = await redis_dump(redis_client)
+    async with http.post("/v1/sales", json=body, headers=keyed) as r:
+        assert (r.status, r.headers["Location"]) == (201, "/v1/sales/sale-1")
+        assert await r.json() == first
+    assert await redis_dump(redis_client) == after_first
+    assert [type(e) for e in await log_events(gateway)] == [SaleCreated]
+
+    async with http.post("/v1/sales", json=sale_body(stock=6), headers=keyed) as r:
+        await expect_problem(r, 422, "idempotency_key_reused")
+    for headers in (ADMIN | {"Idempotency-Key": "open-2"}, ADMIN):
+        async with http.post("/v1/sales", json=body, headers=headers) as r:
+            await expect_problem(r, 409, "sale_exists")
+    assert await redis_dump(redis_client) == after_first
+
+
+async def test_a_create_without_start_repeated_with_its_key_is_the_same_request(
+    http: aiohttp.ClientSession, gateway: RedisGateway
+):
+    """A body without starts_at means "now" each time it is sent: the repeat is still the
+    same request, not a reuse of the key."""
+    keyed = ADMIN | {"Idempotency-Key": "open-now"}
+    for _ in range(2):
+        async with http.post("/v1/sales", json=sale_body(), headers=keyed) as r:
+            assert r.status == 201, await r.text()
+    assert len(await log_events(gateway)) == 1
+
+
 @pytest.mark.parametrize(
     "body",
     [

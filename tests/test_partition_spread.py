@@ -77,6 +77,8 @@ def test_each_partition_lands_on_its_slot_and_keeps_one_slot(partitions: int) ->
             keys.reservation(f"{p}-abc"),
             keys.idempotency("s", "u", "k"),
             keys.stock_idempotency("s", "k"),
+            keys.sale_idempotency("s", "k"),
+            keys.mark,
             keys.lease("projector"),
             keys.operation("op"),
         ]

@@ -150,7 +150,7 @@ async def test_one_wait_covers_a_batch_and_each_placement_learns_it_was_not_repl
     # One more replica than the test Redis has (none; one per primary of a cluster): WAIT
     # answers fewer after its timeout.
     waiting = make_gateway(wait_replicas=2 if ON_CLUSTER else 1, wait_timeout_ms=50)
-    await open_sale(waiting, stock=2, per_user_limit=1)
+    await open_sale(make_gateway(), stock=2, per_user_limit=1)
     opened = count_pipelines(monkeypatch, redis_client)
     answers = await outcomes(waiting, ["ann", "ann", "bob", "cat"])
     assert len(opened) == 1

@@ -31,8 +31,9 @@ from consumers.expiry import ExpiryWorker
 from consumers.faults import ReplicasBehind
 from consumers.leases import PartitionLeases
 from consumers.replicas import ReplicaCheck
-from core.errors import NotReplicated
+from core.errors import NotReplicated, SaleNotReplicated
 from core.gateway import RedisGateway, ReservationRecord, SaleRepair, Touched
+from core.models import NewSale
 from tests.conftest import GatewayFactory
 from tests.helpers import open_sale
 
@@ -211,6 +212,10 @@ async def run_every_scenario(gateway: RedisGateway, client: aioredis.Redis) -> N
         assert await waiting.confirm(paid.reservation_id, "bob") is False
     with contextlib.suppress(NotReplicated):
         assert await waiting.cancel(dropped.reservation_id, "cat") is False
+    # A sale opened with an Idempotency-Key, and the repeat (under WAIT) that finds it open.
+    for _ in range(2):
+        with contextlib.suppress(SaleNotReplicated):
+            await waiting.create_sale(NewSale(sale_id="sale-3", stock=1), "open-1")
     overdue = [await gateway.reserve("sale-2", f"u{i}", 1, None) for i in range(5)]
     partition = gateway.keys_for_sale("sale-2").partition
     assert await gateway.expire_due(partition, limit=2) == (2, 3)

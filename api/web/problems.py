@@ -81,7 +81,7 @@ def _plain_problem_json(status: int, code: str, title: str, detail: str) -> str:
 ANSWERED_ERRORS: tuple[type[errors.FlashsaleError], ...] = (
     *errors.REJECTIONS.values(),
     errors.InfrastructureError,
-    errors.NotReplicated,
+    errors.Unreplicated,
 )
 
 # The codes spelled here and in the views rather than by an error class, with their status.
@@ -142,6 +142,10 @@ class Problem(BaseModel):
         description="not_replicated: the reservation placed, confirmed or cancelled; and"
         " unavailable from a placement: the id it tried; look it up before trying again",
     )
+    sale_id: str = Field(
+        default="",
+        description="not_replicated from an admin's write: the sale opened, restocked or closed",
+    )
 
 
 # Status and title of each error class met so far (the lookup walks the class's bases).
@@ -161,7 +165,11 @@ def from_error(error: errors.FlashsaleError) -> web.Response:
     """Map a domain error to its problem response."""
     status, title = _status_and_title(type(error))
     detail = str(error) or (error.__doc__ or title).strip()
-    response = problem(status, error.code, title, detail)
+    if isinstance(error, errors.SaleNotReplicated):  # the write stands: where to find it
+        response = problem(status, error.code, title, detail, sale_id=error.sale_id)
+        response.headers["Location"] = f"/v1/sales/{error.sale_id}"
+    else:
+        response = problem(status, error.code, title, detail)
     if status == 503:
         response.headers["Retry-After"] = "1"
     return response

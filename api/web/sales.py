@@ -48,13 +48,17 @@ class SaleChange(SaleView):
     Answer(201, "created", SaleView, headers=("Location",), links=SALE_LINKS),
     auth=("admin",),
     body=NewSale,
-    problems=("sale_exists", "unavailable"),
+    idempotency_key="a repeat with the same key and body answers the sale, changing nothing",
+    problems=("sale_exists", "idempotency_key_reused", "unavailable", "not_replicated"),
+    description="503 not_replicated (FLASHSALE_WAIT_REPLICAS): the sale is open on the"
+    " primary; repeat the request with the same Idempotency-Key.",
 )
 async def create_sale(request: web.Request) -> web.Response:
     """POST /v1/sales (admin): open a sale."""
     require_admin(request, request.app[SETTINGS].admin_token)
+    key = idempotency_key_of(request)
     sale = await read_model(request, NewSale)
-    view = await request.app[GATEWAY].create_sale(sale)
+    view = await request.app[GATEWAY].create_sale(sale, key)
     return web.json_response(
         view.model_dump(mode="json"),
         status=201,
@@ -145,7 +149,11 @@ async def _sale_answer(request: web.Request, sale_id: str, changed: bool) -> web
         "not_enough_unsold_stock",
         "idempotency_key_reused",
         "unavailable",
+        "not_replicated",
     ),
+    description="503 not_replicated (FLASHSALE_WAIT_REPLICAS): the change stands on the"
+    " primary; repeat the request with the same Idempotency-Key (without one, a repeat"
+    " changes the stock again).",
 )
 async def adjust_stock(request: web.Request) -> web.Response:
     """POST /v1/sales/{sale_id}/stock (admin): restock, or withdraw unsold stock."""
@@ -161,7 +169,9 @@ async def adjust_stock(request: web.Request) -> web.Response:
     "Stop taking reservations now; pending ones keep their window (admin).",
     Answer(200, "the sale, now ended", SaleChange, links=SALE_LINKS),
     auth=("admin",),
-    problems=("sale_not_found", "unavailable"),
+    problems=("sale_not_found", "unavailable", "not_replicated"),
+    description="503 not_replicated (FLASHSALE_WAIT_REPLICAS): the sale is closed on the"
+    " primary; repeating the request is safe.",
 )
 async def close_sale(request: web.Request) -> web.Response:
     """POST /v1/sales/{sale_id}/close (admin): stop taking reservations now."""

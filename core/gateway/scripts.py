@@ -54,6 +54,8 @@ NOT_RUN = (
 # far longer than any retry of the same call, short enough that the records take little
 # memory. (Confirm and cancel keep theirs in the reservation's hash.)
 OPERATION_TTL_SECONDS = 300
+# How long a partition's mark (``core/lua/mark.lua``) outlives the last write to it.
+MARK_TTL_MS = 3_600_000
 
 
 def new_id() -> str:
@@ -118,6 +120,7 @@ class GatewayBase:
         self._adjust_stock: AsyncScript = client.register_script(load_lua("adjust_stock"))
         self._close_sale: AsyncScript = client.register_script(load_lua("close_sale"))
         self._repair_sale: AsyncScript = client.register_script(load_lua("repair_sale"))
+        self._mark: AsyncScript = client.register_script(load_lua("mark"))
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script now, so no request pays for a first-call NOSCRIPT retry."""
@@ -132,6 +135,7 @@ class GatewayBase:
             self._adjust_stock,
             self._close_sale,
             self._repair_sale,
+            self._mark,
         )
         try:
             for script in scripts:

@@ -10,18 +10,31 @@
 -- ARGV[5]  starts_at in ms since the epoch, or "" for now
 -- ARGV[6]  ends_at in ms since the epoch, or "" for none
 -- ARGV[7]  hold_seconds (payment window)
+-- KEYS[4]  idempotency string   fs:{tag}:idem-sale:<sale_id>:<key>  (ignored when ARGV[9] is "")
 -- ARGV[8]  operation time-to-live in seconds
+-- ARGV[9]  what the request asked for (its arguments 3 to 7, joined), when it carried an
+--          Idempotency-Key; else ""
+-- ARGV[10] idempotency key time-to-live in seconds
 --
 -- Safe to run again with the same arguments: a call whose sale was created by an earlier
--- run of it (its reply was lost) answers that creation again and changes nothing.
+-- run of it (its reply was lost) answers that creation again and changes nothing. So does
+-- a request repeated with the same Idempotency-Key and the same sale.
 --
--- Returns  {"ok", stream_entry_id, starts_at_ms}
---          {"err", "sale_exists"} when another call created the sale (nothing changes)
+-- Returns  {"ok", stream_entry_id, starts_at_ms}  created (now, or by an earlier run)
+--          {"ok", "", starts_at_ms}  this Idempotency-Key created this sale before
+--          {"err", reason}  nothing changed; reason in sale_exists (another call created
+--                           the sale), idempotency_key_reused (the key created it with
+--                           other values)
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
     local first = redis.call('GET', KEYS[3])
     if first then
         return {'ok', first, redis.call('HGET', KEYS[1], 'starts_at')}
+    end
+    if ARGV[9] ~= '' then
+        local asked = redis.call('GET', KEYS[4])
+        if asked == ARGV[9] then return {'ok', '', redis.call('HGET', KEYS[1], 'starts_at')} end
+        if asked then return {'err', 'idempotency_key_reused'} end
     end
     return {'err', 'sale_exists'}
 end
@@ -63,4 +76,5 @@ local event = {
 if ends_at > 0 then event.ends_at = ends_at end
 local id = redis.call('XADD', KEYS[2], '*', 'event', encode(event))
 redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[8]))
+if ARGV[9] ~= '' then redis.call('SET', KEYS[4], ARGV[9], 'EX', tonumber(ARGV[10])) end
 return {'ok', id, string.format('%d', starts_at)}

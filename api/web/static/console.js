@@ -24,8 +24,9 @@ function token() {
 }
 
 /** Call the API as the admin; the body of a success, else throws ApiError. */
-async function api(method, path, body) {
+async function api(method, path, body, key) {
   const headers = { Authorization: `Bearer ${token()}` };
+  if (key !== undefined) headers["Idempotency-Key"] = key;
   const init = { method, headers, cache: "no-store" };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -325,6 +326,24 @@ function moment(input) {
   return input.value ? new Date(input.value).toISOString() : undefined;
 }
 
+/** The Idempotency-Key of a write from ``form``: the same while the form sends the same
+ * body, so that sending it again after no answer (or a 503) does the write once; a new one
+ * for another body, and after a success (the same restock typed again is a new one). */
+function keyFor(form, body) {
+  const text = JSON.stringify(body);
+  if (form.dataset.keyBody !== text) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    form.dataset.key = [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+    form.dataset.keyBody = text;
+  }
+  return form.dataset.key;
+}
+
+function forgetKey(form) {
+  delete form.dataset.key;
+  delete form.dataset.keyBody;
+}
+
 async function createSale(form) {
   const body = { sale_id: form.sale_id.value.trim(), stock: whole(form.stock) };
   for (const [name, value] of [
@@ -335,7 +354,8 @@ async function createSale(form) {
   ]) {
     if (value !== undefined) body[name] = value;
   }
-  const sale = await api("POST", "/v1/sales", body);
+  const sale = await api("POST", "/v1/sales", body, keyFor(form, body));
+  forgetKey(form);
   showDone(`Sale ${sale.sale_id} created with ${numbers.format(sale.stock)} in stock.`);
   form.sale_id.value = "";
   form.stock.value = "";
@@ -356,7 +376,8 @@ async function changeSale(form, action) {
     form.delta.focus();
     return;
   }
-  const sale = await api("POST", `${path}/stock`, { delta });
+  const sale = await api("POST", `${path}/stock`, { delta }, keyFor(form, { saleId, delta }));
+  forgetKey(form);
   const verb = delta > 0 ? `Added ${numbers.format(delta)} to` : `Withdrew ${numbers.format(-delta)} from`;
   showDone(`${verb} sale ${sale.sale_id}: ${numbers.format(sale.remaining)} remaining.`);
   form.delta.value = "";
