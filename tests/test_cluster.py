@@ -24,6 +24,7 @@ from core.gateway.pipelining import ScriptPipeline
 from core.keys import PartitionKeys, partition_of
 from core.settings import Settings
 from tests.cluster_helpers import command, move_slot, node_client, primary_of, wait_until_settled
+from tests.daemons import eventually
 from tests.helpers import ADMIN_TOKEN, JWT_SECRET, open_sale
 from tests.http_helpers import buyer, session_for
 
@@ -391,6 +392,37 @@ async def test_buyers_during_a_slot_migration_never_oversell_and_stay_replicated
     assert view.held <= 60 and view.held + view.remaining == 60
     assert len(placed) <= view.held  # an unknown outcome may hold a unit too
     assert primary_of(cluster, sale_id, PARTITIONS).name == target.name
+    await wait_until_settled(cluster, replicas=1)
+
+
+async def test_a_placement_waits_out_a_slot_move_of_more_than_a_second(cluster: RedisCluster):
+    """A placement creates keys, which a node refuses (TRYAGAIN) in a slot being moved, so
+    none runs in that slot until the move ends. It is tried again until the retry budget's
+    2 s have passed: a move that holds the slot for 1.3 s is waited out, and the placement
+    runs on the new owner, not answered 503."""
+    gateway = gateway_on(cluster)
+    await gateway.load_scripts()
+    sale_id = sales_on_every_primary(cluster, per_primary=1)[-1]
+    await open_sale(gateway, sale_id, stock=5)
+    keys = PartitionKeys(partition_of(sale_id, PARTITIONS), PARTITIONS)
+    slot = cluster.keyslot(keys.sale(sale_id))
+    source = primary_of(cluster, sale_id, PARTITIONS)
+    target = next(node for node in cluster.get_primaries() if node.name != source.name)
+    moving = asyncio.create_task(move_slot(cluster, slot, source, target, hold=1.3))
+    src, dst = node_client(cluster, source), node_client(cluster, target)
+    try:
+
+        async def all_keys_moved() -> bool:
+            return not await command(src, "CLUSTER COUNTKEYSINSLOT", slot)
+
+        await eventually(all_keys_moved, 10, "the slot's keys did not move")
+        assert not moving.done()  # the slot is held: importing on the target
+        placed = await gateway.reserve(sale_id, "ann", 1, None)
+        assert await dst.exists(keys.reservation(placed.reservation_id)) == 1
+    finally:
+        await moving
+        await src.aclose()
+        await dst.aclose()
     await wait_until_settled(cluster, replicas=1)
 
 

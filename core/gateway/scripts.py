@@ -71,14 +71,20 @@ def load_lua(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How the gateway retries a call whose reply was lost, with the same ids each time.
+    """How the gateway retries a call, with the same ids each time.
 
-    At most ``attempts`` tries, sleeping ``backoff`` seconds (doubled each time) between
-    them, and no new try once ``deadline`` seconds have passed since the first.
+    Between tries it sleeps ``backoff`` seconds, doubled each time up to ``max_backoff``,
+    and it starts no new try once ``deadline`` seconds have passed since the first. A call
+    whose reply was lost (it may have run) gets at most ``attempts`` tries; a call that
+    did not run (a full pool, a slot being moved, a failover) is tried until the deadline,
+    so that buyers wait out a slot move of up to that long instead of getting 503s.
     """
 
-    attempts: int = 4
+    # Calls run in batches (one pipeline per loop turn), and the calls of a batch whose
+    # reply was lost are retried together, in one batch again: their losses go together.
+    attempts: int = 6
     backoff: float = 0.02
+    max_backoff: float = 0.2
     deadline: float = 2.0
 
 
@@ -181,8 +187,7 @@ class GatewayBase:
             try:
                 return await call()
             except NOT_RUN as e:  # not run, and may soon: wait and try again
-                spent = time.monotonic() - started
-                if attempt >= self.retry.attempts or spent + delay >= self.retry.deadline:
+                if time.monotonic() - started + delay >= self.retry.deadline:
                     raise InfrastructureError(f"{what}: redis busy: {e!r}") from e
                 log.warning("redis_busy", what=what, attempt=attempt, error=repr(e))
             except LOST_REPLY as e:
@@ -195,7 +200,7 @@ class GatewayBase:
             except (RedisError, RedisClusterException) as e:
                 raise InfrastructureError(f"{what} failed: {e}") from e
             await asyncio.sleep(delay)
-            delay *= 2
+            delay = min(delay * 2, self.retry.max_backoff)
             attempt += 1
 
     async def _call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> list[str]:
