@@ -40,11 +40,10 @@ flight each) falls behind it; the rate reached is printed. With more than one pr
 the placers start once the projectors share the partitions (each partition leased, none
 holding more than its fair share) and ``--block-ms`` later: the figure is the steady
 state's. Before that, a partition given back by one projector waits for the other to take
-it, and one taken while its new holder is blocked reading its others is read once that
-read returns (up to ``--block-ms``): up to a few hundred milliseconds, once, at start-up.
-Three runs that placed from the first moment had p99s of 17, 308 and 19 ms; five that
-waited for the leases but not the block, maxima of 32, 17, 56, 37 and 283 ms (that one in
-the first millisecond).
+it. (Before projectors with leases capped their blocking reads at the lease watch period,
+one taken while its new holder was blocked reading its others was read only once that read
+returned: three runs that placed from the first moment had p99s of 17, 308 and 19 ms; with
+the cap, five had 11 to 22 ms, maxima 20 to 90 ms.)
 """
 
 from __future__ import annotations

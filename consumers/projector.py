@@ -249,9 +249,15 @@ class Projector:
         ``block_ms``): whatever is there, up to ``batch`` per stream, without waiting for
         more once something is."""
         block = self.block_ms if block_ms is None else block_ms
+        if self.leases is not None and block:
+            # A read blocks on the streams of the partitions held when it started: one taken
+            # meanwhile (another consumer gave it back) is read only once it returns. So it
+            # returns as often as the leases are watched, and a partition taken is read
+            # within that (an idle consumer reads a few times a second, not once).
+            block = min(block, max(1, int(self.leases.watch_every * 1000)))
         reading = self.reading
         if not reading:  # no partition leased yet: wait for the next lease refresh
-            await asyncio.sleep(min(block, self.leases.lease_ms / 3 if self.leases else 0) / 1000)
+            await asyncio.sleep(block / 1000)
             return []
         if self.per_stream:
             return await self._poll_new(reading, block)

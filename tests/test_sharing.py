@@ -147,6 +147,30 @@ async def test_a_stopped_projector_hands_its_partitions_to_the_other(
         assert a.projected + b.projected == PARTITIONS + len(placed)
 
 
+async def test_a_partition_taken_over_is_read_at_once_not_when_a_long_read_returns(
+    make_projector: ProjectorFactory, gateway8: RedisGateway, pool: asyncpg.Pool
+):
+    """Reads that block for 30 s when idle: b, idle, blocks on its half of the partitions
+    when a stops and gives the other half back. b takes them at once, and reads them at
+    once too: a placement in one of them reaches PostgreSQL within seconds, not when b's
+    read of its own half returns (up to 30 s later)."""
+    a = make_projector("a", partitions=PARTITIONS, lease_ms=LEASE_MS, block_ms=30_000, batch=20)
+    b = make_projector("b", partitions=PARTITIONS, lease_ms=LEASE_MS, block_ms=30_000, batch=20)
+    async with running(b):
+        async with running(a):
+            await until(lambda: [len(s) for s in owned(a, b)] == [4, 4], "no even split")
+            handed = min(owned(a)[0])
+            await eventually(lambda: caught_up(gateway8.client, pool, PARTITIONS), 10, "lag")
+        await until(lambda: owned(b) == [set(range(PARTITIONS))], "b did not take over")
+        sale = sale_in_partition(handed, PARTITIONS, "shared")
+        placed = await place(gateway8, sale, ["late"])
+        await eventually(lambda: has_orders(pool, placed), 5, "b did not read the partition")
+
+
+async def has_orders(pool: asyncpg.Pool, ids: list[str]) -> bool:
+    return set(ids) <= await order_ids(pool)
+
+
 async def test_a_projector_killed_mid_batch_leaves_the_survivor_exactly_the_events(
     make_projector: ProjectorFactory,
     gateway8: RedisGateway,
