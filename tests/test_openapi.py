@@ -110,6 +110,8 @@ def test_the_catalogue_holds_every_code_the_code_spells():
         error = kind.__new__(kind)  # no arguments needed: only its class decides the status
         if isinstance(error, errors.SaleNotReplicated):  # its answer names the sale
             error = errors.SaleNotReplicated("sale-1", 0, 1, "create")
+        elif isinstance(error, errors.NotReplicated):  # its answer names the reservation
+            error = errors.NotReplicated("0-ab", 0, 1, "reserve")
         response = problems.from_error(error)
         assert catalogue[kind.code] == response.status, kind
     assert {catalogue["unauthorized"], catalogue["forbidden"]} == {401, 403}

@@ -165,7 +165,12 @@ def from_error(error: errors.FlashsaleError) -> web.Response:
     """Map a domain error to its problem response."""
     status, title = _status_and_title(type(error))
     detail = str(error) or (error.__doc__ or title).strip()
-    if isinstance(error, errors.SaleNotReplicated):  # the write stands: where to find it
+    # A write not replicated stands on the primary: the answer names it, and where it is.
+    if isinstance(error, errors.NotReplicated):
+        rid = error.reservation_id
+        response = problem(status, error.code, title, detail, reservation_id=rid)
+        response.headers["Location"] = f"/v1/reservations/{rid}"
+    elif isinstance(error, errors.SaleNotReplicated):
         response = problem(status, error.code, title, detail, sale_id=error.sale_id)
         response.headers["Location"] = f"/v1/sales/{error.sale_id}"
     else:

@@ -151,7 +151,7 @@ async def reserve(request: web.Request) -> web.Response:
     except NotReplicated as e:
         # The reservation stands in Redis; a retry with the same Idempotency-Key finds it.
         metrics.outcome(e.code).inc()
-        return not_replicated(e)
+        return from_error(e)
     except ReservationOutcomeUnknown as e:
         # Redis stayed silent after retries: the buyer looks this id up before trying again.
         metrics.outcome(e.code).inc()
@@ -184,17 +184,6 @@ async def reserve(request: web.Request) -> web.Response:
         content_type="application/json",
         headers={"Location": f"/v1/reservations/{placed.reservation_id}"},
     )
-
-
-def not_replicated(error: NotReplicated) -> web.Response:
-    """503 ``not_replicated``: the placement, payment or cancellation stands on the primary,
-    but too few replicas acknowledged it in time; the same request again answers it once
-    they do. With the reservation's id and ``Location``, and ``Retry-After``."""
-    rid = error.reservation_id
-    response = problem(503, error.code, "Not replicated", str(error), reservation_id=rid)
-    response.headers["Retry-After"] = "1"
-    response.headers["Location"] = f"/v1/reservations/{rid}"
-    return response
 
 
 def placement_json(reservation_id: str, expires_at: datetime) -> str:
@@ -336,7 +325,7 @@ async def confirm_reservation(request: web.Request) -> web.Response:
         changed = await _pruned_transition(request, rid, user_id, "confirmed")
     except NotReplicated as e:  # paid on the primary; the same request again is safe
         request.app[METRICS].transitions.labels(e.code).inc()
-        return not_replicated(e)
+        return from_error(e)
     request.app[METRICS].transitions.labels("confirmed" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)
 
@@ -367,6 +356,6 @@ async def cancel_reservation(request: web.Request) -> web.Response:
         changed = await _pruned_transition(request, rid, user_id, "cancelled")
     except NotReplicated as e:  # cancelled on the primary; the same request again is safe
         request.app[METRICS].transitions.labels(e.code).inc()
-        return not_replicated(e)
+        return from_error(e)
     request.app[METRICS].transitions.labels("cancelled" if changed else "unchanged").inc()
     return await _reservation_answer(request, rid, changed)
