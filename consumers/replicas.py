@@ -6,20 +6,18 @@ such a placement 503 ``not_replicated``, and the projector must not archive it e
 PostgreSQL would keep an order (and stock held) that the new primary, and so the log, never
 had. Replication is one ordered stream per primary, so a replica that acknowledged a write
 made after an entry holds that entry: before each batch the projector writes a partition's
-mark (``core/lua/mark.lua``) on each primary its entries came from, then WAITs on that
-connection, one pipeline per node (:class:`core.gateway.pipelining.ScriptPipeline`).
+mark on each primary its entries came from, then WAITs on that connection, one pipeline per
+node (:class:`core.gateway.scripts.PartitionMarks`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 
 from consumers.faults import ReplicasBehind
 from core.gateway.clients import RedisClient
 from core.gateway.pipelining import ScriptPipeline
-from core.gateway.scripts import MARK_TTL_MS, load_lua
-from core.keys import PartitionKeys
+from core.gateway.scripts import PartitionMarks
 
 
 def replica_check(
@@ -39,20 +37,13 @@ class ReplicaCheck:
         self, client: RedisClient, partitions: int, wait_replicas: int, wait_timeout_ms: int
     ) -> None:
         self.wait_replicas = wait_replicas
-        self._marks = [PartitionKeys(p, partitions).mark for p in range(partitions)]
-        self._pipeline = ScriptPipeline(client, wait_replicas, wait_timeout_ms)
-        self._script = client.register_script(load_lua("mark"))
+        pipeline = ScriptPipeline(client, wait_replicas, wait_timeout_ms)
+        self._marks = PartitionMarks(client, partitions, pipeline)
 
     async def wait_for(self, partitions: Iterable[int]) -> None:
         """Return once enough replicas hold every write made so far to ``partitions``
         (their streams' entries included); raise :class:`ReplicasBehind` when too few
-        acknowledged in time. The marks of one node share one pipeline and one WAIT."""
-        replies = await asyncio.gather(
-            *(
-                self._pipeline.run_replicated(self._script, [self._marks[p]], [MARK_TTL_MS])
-                for p in set(partitions)
-            )
-        )
-        acknowledged = min((r.acknowledged for r in replies), default=self.wait_replicas)
+        acknowledged in time."""
+        acknowledged = await self._marks.acknowledged(partitions)
         if acknowledged < self.wait_replicas:
             raise ReplicasBehind(acknowledged, self.wait_replicas)

@@ -136,8 +136,8 @@ class PartitionKeys:
 
     @property
     def mark(self) -> str:
-        """Counter the projector writes before it WAITs for replicas (``core/lua/mark.lua``),
-        expiring when no projector writes it."""
+        """Counter written before a WAIT for replicas, by the projector and the admin's
+        sale writes (``core/lua/mark.lua``), expiring an hour after the last write."""
         return f"{PREFIX}:{self.tag}:mark"
 
     def operation(self, operation_id: str) -> str:

@@ -103,9 +103,9 @@ class Settings(BaseSettings):
     wait_replicas: int = Field(
         default=0,
         ge=0,
-        description="Replicas that must acknowledge a placement, payment or cancellation"
-        " before its 202 or 200, and hold a log entry before the projector writes it to"
-        " PostgreSQL.",
+        description="Replicas that must acknowledge a placement, payment, cancellation or"
+        " an admin's write to a sale before its 202, 201 or 200, and hold a log entry before"
+        " the projector writes it to PostgreSQL.",
     )
     wait_timeout_ms: int = Field(
         default=1000, ge=1, description="How long such a write waits for those replicas."

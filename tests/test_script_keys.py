@@ -23,7 +23,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 import consumers.leases
-import consumers.replicas
 import core.gateway.records
 import core.gateway.repair
 import core.gateway.scripts
@@ -121,7 +120,6 @@ async def checked(
         core.gateway.repair,
         core.gateway.records,
         consumers.leases,
-        consumers.replicas,
     )
     for module in modules:
         monkeypatch.setattr(module, "load_lua", load)

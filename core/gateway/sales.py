@@ -7,7 +7,7 @@ import structlog
 from core.errors import SaleAction, SaleExists, SaleNotReplicated
 from core.events import to_ms
 from core.gateway.reads import Reads
-from core.gateway.scripts import MARK_TTL_MS, OPERATION_TTL_SECONDS, new_id
+from core.gateway.scripts import OPERATION_TTL_SECONDS, new_id
 from core.models import NewSale, SaleView
 
 log = structlog.get_logger(__name__)
@@ -104,24 +104,22 @@ class SaleCommands(Reads):
         so far to the sale's partition, this call's among them; else raise
         ``SaleNotReplicated``.
 
-        The partition's mark (``core/lua/mark.lua``) is written, then WAIT runs, on one
-        connection: WAIT counts that connection's writes only, and replication is one
-        ordered stream per primary, so replicas that have the mark have the sale's write,
-        whichever connection made it, and whether this call made it or found it done.
+        Through the partition's mark (``core.gateway.scripts.PartitionMarks``): the write
+        is covered whichever connection made it, and whether this call made it or found
+        it done.
         """
         if not self.wait_replicas:
             return
-        mark = self.keys_for_sale(sale_id).mark
-        replicated = await self._retrying(
-            lambda: self.scripts.run_replicated(self._mark, [mark], [MARK_TTL_MS]),
-            f"redis {action} and WAIT",
+        partition = self.keys_for_sale(sale_id).partition
+        acknowledged = await self._retrying(
+            lambda: self.marks.acknowledged([partition]), f"redis {action} and WAIT"
         )
-        if replicated.acknowledged < self.wait_replicas:
+        if acknowledged < self.wait_replicas:
             log.warning(
                 "sale_not_replicated",
                 sale_id=sale_id,
                 action=action,
-                acknowledged=replicated.acknowledged,
+                acknowledged=acknowledged,
                 wanted=self.wait_replicas,
             )
-            raise SaleNotReplicated(sale_id, replicated.acknowledged, self.wait_replicas, action)
+            raise SaleNotReplicated(sale_id, acknowledged, self.wait_replicas, action)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -69,6 +69,33 @@ def load_lua(name: str) -> str:
     return resources.files("core").joinpath("lua", f"{name}.lua").read_text()
 
 
+class PartitionMarks:
+    """How many replicas hold every write made so far to some partitions.
+
+    For each partition it writes the partition's mark (``core/lua/mark.lua``) and runs WAIT
+    on that connection, through ``scripts`` (one pipeline and one WAIT per node): WAIT
+    counts its own connection's writes only, and replication is one ordered stream per
+    primary, so replicas that have the mark have every write made before it, whichever
+    connection made it. The projector checks its batches with it, and the admin's sale
+    writes their answers."""
+
+    def __init__(self, client: RedisClient, partitions: int, scripts: ScriptPipeline) -> None:
+        self.script: AsyncScript = client.register_script(load_lua("mark"))
+        self._keys = [PartitionKeys(p, partitions).mark for p in range(partitions)]
+        self._scripts = scripts
+
+    async def acknowledged(self, partitions: Iterable[int]) -> int:
+        """The fewest replicas that acknowledged the mark of any of ``partitions`` within
+        the pipeline's WAIT timeout (its ``wait_replicas`` when there are none)."""
+        replies = await asyncio.gather(
+            *(
+                self._scripts.run_replicated(self.script, [self._keys[p]], [MARK_TTL_MS])
+                for p in set(partitions)
+            )
+        )
+        return min((r.acknowledged for r in replies), default=self._scripts.wait_replicas)
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How the gateway retries a call, with the same ids each time.
@@ -108,8 +135,8 @@ class GatewayBase:
         self.retry = retry or RetryPolicy()
         self.partitions = partitions
         self.idempotency_ttl = idempotency_ttl
-        # Replicas that must acknowledge a placement, a payment or a cancellation (Redis
-        # WAIT) before reserve, confirm or cancel returns.
+        # Replicas that must acknowledge a placement, a payment, a cancellation or an
+        # admin's write to a sale (Redis WAIT) before its call returns.
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.sold_out_hints = SoldOutHints(sold_out_hint_seconds)
@@ -126,7 +153,7 @@ class GatewayBase:
         self._adjust_stock: AsyncScript = client.register_script(load_lua("adjust_stock"))
         self._close_sale: AsyncScript = client.register_script(load_lua("close_sale"))
         self._repair_sale: AsyncScript = client.register_script(load_lua("repair_sale"))
-        self._mark: AsyncScript = client.register_script(load_lua("mark"))
+        self.marks = PartitionMarks(client, partitions, self.scripts)
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script now, so no request pays for a first-call NOSCRIPT retry."""
@@ -141,7 +168,7 @@ class GatewayBase:
             self._adjust_stock,
             self._close_sale,
             self._repair_sale,
-            self._mark,
+            self.marks.script,
         )
         try:
             for script in scripts:

@@ -1,5 +1,5 @@
--- A write for WAIT to count from: the projector's replication check (consumers/replicas.py)
--- and the admin's sale writes (core/gateway/sales.py). Once replicas acknowledge this write,
+-- A write for WAIT to count from (core.gateway.scripts.PartitionMarks): the projector's
+-- replication check and the admin's sale writes. Once replicas acknowledge this write,
 -- they hold every write its node made before it: the stream entries in the projector's
 -- hands, the sale just opened, restocked or closed. WAIT counts the writes of its own
 -- connection only (and Valkey moves that count on a real write only): hence a write here,
